@@ -1,0 +1,116 @@
+"""Side-by-side measurements: top-1, MACs on the real routed forward, parameters, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from moee.data.tensors import image_batches
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=x) if _takes_pixel_values(model) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _takes_pixel_values(model: nn.Module) -> bool:
+    inner = getattr(model, "model", model)
+    return hasattr(getattr(inner, "config", None), "image_size")
+
+
+@torch.inference_mode()
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    batch_size: int = 500, device: str | torch.device = "cpu", limit: int | None = None,
+) -> float:
+    """Top-1 accuracy over (images, labels); restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in image_batches(images, labels, batch_size, limit):
+        pred = _logits(model, x.to(device)).argmax(-1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("accuracy() got no images")
+    return correct / total
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one real forward on `x`, counted by torch.utils.flop_counter.
+
+    The flop counter sees the matmuls the routed MoE actually runs (each expert only on its own
+    tokens), so the figure reflects routing, not a formula. FLOPs / 2 = MACs.
+    """
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        _logits(model, x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameter elements plus router buffers (the centres are weights a MoE must ship)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    for name, b in model.named_buffers():
+        if name.endswith("router_centres"):
+            total += b.numel()
+    return total
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock milliseconds of one forward on `x`."""
+    model.eval()
+    for _ in range(warmup):
+        _logits(model, x)
+    times = []
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _logits(model, x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class ModelMeasurement:
+    top1: float
+    macs_per_image: int
+    params: int
+    latency_ms: float
+    latency_batch: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+    latency_batch: int = 64, mac_images: int = 256, accuracy_limit: int | None = None,
+) -> ModelMeasurement:
+    """Every number of the dense-vs-MoE table for one model, on the same data."""
+    x_macs = next(image_batches(images, None, mac_images))[0]
+    x_lat = next(image_batches(images, None, latency_batch))[0]
+    return ModelMeasurement(
+        top1=accuracy(model, images, labels, limit=accuracy_limit),
+        macs_per_image=count_macs(model, x_macs) // x_macs.shape[0],
+        params=count_params(model),
+        latency_ms=latency_ms(model, x_lat),
+        latency_batch=latency_batch,
+    )
