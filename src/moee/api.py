@@ -1,0 +1,173 @@
+"""`moee.extract`: record -> cluster -> select -> build, each stage's results kept on disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moee.adapters import find_mlp_sites
+from moee.build import LayerPlan, apply_plans
+from moee.cluster import cluster_layer
+from moee.config import ExtractConfig
+from moee.moe_model import MoEModel
+from moee.record import ActivationStore, record_activations
+from moee.select import cluster_stats, select_experts
+
+
+class NoClustersError(RuntimeError):
+    """Clustering found no cluster in any layer, so there is nothing to turn into experts."""
+
+
+class ResourceError(MemoryError):
+    """The requested work would not fit in this machine's disk or memory."""
+
+
+@dataclass
+class ExtractionReport:
+    """What extraction found per layer and how long it took; `work_dir` holds every stage."""
+
+    layers: list[dict[str, Any]]
+    n_tokens: int
+    seconds: float
+    work_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        head = (f"{'layer':<22}{'experts':>8}{'noise':>7}{'stab.':>7}{'kept':>6}"
+                f"{'sizes (min/mean/max)':>22}{'top load':>9}{'act/tok':>8}{'sec':>6}")
+        lines = [head]
+        for r in self.layers:
+            stab = "-" if r["stability"] is None else f"{r['stability']:.2f}"
+            if r["experts"] == 0:
+                sizes, top, act = "dense", "-", str(r["hidden"])
+            else:
+                s = r["expert_sizes"]
+                sizes = f"{min(s)}/{sum(s) / len(s):.0f}/{max(s)}"
+                top, act = f"{max(r['load_share']):.0%}", f"{r['active_neurons_per_token']:.0f}"
+            lines.append(f"{r['site']:<22}{r['experts']:>8}{r['noise_fraction']:>7.0%}{stab:>7}"
+                         f"{r['kept_neurons']:>6}{sizes:>22}{top:>9}{act:>8}{r['seconds']:>6.1f}")
+        return "\n".join(lines)
+
+
+def _check_resources(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
+    """Fail before any work when the store would not fit on disk or a layer in memory."""
+    per_token = sum(s.fc1.in_features + s.fc1.out_features for s in sites)
+    need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
+    free_disk = shutil.disk_usage(work).free
+    if need_disk > free_disk * 0.9:
+        raise ResourceError(
+            f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
+            f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
+    hidden = max(s.fc1.out_features for s in sites)
+    rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
+    need_mem = rows * hidden * 4 * 3  # float32 copy + PCA workspace
+    try:
+        free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need_mem > free_mem * 0.8:
+        raise ResourceError(
+            f"clustering one layer needs about {need_mem / 2**30:.1f} GiB of memory but "
+            f"{free_mem / 2**30:.1f} GiB is free: set cluster.max_tokens to subsample")
+
+
+def _open_or_record(model, sites, data, config: ExtractConfig, work: Path) -> ActivationStore:
+    """Reuse a store already in `work_dir` when it covers the same MLPs and enough tokens."""
+    store_dir = work / "activations"
+    if (store_dir / "store.json").is_file():
+        store = ActivationStore.open(store_dir)
+        if store.site_names == [s.name for s in sites] and store.n_tokens >= config.record.n_tokens:
+            store.n_tokens = config.record.n_tokens
+            return store
+    _check_resources(config.record.n_tokens, sites, config, work)
+    return record_activations(model, sites, data, config.record, store_dir, config.progress)
+
+
+@torch.no_grad()
+def _calibration_routing(moe, inputs: np.ndarray, chunk: int = 65536) -> list[float]:
+    counts = torch.zeros(moe.num_experts, dtype=torch.float64)
+    for start in range(0, len(inputs), chunk):
+        x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
+        counts += torch.bincount(moe.route(x.to(moe.router_centres.device)).cpu(),
+                                 minlength=moe.num_experts).double()
+    return (counts / counts.sum()).tolist()
+
+
+def extract(
+    model: nn.Module, data: Iterable, config: ExtractConfig | None = None,
+    adapter: str | None = None,
+) -> tuple[MoEModel, ExtractionReport]:
+    """Turn `model`'s MLPs into data-driven MoE layers (MoEE). `model` is left untouched.
+
+    `data` yields model inputs: tensors, (x, label) pairs or kwargs dicts. Returns the MoE
+    model and a report of experts, noise, stability and calibration routing per layer.
+    """
+    config = config or ExtractConfig()
+    t0 = time.perf_counter()
+    sites = find_mlp_sites(model, adapter)
+    chosen = list(range(len(sites))) if config.layers is None else list(config.layers)
+    bad = [i for i in chosen if not 0 <= i < len(sites)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {len(sites)} MLP blocks")
+    work = Path(config.work_dir or tempfile.mkdtemp(prefix="moee-"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = _open_or_record(model, sites, data, config, work)
+
+    plans, rows = [], []
+    for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):
+        hidden = store.hidden(i)
+        clustering = cluster_layer(hidden, config.cluster)
+        np.save(work / f"layer_{i}.labels.npy", clustering.labels)
+        row = {"site": sites[i].name, "hidden": sites[i].fc1.out_features,
+               "experts": clustering.n_clusters, "noise_fraction": clustering.noise_fraction,
+               "stability": clustering.stability, "seconds": clustering.seconds,
+               "kept_neurons": sites[i].fc1.out_features}
+        if clustering.n_clusters > 0:
+            stats = cluster_stats(hidden, store.inputs(i), clustering.labels,
+                                  clustering.n_clusters)
+            experts = select_experts(stats, config.select)
+            plan = LayerPlan(sites[i].name, experts, stats.input_mean.astype(np.float32),
+                             config.router.metric)
+            plans.append(plan)
+            row.update(kept_neurons=len(plan.kept_neurons()),
+                       expert_sizes=[len(e) for e in experts],
+                       cluster_tokens=stats.counts.astype(int).tolist())
+        rows.append(row)
+    if not plans:
+        raise NoClustersError(
+            f"no clusters in any of layers {chosen} ({store.n_tokens} tokens): every layer would "
+            "stay dense. Try a smaller cluster.min_cluster_fraction or cluster.min_samples, or "
+            f"more tokens. Recorded activations are kept in {store.root} and are reused when "
+            "you call extract again with the same work_dir.")
+
+    student = copy.deepcopy(model)
+    installed = apply_plans(find_mlp_sites(student, adapter), plans)
+    index = {s.name: i for i, s in enumerate(sites)}
+    for row in rows:
+        if row["site"] in installed:
+            moe = installed[row["site"]]
+            share = _calibration_routing(moe, store.inputs(index[row["site"]]))
+            row["load_share"] = share
+            row["active_neurons_per_token"] = float(np.dot(share, moe.expert_sizes()))
+    moe_model = MoEModel(student, plans, config.as_dict(), adapter)
+    report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0, str(work),
+                              config.as_dict())
+    (work / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    (work / "plans.json").write_text(json.dumps([p.to_json() for p in plans]))
+    return moe_model, report

@@ -1,0 +1,68 @@
+"""Module surgery: turn expert index sets into `MoEMLP`s and swap them into the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from moee.adapters import MLPSite
+from moee.moe import MoEMLP
+
+
+@dataclass
+class LayerPlan:
+    """What one MLP becomes: expert neuron sets (ids in the dense MLP) and router centres."""
+
+    site: str
+    experts: list[np.ndarray]
+    centres: np.ndarray  # (k, d)
+    metric: str = "cosine"
+
+    def kept_neurons(self) -> np.ndarray:
+        """Union of all experts' neurons; every other neuron is pruned."""
+        return np.unique(np.concatenate(self.experts))
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "metric": self.metric,
+                "experts": [e.tolist() for e in self.experts]}
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
+    """Slice the dense MLP to the union of kept neurons and index each expert into it."""
+    kept = torch.as_tensor(plan.kept_neurons(), dtype=torch.long)
+    position = {int(n): i for i, n in enumerate(kept.tolist())}  # dense id -> union position
+    experts = [torch.tensor([position[int(n)] for n in e], dtype=torch.long)
+               for e in plan.experts]
+    w1, b1 = site.fc1.weight.detach(), site.fc1.bias
+    fc1 = _linear_from(w1[kept], b1.detach()[kept] if b1 is not None else None)
+    b2 = site.fc2.bias
+    # W2 keeps its full bias: it is added once per token whatever the expert.
+    fc2 = _linear_from(site.fc2.weight.detach()[:, kept], b2.detach() if b2 is not None else None)
+    centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
+    return MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric)
+
+
+def apply_plans(sites: list[MLPSite], plans: list[LayerPlan]) -> dict[str, MoEMLP]:
+    """Install one MoEMLP per plan (in place). Sites without a plan stay dense."""
+    by_name = {s.name: s for s in sites}
+    installed = {}
+    for plan in plans:
+        if plan.site not in by_name:
+            raise KeyError(f"no MLP block named {plan.site!r}; the model has {list(by_name)}")
+        moe = build_moe_mlp(by_name[plan.site], plan)
+        by_name[plan.site].install(moe)
+        installed[plan.site] = moe
+    return installed

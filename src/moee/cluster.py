@@ -1,0 +1,111 @@
+"""Per-layer clustering of token activation patterns, sklearn-style (`fit(X).labels_`).
+
+HDBSCAN (fast_hdbscan) is the paper's choice; DBSCAN, OPTICS, k-means and BIRCH
+(scikit-learn) are interchangeable behind `make_clusterer`. Noise is label -1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import DBSCAN, OPTICS, Birch, KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score
+
+from moee.config import ClusterConfig
+
+
+class TooFewTokensError(ValueError):
+    """Fewer tokens than the minimum cluster size: nothing could ever form a cluster."""
+
+
+@dataclass
+class LayerClustering:
+    labels: np.ndarray  # (N,) cluster id per token, -1 = noise
+    n_clusters: int
+    noise_fraction: float
+    stability: float | None  # adjusted Rand between clusterings of two disjoint halves
+    seconds: float
+
+
+def min_cluster_size(config: ClusterConfig, n_tokens: int) -> int:
+    return max(2, round(config.min_cluster_fraction * n_tokens))
+
+
+def make_clusterer(config: ClusterConfig, n_tokens: int):
+    """A fresh estimator with `fit(X)` -> `labels_` for `n_tokens` points."""
+    size = min_cluster_size(config, n_tokens)
+    if config.algorithm == "hdbscan":
+        import fast_hdbscan  # imported here: numba compiles on first import
+
+        return fast_hdbscan.HDBSCAN(min_cluster_size=size, min_samples=config.min_samples)
+    if config.algorithm == "dbscan":
+        return DBSCAN(eps=config.eps, min_samples=config.min_samples or size)
+    if config.algorithm == "optics":
+        return OPTICS(min_samples=config.min_samples or size, min_cluster_size=size)
+    if config.algorithm == "kmeans":
+        return KMeans(n_clusters=config.n_clusters, n_init=3, random_state=config.seed)
+    return Birch(n_clusters=config.n_clusters)
+
+
+def reduce(features: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """PCA to `reduce_dims` (float32); density clustering in hundreds of dims is slow and
+    fast_hdbscan needs <= ~30 dims for its exact path."""
+    x = np.asarray(features, dtype=np.float32)
+    if config.reduce_dims is None or config.reduce_dims >= x.shape[1]:
+        return x
+    pca = PCA(n_components=config.reduce_dims, svd_solver="randomized",
+              random_state=config.seed)
+    return pca.fit_transform(x).astype(np.float32)
+
+
+def _fit_labels(z: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    """Fit and return labels renumbered 0..k-1 (noise stays -1)."""
+    raw = np.asarray(make_clusterer(config, len(z)).fit(z).labels_, dtype=np.int64)
+    ids = np.unique(raw[raw >= 0])
+    out = np.full_like(raw, -1)
+    out[raw >= 0] = np.searchsorted(ids, raw[raw >= 0])
+    return out
+
+
+def _nearest_centroid(z: np.ndarray, labels: np.ndarray, points: np.ndarray) -> np.ndarray:
+    ids = [c for c in np.unique(labels) if c >= 0]
+    centroids = np.stack([z[labels == c].mean(0) for c in ids])  # (k, D)
+    dist = ((points[:, None, :] - centroids[None]) ** 2).sum(-1)  # (n, k)
+    return np.asarray(ids)[dist.argmin(1)]
+
+
+def stability_score(z: np.ndarray, config: ClusterConfig) -> float:
+    """Cluster two disjoint random halves A and B; label B's points by A's nearest centroid;
+    adjusted Rand index against B's own labels over B's non-noise points (1 = identical)."""
+    perm = np.random.default_rng(config.seed).permutation(len(z))
+    a, b = z[perm[: len(z) // 2]], z[perm[len(z) // 2 :]]
+    la, lb = _fit_labels(a, config), _fit_labels(b, config)
+    ka, kb = (la >= 0).any(), (lb >= 0).any()
+    if not ka or not kb:
+        return 1.0 if ka == kb else 0.0
+    keep = lb >= 0
+    return float(adjusted_rand_score(lb[keep], _nearest_centroid(a, la, b[keep])))
+
+
+def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
+    """Cluster one layer's (N, H) hidden activations; tokens beyond `max_tokens` get -1."""
+    t0 = time.perf_counter()
+    n = len(hidden)
+    if n < min_cluster_size(config, n) or n < 2:
+        raise TooFewTokensError(
+            f"{n} tokens is fewer than the minimum cluster size {min_cluster_size(config, n)}; "
+            "record more tokens (record.n_tokens) or lower cluster.min_cluster_fraction."
+        )
+    rows = np.arange(n)
+    if config.max_tokens is not None and n > config.max_tokens:
+        rows = np.sort(np.random.default_rng(config.seed).choice(n, config.max_tokens, False))
+    z = reduce(hidden[rows], config)
+    labels = np.full(n, -1, dtype=np.int64)
+    labels[rows] = _fit_labels(z, config)
+    k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
+    return LayerClustering(labels, k, float((labels[rows] < 0).mean()), stability,
+                           time.perf_counter() - t0)

@@ -1,0 +1,141 @@
+"""Validated settings for every stage. Each dataclass checks itself and names the bad field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch")
+SELECT_CRITERIA = ("variance", "magnitude")
+ROUTER_METRICS = ("cosine", "euclidean")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the field."""
+
+
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """How many tokens to record and where the per-layer activation store goes."""
+
+    n_tokens: int = 100_000
+    dtype: str = "float16"  # storage dtype of the on-disk store
+
+    def __post_init__(self) -> None:
+        _check(self.n_tokens > 0, "record.n_tokens", f"must be > 0, got {self.n_tokens}")
+        _check(self.dtype in ("float16", "float32"), "record.dtype",
+               f"must be 'float16' or 'float32', got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Per-layer clustering of post-activation hidden vectors.
+
+    `reduce_dims`: PCA target before clustering (None = raw activations). fast_hdbscan switches
+    to an approximate path above ~30 dimensions, so 30 is the default.
+    `min_cluster_fraction`: HDBSCAN min cluster size as a share of the layer's tokens (paper: 0.6%).
+    `n_clusters` / `eps` are only read by the algorithms that need them (k-means, BIRCH / DBSCAN).
+    """
+
+    algorithm: str = "hdbscan"
+    min_cluster_fraction: float = 0.006
+    min_samples: int | None = 10
+    reduce_dims: int | None = 30
+    max_tokens: int | None = None  # subsample the store before clustering (None = all)
+    stability: bool = True  # cluster two disjoint halves and report their agreement
+    n_clusters: int = 8
+    eps: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
+               f"must be one of {CLUSTER_ALGORITHMS}, got {self.algorithm!r}")
+        _check(0 < self.min_cluster_fraction < 1, "cluster.min_cluster_fraction",
+               f"must be in (0, 1), got {self.min_cluster_fraction}")
+        _check(self.min_samples is None or self.min_samples >= 1, "cluster.min_samples",
+               f"must be >= 1 or None, got {self.min_samples}")
+        _check(self.reduce_dims is None or self.reduce_dims >= 1, "cluster.reduce_dims",
+               f"must be >= 1 or None, got {self.reduce_dims}")
+        _check(self.max_tokens is None or self.max_tokens >= 2, "cluster.max_tokens",
+               f"must be >= 2 or None, got {self.max_tokens}")
+        _check(self.n_clusters >= 1, "cluster.n_clusters", f"must be >= 1, got {self.n_clusters}")
+        _check(self.eps > 0, "cluster.eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Per-cluster neuron ranking; keep neurons until their cumulative share reaches `p`."""
+
+    criterion: str = "variance"
+    p: float = 0.8
+
+    def __post_init__(self) -> None:
+        _check(self.criterion in SELECT_CRITERIA, "select.criterion",
+               f"must be one of {SELECT_CRITERIA}, got {self.criterion!r}")
+        _check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Top-1 routing to the expert whose mean MLP input is most similar."""
+
+    metric: str = "cosine"
+
+    def __post_init__(self) -> None:
+        _check(self.metric in ROUTER_METRICS, "router.metric",
+               f"must be one of {ROUTER_METRICS}, got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `moee.extract` needs. `work_dir` keeps each stage's results on disk."""
+
+    record: RecordConfig = field(default_factory=RecordConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
+    work_dir: str | None = None
+    progress: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:
+        return cls(
+            record=RecordConfig(**d.get("record", {})),
+            cluster=ClusterConfig(**d.get("cluster", {})),
+            select=SelectConfig(**d.get("select", {})),
+            router=RouterConfig(**d.get("router", {})),
+            layers=tuple(d["layers"]) if d.get("layers") is not None else None,
+            work_dir=d.get("work_dir"),
+            progress=d.get("progress", True),
+        )
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge-distillation fine-tune of the MoE student from the dense teacher."""
+
+    epochs: float = 1.0  # fractions allowed: 0.5 = half an epoch
+    lr: float = 1.5e-5
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    temperature: float = 1.0
+    warmup_steps: int = 0
+    augment: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
+        _check(self.batch_size >= 1, "distill.batch_size", "must be >= 1")
+        _check(self.temperature > 0, "distill.temperature", "must be > 0")

@@ -1,0 +1,133 @@
+"""The MoE MLP: a drop-in for a dense `fc2(act(fc1(x)))` with top-1 routed experts.
+
+Weights are the pruned union of every expert's neurons (`fc1`, `fc2` over U kept neurons);
+each expert is an index set into that union, so overlapping experts share weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moee.config import ROUTER_METRICS
+
+
+class MoEMLP(nn.Module):
+    """Router -> group tokens by expert -> per-expert matmuls on their neurons only -> scatter.
+
+    Buffers (all in `state_dict`): `router_centres` (k, d) mean MLP input of each expert's
+    cluster; `expert_indices` / `expert_offsets` the concatenated per-expert index sets into the
+    union; `kept_neurons` (U,) the union's neuron ids in the original dense MLP.
+    """
+
+    def __init__(
+        self,
+        fc1: nn.Linear,
+        fc2: nn.Linear,
+        activation: nn.Module,
+        experts: list[torch.Tensor],
+        router_centres: torch.Tensor,
+        kept_neurons: torch.Tensor,
+        metric: str = "cosine",
+    ) -> None:
+        super().__init__()
+        if metric not in ROUTER_METRICS:
+            raise ValueError(f"metric must be one of {ROUTER_METRICS}, got {metric!r}")
+        if len(experts) != router_centres.shape[0] or not experts:
+            raise ValueError(f"{len(experts)} experts but {router_centres.shape[0]} centres")
+        union = fc1.out_features
+        for i, idx in enumerate(experts):
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= union:
+                raise ValueError(f"expert {i} indexes outside the {union} kept neurons or is empty")
+        self.fc1, self.fc2, self.activation, self.metric = fc1, fc2, activation, metric
+        sizes = torch.tensor([0] + [len(e) for e in experts])
+        self.register_buffer("expert_indices", torch.cat(experts).long())
+        self.register_buffer("expert_offsets", sizes.cumsum(0))
+        self.register_buffer("router_centres", router_centres.float().clone())
+        self.register_buffer("kept_neurons", kept_neurons.long().clone())
+        self.track_load = False
+        self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
+        self._sliced: tuple | None = None  # (key, per-expert weights) cache for inference
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_centres.shape[0]
+
+    def expert_index(self, e: int) -> torch.Tensor:
+        return self.expert_indices[self.expert_offsets[e] : self.expert_offsets[e + 1]]
+
+    def expert_sizes(self) -> list[int]:
+        return self.expert_offsets.diff().tolist()
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N,) expert id. Cosine: argmax x·c/|c| (|x| does not change the argmax);
+        Euclidean: argmin |x-c|^2 = argmax x·c - |c|^2/2. Either is one (N, d) x (d, k) matmul."""
+        c = self.router_centres.to(x.dtype)
+        if self.metric == "cosine":
+            scores = x @ F.normalize(c, dim=-1).T  # (N, k)
+        else:
+            scores = x @ c.T - 0.5 * (c * c).sum(-1)  # (N, k)
+        return scores.argmax(-1)
+
+    def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per-expert (W1_e (m, d), b1_e (m,), W2_e^T (m, d_out)).
+
+        With grad enabled the slices are gathered each call so gradients reach the shared
+        union weights; at inference they are cached as contiguous copies (rebuilt whenever the
+        weights change, tracked by their in-place version counters).
+        """
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        idx = [self.expert_index(e) for e in range(self.num_experts)]
+        if torch.is_grad_enabled() and w1.requires_grad:
+            self._sliced = None
+            return [(w1[i], b1[i] if b1 is not None else None, w2[:, i].T) for i in idx]
+        key = (w1._version, w2._version, w1.device, w1.dtype, w1.data_ptr())
+        if self._sliced is None or self._sliced[0] != key:
+            with torch.no_grad():
+                weights = [(w1[i].contiguous(), b1[i].contiguous() if b1 is not None else None,
+                            w2[:, i].T.contiguous()) for i in idx]
+            self._sliced = (key, weights)
+        return self._sliced[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, d = x.shape[:-1], x.shape[-1]
+        tokens = x.reshape(-1, d)  # (N, d)
+        expert = self.route(tokens)  # (N,)
+        order = torch.argsort(expert, stable=True)  # tokens grouped by expert
+        counts = torch.bincount(expert, minlength=self.num_experts)  # (k,)
+        if self.track_load:
+            c = counts.detach().cpu()
+            self.load_counts = c if self.load_counts is None else self.load_counts + c
+        grouped = tokens[order].split(counts.tolist())  # k chunks of (n_e, d)
+        outs = []
+        for xe, (w1, b1, w2t) in zip(grouped, self._expert_weights(), strict=True):
+            if xe.shape[0] == 0:
+                outs.append(xe.new_empty(0, w2t.shape[1]))
+                continue
+            h = self.activation(F.linear(xe, w1, b1))  # (n_e, m_e)
+            outs.append(h @ w2t)  # (n_e, d_out)
+        y = torch.cat(outs)[torch.argsort(order)]  # back to token order, (N, d_out)
+        if self.fc2.bias is not None:
+            y = y + self.fc2.bias
+        return y.reshape(*lead, y.shape[-1])
+
+    @torch.no_grad()
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Slow, obviously-right per-token forward used by the tests."""
+        lead, d = x.shape[:-1], x.shape[-1]
+        out = []
+        for t in x.reshape(-1, d):
+            if self.metric == "cosine":
+                sim = F.cosine_similarity(t[None], self.router_centres.to(t.dtype), dim=-1)
+            else:
+                sim = -((t[None] - self.router_centres.to(t.dtype)) ** 2).sum(-1)
+            idx = self.expert_index(int(sim.argmax()))
+            h = self.activation(self.fc1.weight[idx] @ t + self.fc1.bias[idx])
+            y = self.fc2.weight[:, idx] @ h
+            out.append(y + self.fc2.bias if self.fc2.bias is not None else y)
+        return torch.stack(out).reshape(*lead, -1)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, kept_neurons={self.fc1.out_features}, "
+                f"sizes={self.expert_sizes()}, metric={self.metric}")
