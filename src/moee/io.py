@@ -32,8 +32,10 @@ class CheckpointError(ValueError):
 def _base_spec(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
+        # The attention kernel is not in to_dict(); keep it so reloaded outputs are identical.
         return {"library": "transformers", "class": type(model).__name__,
-                "config": config.to_dict()}
+                "config": config.to_dict(),
+                "attn_implementation": getattr(config, "_attn_implementation", None)}
     return {"library": None, "class": type(model).__name__}
 
 
@@ -88,6 +90,8 @@ def _rebuild_base(spec: dict) -> nn.Module:
         raise CheckpointError(f"transformers has no class {spec['class']!r}; "
                               f"installed version {transformers.__version__}")
     config = cls.config_class.from_dict(spec["config"])
+    if spec.get("attn_implementation"):
+        config._attn_implementation = spec["attn_implementation"]
     return cls(config)
 
 

@@ -1,0 +1,116 @@
+"""Adapters on every registered layout, and save/load round trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TimmStyleNet, tiny_bert, tiny_vit
+from torch import nn
+
+import moee
+from moee.adapters import NoMLPBlocksError, find_mlp_sites
+from moee.build import LayerPlan, apply_plans
+from moee.io import CheckpointError
+from moee.moe_model import MoEModel
+
+MODELS = {
+    "hf-vit": (tiny_vit, lambda: torch.randn(2, 1, 8, 8), "fc1-act-fc2"),
+    "hf-bert": (tiny_bert, lambda: torch.randint(0, 50, (2, 7)), "intermediate-output"),
+    "timm-style": (TimmStyleNet, lambda: torch.randn(2, 5, 16), "fc1-act-fc2"),
+}
+
+
+def _out(model, x):
+    out = model(x)
+    return getattr(out, "logits", getattr(out, "last_hidden_state", out))
+
+
+def full_expert_plans(sites, k=1):
+    """k experts that all hold every neuron: the MoE must equal the dense model."""
+    return [LayerPlan(s.name, [np.arange(s.fc1.out_features)] * k,
+                      np.random.default_rng(0).normal(size=(k, s.fc1.in_features)))
+            for s in sites]
+
+
+def test_adapters_are_listed():
+    assert {"fc1-act-fc2", "intermediate-output"} <= set(moee.list_adapters())
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_full_experts_equal_dense_model(family):
+    make, inputs, adapter = MODELS[family]
+    dense, moe_model = make(), make()
+    x = inputs()
+    sites = find_mlp_sites(moe_model)
+    assert len(sites) == 2
+    apply_plans(sites, full_expert_plans(sites, k=3))
+    assert len(MoEModel(moe_model, []).moe_layers()) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(_out(moe_model, x), _out(dense, x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_mlp_blocks_is_a_clear_error():
+    with pytest.raises(NoMLPBlocksError, match="No MLP blocks found in Sequential"):
+        find_mlp_sites(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def _small_moe(seed=0):
+    model = tiny_vit()
+    sites = find_mlp_sites(model)
+    rng = np.random.default_rng(seed)
+    plans = [LayerPlan(s.name, [rng.choice(48, 10, replace=False) for _ in range(3)],
+                       rng.normal(size=(3, 16))) for s in sites]
+    apply_plans(sites, plans)
+    return MoEModel(model, plans, {"note": "test"}, None)
+
+
+def test_pruning_keeps_every_neuron_any_expert_uses():
+    model = _small_moe()
+    for plan, moe_layer in zip(model.plans, model.moe_layers().values(), strict=True):
+        kept = moe_layer.kept_neurons.tolist()
+        assert set(kept) == set(np.concatenate(plan.experts).tolist())
+        for e, neurons in enumerate(plan.experts):  # each expert maps back to its own neurons
+            assert sorted(moe_layer.kept_neurons[moe_layer.expert_index(e)].tolist()) == \
+                sorted(neurons.tolist())
+
+
+def test_save_load_reproduces_outputs_exactly(tmp_path):
+    model = _small_moe()
+    x = torch.randn(4, 1, 8, 8)
+    model.save_pretrained(tmp_path)
+    again = moee.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(_out(model, x), _out(again, x))
+    assert json.loads((tmp_path / "moee_config.json").read_text())["extract_config"] == {
+        "note": "test"}
+
+
+def test_corrupt_and_truncated_weights_are_clear_errors(tmp_path):
+    _small_moe().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        moee.load(tmp_path)
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        moee.load(tmp_path)
+
+
+def test_mismatched_checkpoint_names_the_tensor(tmp_path):
+    _small_moe(seed=0).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "moee_config.json").read_text())
+    config["layers"][0]["experts"][0] = list(range(20))  # union grows: fc1 shape disagrees
+    (tmp_path / "moee_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shape mismatches: .*layers\.0\.mlp"):
+        moee.load(tmp_path)
+
+
+def test_bad_config_json_is_a_clear_error(tmp_path):
+    _small_moe().save_pretrained(tmp_path)
+    (tmp_path / "moee_config.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        moee.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        moee.load(tmp_path / "nope")

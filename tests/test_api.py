@@ -1,0 +1,64 @@
+"""End to end on a tiny ViT, and the bad-input paths of moee.extract."""
+
+import numpy as np
+import pytest
+import torch
+
+import moee
+from moee.cluster import TooFewTokensError
+from moee.evaluate import count_macs
+
+
+def small_config(tmp_path, **cluster):
+    defaults = dict(min_cluster_fraction=0.05, min_samples=5, reduce_dims=8)
+    return moee.ExtractConfig(record=moee.RecordConfig(n_tokens=1000),
+                              cluster=moee.ClusterConfig(**{**defaults, **cluster}),
+                              select=moee.SelectConfig(p=0.8), work_dir=str(tmp_path),
+                              progress=False)
+
+
+def test_extract_end_to_end(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    moe_model, report = moee.extract(vit, batches, small_config(tmp_path))
+    assert report.n_tokens == 1000
+    assert all(r["experts"] >= 2 for r in report.layers), report.table()
+    layers = moe_model.moe_layers()
+    assert len(layers) == 2
+    for row in report.layers:
+        assert abs(sum(row["load_share"]) - 1) < 1e-6
+        assert row["kept_neurons"] <= 48
+    x = images[:8]
+    with torch.no_grad():
+        for layer in layers.values():  # grouped forward equals the per-token reference
+            t = torch.randn(30, 16)
+            torch.testing.assert_close(layer(t), layer.forward_reference(t), atol=1e-5, rtol=1e-5)
+        assert moe_model(x).logits.shape == (8, 3)
+    assert count_macs(moe_model, x) < count_macs(vit, x)
+    assert not any(isinstance(m, moee.MoEMLP) for m in vit.modules())  # input model untouched
+    for stage in ("activations/store.json", "layer_0.labels.npy", "report.json", "plans.json"):
+        assert (tmp_path / stage).exists()
+    # A second call reuses the recorded activations (no data needed) and gives the same plan.
+    again, _ = moee.extract(vit, [], small_config(tmp_path))
+    for a, b in zip(moe_model.plans, again.plans, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a.experts, b.experts, strict=True))
+
+
+def test_no_clusters_is_a_clear_error_that_keeps_the_store(vit, tmp_path):
+    flat = [torch.zeros(40, 1, 8, 8)] * 6  # every token identical per position
+    with pytest.raises(moee.NoClustersError, match="kept in"):
+        moee.extract(vit, flat, small_config(tmp_path, min_cluster_fraction=0.9))
+    assert (tmp_path / "activations" / "store.json").exists()
+
+
+def test_data_smaller_than_min_cluster_size(vit, images, tmp_path):
+    config = small_config(tmp_path, min_cluster_fraction=0.5)
+    config = moee.ExtractConfig(**{**config.__dict__, "record": moee.RecordConfig(n_tokens=1)})
+    with pytest.raises(TooFewTokensError, match="minimum cluster size"):
+        moee.extract(vit, [images[:1]], config)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(moee.config.ConfigError, match="select.p"):
+        moee.SelectConfig(p=1.5)
+    with pytest.raises(moee.config.ConfigError, match="cluster.algorithm"):
+        moee.ClusterConfig(algorithm="spectral")

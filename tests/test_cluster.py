@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from moee.cluster import TooFewTokensError, cluster_layer
+from moee.config import ClusterConfig
+
+
+def blobs(n_per: int = 150, centers: int = 3, dim: int = 12, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, dim)) * 10
+    return np.concatenate([c[i] + rng.normal(size=(n_per, dim)) for i in range(centers)])
+
+
+@pytest.mark.parametrize("algorithm", ["hdbscan", "dbscan", "optics", "kmeans", "birch"])
+def test_every_algorithm_finds_separated_blobs(algorithm):
+    config = ClusterConfig(algorithm=algorithm, min_cluster_fraction=0.05, min_samples=5,
+                           reduce_dims=None, n_clusters=3, eps=4.0, stability=False)
+    result = cluster_layer(blobs(), config)
+    assert result.n_clusters == 3
+    truth = np.repeat(np.arange(3), 150)
+    for c in range(3):  # each cluster lies inside one true blob
+        assert len(np.unique(truth[result.labels == c])) == 1
+
+
+def test_stability_high_on_clear_structure_and_pca_path():
+    config = ClusterConfig(min_cluster_fraction=0.05, min_samples=5, reduce_dims=4)
+    result = cluster_layer(blobs(dim=40), config)
+    assert result.n_clusters == 3 and result.stability > 0.9
+
+
+def test_no_structure_gives_no_clusters_or_noise():
+    rng = np.random.default_rng(0)
+    config = ClusterConfig(min_cluster_fraction=0.4, min_samples=5, reduce_dims=None,
+                           stability=False)
+    result = cluster_layer(rng.uniform(size=(200, 6)), config)
+    assert result.n_clusters <= 1
+
+
+def test_too_few_tokens_is_a_clear_error():
+    with pytest.raises(TooFewTokensError, match="fewer than the minimum cluster size"):
+        cluster_layer(np.zeros((1, 4)), ClusterConfig())
+
+
+def test_max_tokens_subsamples_and_marks_rest_noise():
+    config = ClusterConfig(min_cluster_fraction=0.05, min_samples=5, reduce_dims=None,
+                           max_tokens=200, stability=False)
+    result = cluster_layer(blobs(), config)
+    assert (result.labels >= 0).sum() <= 200 and len(result.labels) == 450

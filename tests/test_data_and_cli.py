@@ -1,0 +1,56 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from moee.cli import main
+from moee.data import FashionMNISTNotFound, load_fashion_mnist
+from moee.data.fashion_mnist import read_idx
+
+
+def write_idx(path, array, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                     *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def fake_dataset(folder, n=5):
+    rng = np.random.default_rng(0)
+    for prefix, gz in (("train", True), ("t10k", False)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 255, (n, 28, 28)), gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 10, n), gz)
+
+
+def test_reads_idx_from_a_user_folder(tmp_path):
+    fake_dataset(tmp_path)
+    x, y = load_fashion_mnist("test", tmp_path)
+    assert x.shape == (5, 28, 28) and y.shape == (5,)
+
+
+def test_truncated_idx_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad"
+    write_idx(path, np.zeros((4, 28, 28)))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path)
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    import moee.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "none2")
+    monkeypatch.delenv("MOEE_DATA_DIR", raising=False)
+    with pytest.raises(FashionMNISTNotFound, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", tmp_path / "empty")
+
+
+def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys):
+    fake_dataset(tmp_path)
+    code = main(["evaluate", str(tmp_path / "missing"), "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "not a directory" in capsys.readouterr().err

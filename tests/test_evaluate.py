@@ -1,0 +1,21 @@
+import torch
+from torch import nn
+
+from moee.evaluate import count_macs, count_params
+from moee.moe import MoEMLP
+
+
+def test_macs_equal_analytic_count_for_known_routing():
+    d, h = 16, 48
+    experts = [torch.arange(0, 10), torch.arange(5, 30)]  # sizes 10 and 25, union 30
+    centres = torch.zeros(2, d)
+    centres[0, 0], centres[1, 1] = 1.0, 1.0
+    moe = MoEMLP(nn.Linear(d, 30), nn.Linear(30, d), nn.GELU(), experts, centres, torch.arange(30))
+    x = torch.zeros(7, d)
+    x[:3, 0], x[3:, 1] = 1.0, 1.0  # 3 tokens -> expert 0, 4 tokens -> expert 1
+    router = 7 * d * 2
+    experts_macs = 3 * (2 * d * 10) + 4 * (2 * d * 25)
+    assert count_macs(moe, x) == router + experts_macs
+    dense = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+    assert count_macs(dense, x) == 7 * 2 * d * h
+    assert count_params(moe) == (d * 30 + 30) + (30 * d + d) + 2 * d

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moee.adapters import find_mlp_sites
+from moee.config import RecordConfig
+from moee.record import EmptyDataError, record_activations
+
+
+def test_store_holds_inputs_and_post_activation_hidden(vit, images, tmp_path):
+    sites = find_mlp_sites(vit)
+    batches = [images[i : i + 16] for i in range(0, 64, 16)]  # 5 tokens per image
+    store = record_activations(vit, sites, batches, RecordConfig(n_tokens=100, dtype="float32"),
+                               tmp_path, progress=False)
+    assert store.n_tokens == 100
+    x, h = store.inputs(1), store.hidden(1)
+    assert x.shape == (100, 16) and h.shape == (100, 48)
+    expected = F.gelu(torch.from_numpy(np.array(x)) @ sites[1].fc1.weight.T + sites[1].fc1.bias)
+    np.testing.assert_allclose(h, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fewer_tokens_than_asked_is_recorded_honestly(vit, images, tmp_path):
+    store = record_activations(vit, find_mlp_sites(vit), [images[:4]], RecordConfig(n_tokens=999),
+                               tmp_path, progress=False)
+    assert store.n_tokens == 20
+
+
+def test_no_data_is_a_clear_error(vit, tmp_path):
+    with pytest.raises(EmptyDataError, match="no tokens"):
+        record_activations(vit, find_mlp_sites(vit), [], RecordConfig(), tmp_path, progress=False)

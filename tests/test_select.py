@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from moee.config import SelectConfig
+from moee.select import cluster_stats, select_experts, select_neurons
+
+
+def test_select_neurons_smallest_set_reaching_p():
+    scores = np.array([1.0, 5.0, 3.0, 1.0])  # total 10: top-2 = 8 = 80%
+    assert select_neurons(scores, 0.8).tolist() == [1, 2]
+    assert select_neurons(scores, 0.81).tolist() == [0, 1, 2]  # stable order on ties
+    assert select_neurons(scores, 1.0).tolist() == [0, 1, 2, 3]
+
+
+def test_cluster_stats_match_numpy_and_ignore_noise():
+    rng = np.random.default_rng(0)
+    hidden, inputs = rng.normal(size=(100, 6)), rng.normal(size=(100, 4))
+    labels = rng.integers(-1, 3, size=100)
+    stats = cluster_stats(hidden, inputs, labels, 3, chunk=17)
+    for c in range(3):
+        m = labels == c
+        assert stats.counts[c] == m.sum()
+        np.testing.assert_allclose(stats.hidden_var[c], hidden[m].var(0), atol=1e-10)
+        np.testing.assert_allclose(stats.input_mean[c], inputs[m].mean(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["variance", "magnitude"])
+def test_select_experts_criteria(criterion):
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(300, 8)) * np.array([5, 1, 1, 1, 1, 1, 1, 0.1])
+    hidden[:, 3] += 10  # large mean, small variance
+    stats = cluster_stats(hidden, hidden[:, :2], np.zeros(300, dtype=int), 1)
+    (expert,) = select_experts(stats, SelectConfig(criterion=criterion, p=0.5))
+    assert expert.tolist() == ([0] if criterion == "variance" else [3])
