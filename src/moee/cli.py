@@ -21,18 +21,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_extract_args(p: argparse.ArgumentParser, tokens: int, p_default: float) -> None:
-    p.add_argument("--tokens", type=int, default=tokens, help="tokens to record (default %(default)s)")
+    p.add_argument("--tokens", type=int, default=tokens,
+                   help="tokens to record (default %(default)s)")
     p.add_argument("--p", type=float, default=p_default,
-                   help="extraction percentage: share of cluster variance kept (default %(default)s)")
+                   help="share of cluster variance kept (default %(default)s)")
     p.add_argument("--algorithm", default="hdbscan",
                    choices=["hdbscan", "dbscan", "optics", "kmeans", "birch"])
     p.add_argument("--min-cluster-fraction", type=float, default=0.006)
     p.add_argument("--min-samples", type=int, default=10)
-    p.add_argument("--reduce-dims", type=int, default=30, help="PCA dims before clustering (0 = off)")
+    p.add_argument("--reduce-dims", type=int, default=30,
+                   help="PCA dims before clustering (0 = off)")
     p.add_argument("--criterion", default="variance", choices=["variance", "magnitude"])
     p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
-    p.add_argument("--no-stability", action="store_true", help="skip the half-split stability score")
-    p.add_argument("--work-dir", help="keep recorded activations and labels here (reused on rerun)")
+    p.add_argument("--no-stability", action="store_true",
+                   help="skip the half-split stability score")
+    p.add_argument("--work-dir",
+                   help="keep recorded activations and labels here (reused on rerun)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -22,7 +22,8 @@ _FILES = {
 # The dataset's official home (zalandoresearch/fashion-mnist README links these files).
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moee" / "fashion-mnist"
+_CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+CACHE_DIR = _CACHE_HOME / "moee" / "fashion-mnist"
 
 HOW_TO_GET = (
     "Fashion-MNIST was not found. Get it one of these ways:\n"
@@ -85,7 +86,8 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, got {data.size}")
+        raise ValueError(
+            f"{path} is truncated: expected {int(np.prod(dims))} values, got {data.size}")
     return data.reshape(dims)
 
 
