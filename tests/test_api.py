@@ -62,3 +62,19 @@ def test_config_errors_name_the_field():
         moee.SelectConfig(p=1.5)
     with pytest.raises(moee.config.ConfigError, match="cluster.algorithm"):
         moee.ClusterConfig(algorithm="spectral")
+
+
+@pytest.mark.parametrize("select", [moee.SelectConfig.paper(p=0.8),
+                                    moee.SelectConfig(p=0.8, tokens="routed")])
+def test_selection_token_sets(vit, images, tmp_path, select):
+    """'routed' statistics count every token the router sends to an expert (noise too);
+    'cluster' statistics count cluster members only."""
+    config = moee.ExtractConfig(**{**small_config(tmp_path).__dict__, "select": select})
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    _, report = moee.extract(vit, batches, config)
+    for row in report.layers:
+        total = sum(row["cluster_tokens"])
+        if select.tokens == "routed":
+            assert total == report.n_tokens
+        else:
+            assert total == round(report.n_tokens * (1 - row["noise_fraction"]))

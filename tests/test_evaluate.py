@@ -18,4 +18,5 @@ def test_macs_equal_analytic_count_for_known_routing():
     assert count_macs(moe, x) == router + experts_macs
     dense = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
     assert count_macs(dense, x) == 7 * 2 * d * h
-    assert count_params(moe) == (d * 30 + 30) + (30 * d + d) + 2 * d
+    # weights + router centres (k, d) + per-expert output offsets (k, d)
+    assert count_params(moe) == (d * 30 + 30) + (30 * d + d) + 2 * d + 2 * d

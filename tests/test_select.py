@@ -32,3 +32,25 @@ def test_select_experts_criteria(criterion):
     stats = cluster_stats(hidden, hidden[:, :2], np.zeros(300, dtype=int), 1)
     (expert,) = select_experts(stats, SelectConfig(criterion=criterion, p=0.5))
     assert expert.tolist() == ([0] if criterion == "variance" else [3])
+
+
+def test_left_out_mean_output_restores_constant_clusters_exactly():
+    """Tokens whose hidden vector is constant: a tiny compensated expert equals dense."""
+    import torch
+    from torch import nn
+
+    from moee.adapters import MLPSite
+    from moee.build import LayerPlan, build_moe_mlp, left_out_mean_output
+
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(6, 20), nn.Linear(20, 6)
+    x = torch.randn(1, 6).repeat(5, 1)  # one cluster of identical tokens
+    hidden = torch.nn.functional.gelu(fc1(x)).detach().double().numpy()
+    site = MLPSite("mlp", fc1, fc2, nn.GELU(), lambda m: None)
+    experts = [np.array([2, 7])]
+    bias = left_out_mean_output(site, experts, hidden.mean(0, keepdims=True))
+    moe = build_moe_mlp(site, LayerPlan("mlp", experts, x[:1].numpy(), expert_bias=bias))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), fc2(torch.nn.functional.gelu(fc1(x))),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

@@ -19,12 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
+from moee.build import LayerPlan, apply_plans, left_out_mean_output
 from moee.cluster import cluster_layer
 from moee.config import ExtractConfig
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations
-from moee.select import cluster_stats, select_experts
+from moee.select import ClusterStats, cluster_stats, select_experts
 
 
 class NoClustersError(RuntimeError):
@@ -100,6 +100,22 @@ def _open_or_record(model, sites, data, config: ExtractConfig, work: Path) -> Ac
 
 
 @torch.no_grad()
+def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
+                 chunk: int = 65536) -> np.ndarray:
+    """Expert id the router would pick for each recorded MLP input (same rule as MoEMLP)."""
+    c = torch.as_tensor(centres, dtype=torch.float32)
+    if metric == "cosine":
+        weight, offset = torch.nn.functional.normalize(c, dim=-1), torch.zeros(len(c))
+    else:
+        weight, offset = c, -0.5 * (c * c).sum(-1)
+    out = []
+    for start in range(0, len(inputs), chunk):
+        x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
+        out.append((x @ weight.T + offset).argmax(-1).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def _calibration_routing(moe, inputs: np.ndarray, chunk: int = 65536) -> list[float]:
     counts = torch.zeros(moe.num_experts, dtype=torch.float64)
     for start in range(0, len(inputs), chunk):
@@ -141,9 +157,18 @@ def extract(
         if clustering.n_clusters > 0:
             stats = cluster_stats(hidden, store.inputs(i), clustering.labels,
                                   clustering.n_clusters)
+            if config.select.tokens == "routed":
+                routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
+                routed_stats = cluster_stats(hidden, store.inputs(i), routed,
+                                             clustering.n_clusters)
+                # Centres stay the cluster means: the router is the paper's either way.
+                stats = ClusterStats(routed_stats.counts, routed_stats.hidden_mean,
+                                     routed_stats.hidden_var, stats.input_mean)
             experts = select_experts(stats, config.select)
+            bias = (left_out_mean_output(sites[i], experts, stats.hidden_mean)
+                    if config.select.compensate_mean else None)
             plan = LayerPlan(sites[i].name, experts, stats.input_mean.astype(np.float32),
-                             config.router.metric)
+                             config.router.metric, bias)
             plans.append(plan)
             row.update(kept_neurons=len(plan.kept_neurons()),
                        expert_sizes=[len(e) for e in experts],

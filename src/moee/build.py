@@ -20,6 +20,7 @@ class LayerPlan:
     experts: list[np.ndarray]
     centres: np.ndarray  # (k, d)
     metric: str = "cosine"
+    expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""
@@ -52,7 +53,25 @@ def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
     # W2 keeps its full bias: it is added once per token whatever the expert.
     fc2 = _linear_from(site.fc2.weight.detach()[:, kept], b2.detach() if b2 is not None else None)
     centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
-    return MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric)
+    bias = None if plan.expert_bias is None else torch.as_tensor(plan.expert_bias).float()
+    return MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric,
+                  bias)
+
+
+def left_out_mean_output(site: MLPSite, experts: list[np.ndarray],
+                         hidden_mean: np.ndarray) -> np.ndarray:
+    """(k, d_out): W2[:, not in expert] @ cluster-mean hidden[not in expert], per expert.
+
+    Dropping a neuron also drops its average contribution; adding that average back as a
+    per-expert constant removes the systematic shift without computing the neuron.
+    """
+    w2 = site.fc2.weight.detach().double().cpu().numpy()  # (d_out, H)
+    out = np.zeros((len(experts), w2.shape[0]))
+    for c, neurons in enumerate(experts):
+        dropped = np.ones(w2.shape[1], dtype=bool)
+        dropped[neurons] = False
+        out[c] = w2[:, dropped] @ hidden_mean[c, dropped]
+    return out.astype(np.float32)
 
 
 def apply_plans(sites: list[MLPSite], plans: list[LayerPlan]) -> dict[str, MoEMLP]:

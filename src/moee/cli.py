@@ -32,6 +32,11 @@ def _add_extract_args(p: argparse.ArgumentParser, tokens: int, p_default: float)
     p.add_argument("--reduce-dims", type=int, default=30,
                    help="PCA dims before clustering (0 = off)")
     p.add_argument("--criterion", default="variance", choices=["variance", "magnitude"])
+    p.add_argument("--select-tokens", default="routed", choices=["routed", "cluster"],
+                   help="expert statistics over routed tokens (default) or cluster members "
+                   "only (the paper)")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="do not add left-out neurons' mean output back (the paper)")
     p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"])
     p.add_argument("--no-stability", action="store_true",
                    help="skip the half-split stability score")
@@ -49,7 +54,8 @@ def _extract_config(args: argparse.Namespace):
                               min_cluster_fraction=args.min_cluster_fraction,
                               min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
                               stability=not args.no_stability, seed=args.seed),
-        select=SelectConfig(criterion=args.criterion, p=args.p),
+        select=SelectConfig(criterion=args.criterion, p=args.p, tokens=args.select_tokens,
+                            compensate_mean=not args.no_compensate),
         router=RouterConfig(metric=args.metric),
         work_dir=args.work_dir,
     )
@@ -89,7 +95,7 @@ def _run_distill(student, teacher, train_x, args):
     from moee.distill import distill, image_training_batches
 
     config = DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, batch_size=args.kd_batch_size,
-                           seed=args.seed)
+                           seed=args.seed, device=getattr(args, "device", "cpu"))
     batches, steps = image_training_batches(train_x, config)
     t0 = time.perf_counter()
     losses = distill(student, teacher, batches, steps, config)
@@ -171,6 +177,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
     student = moee.load(args.checkpoint)
     _run_distill(student, _load_dense(args.teacher), train_x, args)
+    student.cpu()
     print(f"Saved fine-tuned MoE checkpoint to {student.save_pretrained(args.out)}")
     return 0
 
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="extract, fine-tune and compare the embedded default")
-    _add_extract_args(demo, tokens=20_000, p_default=0.9)
+    _add_extract_args(demo, tokens=20_000, p_default=0.8)
     _add_kd_args(demo, epochs=1.0, lr=3e-4)
     demo.add_argument("--out", default=DEFAULT_DEMO_OUT)
     demo.add_argument("--latency-batch", type=int, default=64)
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--teacher", default="default")
     ft.add_argument("--out", required=True)
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     _add_kd_args(ft, epochs=1.0, lr=3e-4)
     _add_data_args(ft)
     ft.set_defaults(func=cmd_finetune)

@@ -73,11 +73,25 @@ class SelectConfig:
 
     criterion: str = "variance"
     p: float = 0.8
+    # Which tokens an expert's statistics come from: "cluster" = its cluster's members (the
+    # paper; noise tokens ignored), "routed" = every token the router sends to it, noise
+    # included, so each expert is chosen for the tokens it will actually see. "routed" is the
+    # default because it measured far better (README, "Deviations from the paper").
+    tokens: str = "routed"
+    # Not in the paper: add each expert's left-out neurons' mean output back as a constant.
+    compensate_mean: bool = True
+
+    @classmethod
+    def paper(cls, p: float = 0.8, criterion: str = "variance") -> SelectConfig:
+        """Exactly the paper's selection: cluster members only, no mean compensation."""
+        return cls(criterion=criterion, p=p, tokens="cluster", compensate_mean=False)
 
     def __post_init__(self) -> None:
         _check(self.criterion in SELECT_CRITERIA, "select.criterion",
                f"must be one of {SELECT_CRITERIA}, got {self.criterion!r}")
         _check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
+        _check(self.tokens in ("cluster", "routed"), "select.tokens",
+               f"must be 'cluster' or 'routed', got {self.tokens!r}")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     for name, b in model.named_buffers():
-        if name.endswith("router_centres"):
+        if name.endswith(("router_centres", "expert_bias")):
             total += b.numel()
     return total
 

@@ -30,6 +30,7 @@ class MoEMLP(nn.Module):
         router_centres: torch.Tensor,
         kept_neurons: torch.Tensor,
         metric: str = "cosine",
+        expert_bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if metric not in ROUTER_METRICS:
@@ -46,6 +47,10 @@ class MoEMLP(nn.Module):
         self.register_buffer("expert_offsets", sizes.cumsum(0))
         self.register_buffer("router_centres", router_centres.float().clone())
         self.register_buffer("kept_neurons", kept_neurons.long().clone())
+        # Optional per-expert output offset (k, d_out): the mean contribution of the neurons an
+        # expert leaves out (SelectConfig.compensate_mean). Zeros = the paper's plain experts.
+        bias = torch.zeros(len(experts), fc2.out_features) if expert_bias is None else expert_bias
+        self.register_buffer("expert_bias", bias.float().clone())
         self.track_load = False
         self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
         self._sliced: tuple | None = None  # (key, per-expert weights) cache for inference
@@ -53,6 +58,10 @@ class MoEMLP(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.router_centres.shape[0]
+
+    @property
+    def has_expert_bias(self) -> bool:
+        return bool(self.expert_bias.any())
 
     def expert_index(self, e: int) -> torch.Tensor:
         return self.expert_indices[self.expert_offsets[e] : self.expert_offsets[e + 1]]
@@ -108,6 +117,8 @@ class MoEMLP(nn.Module):
             h = self.activation(F.linear(xe, w1, b1))  # (n_e, m_e)
             outs.append(h @ w2t)  # (n_e, d_out)
         y = torch.cat(outs)[torch.argsort(order)]  # back to token order, (N, d_out)
+        if self.has_expert_bias:
+            y = y + self.expert_bias.to(y.dtype)[expert]
         if self.fc2.bias is not None:
             y = y + self.fc2.bias
         return y.reshape(*lead, y.shape[-1])
@@ -124,7 +135,7 @@ class MoEMLP(nn.Module):
                 sim = -((t[None] - self.router_centres.to(t.dtype)) ** 2).sum(-1)
             idx = self.expert_index(int(sim.argmax()))
             h = self.activation(self.fc1.weight[idx] @ t + self.fc1.bias[idx])
-            y = self.fc2.weight[:, idx] @ h
+            y = self.fc2.weight[:, idx] @ h + self.expert_bias[int(sim.argmax())].to(h.dtype)
             out.append(y + self.fc2.bias if self.fc2.bias is not None else y)
         return torch.stack(out).reshape(*lead, -1)
 
