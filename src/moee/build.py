@@ -21,13 +21,14 @@ class LayerPlan:
     centres: np.ndarray  # (k, d)
     metric: str = "cosine"
     expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
+    execution: str = "experts"  # or "union": run the pruned union densely (speed fallback)
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""
         return np.unique(np.concatenate(self.experts))
 
     def to_json(self) -> dict:
-        return {"site": self.site, "metric": self.metric,
+        return {"site": self.site, "metric": self.metric, "execution": self.execution,
                 "experts": [e.tolist() for e in self.experts]}
 
 
@@ -54,8 +55,10 @@ def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
     fc2 = _linear_from(site.fc2.weight.detach()[:, kept], b2.detach() if b2 is not None else None)
     centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
     bias = None if plan.expert_bias is None else torch.as_tensor(plan.expert_bias).float()
-    return MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric,
-                  bias)
+    moe = MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric,
+                 bias)
+    moe.execution = plan.execution
+    return moe
 
 
 def left_out_mean_output(site: MLPSite, experts: list[np.ndarray],

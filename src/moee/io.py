@@ -141,7 +141,8 @@ def load(directory: str | Path, base_model: nn.Module | None = None,
             raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} has an expert with "
                                   f"neuron ids outside 0..{site.fc1.out_features - 1}")
         centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
-        plans.append(LayerPlan(layer["site"], experts, centres, layer.get("metric", "cosine")))
+        plans.append(LayerPlan(layer["site"], experts, centres, layer.get("metric", "cosine"),
+                               execution=layer.get("execution", "experts")))
     apply_plans(sites, plans)
     _check_tensors(model, tensors, weights)
     model.load_state_dict(tensors, strict=True)

@@ -12,6 +12,12 @@ from torch import nn
 
 from moee.config import ROUTER_METRICS
 
+# How a MoEMLP runs its tokens:
+#   "experts": grouped per-expert matmuls (each token computes only its expert's neurons);
+#   "union":   the pruned union of all experts' neurons run densely for every token -- the
+#              per-layer fallback when routing overhead would make the layer slower than that.
+EXECUTIONS = ("experts", "union")
+
 
 class MoEMLP(nn.Module):
     """Router -> group tokens by expert -> per-expert matmuls on their neurons only -> scatter.
@@ -51,6 +57,7 @@ class MoEMLP(nn.Module):
         # expert leaves out (SelectConfig.compensate_mean). Zeros = the paper's plain experts.
         bias = torch.zeros(len(experts), fc2.out_features) if expert_bias is None else expert_bias
         self.register_buffer("expert_bias", bias.float().clone())
+        self.execution = "experts"
         self.track_load = False
         self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
         self._sliced: tuple | None = None  # (key, per-expert weights) cache for inference
@@ -100,6 +107,8 @@ class MoEMLP(nn.Module):
         return self._sliced[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == "union":
+            return self.fc2(self.activation(self.fc1(x)))
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)  # (N, d)
         expert = self.route(tokens)  # (N,)
@@ -141,4 +150,4 @@ class MoEMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, kept_neurons={self.fc1.out_features}, "
-                f"sizes={self.expert_sizes()}, metric={self.metric}")
+                f"sizes={self.expert_sizes()}, metric={self.metric}, execution={self.execution}")

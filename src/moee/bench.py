@@ -1,0 +1,177 @@
+"""Side-by-side speed of dense vs MoE execution styles (`moee bench`, benchmarks/).
+
+Styles timed in one run on the same weights and the same routing:
+  dense       the original MLP
+  moee        grouped per-expert matmuls on pre-sliced weights (MoEMLP, execution="experts")
+  union       MoEMLP's fallback: the pruned union run densely
+  mask        MoEfication-style: full MLP, hidden masked to the expert's neurons
+  loop        CMoE-style: Python loop over every expert, tokens picked by boolean mask,
+              weights indexed from the shared matrices on every call
+Ideal speedup = dense MACs / MoE MACs (torch.utils.flop_counter); efficiency = speedup / ideal.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moee.evaluate import count_macs
+from moee.moe import MoEMLP
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 15,
+              min_seconds: float = 0.2) -> float:
+    """Median seconds of `fn()`, after warm-up; repeats grow until `min_seconds` is covered."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if len(times) > 500:
+            break
+    return statistics.median(times)
+
+
+def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: int = 0,
+                     dtype=torch.float32, device="cpu") -> tuple[nn.Module, MoEMLP]:
+    """A dense `fc2(gelu(fc1))` and a MoEMLP over it whose experts each hold `active` of the
+    hidden neurons (random subsets; their union is close to all neurons)."""
+    g = torch.Generator().manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+    m = max(1, round(active * hidden))
+    experts = [torch.randperm(hidden, generator=g)[:m].sort().values for _ in range(n_experts)]
+    kept = torch.unique(torch.cat(experts))
+    pos = torch.full((hidden,), -1, dtype=torch.long)
+    pos[kept] = torch.arange(len(kept))
+    fc1 = nn.Linear(d, len(kept))
+    fc2 = nn.Linear(len(kept), d)
+    with torch.no_grad():
+        fc1.weight.copy_(dense[0].weight[kept])
+        fc1.bias.copy_(dense[0].bias[kept])
+        fc2.weight.copy_(dense[2].weight[:, kept])
+        fc2.bias.copy_(dense[2].bias)
+    moe = MoEMLP(fc1, fc2, nn.GELU(), [pos[e] for e in experts],
+                 torch.randn(n_experts, d, generator=g), kept)
+    return dense.to(device, dtype).eval(), moe.to(device, dtype).eval()
+
+
+def mask_style(moe: MoEMLP) -> Callable[[torch.Tensor], torch.Tensor]:
+    """MoEfication's execution: every neuron computed, then multiplied by the expert mask."""
+    mask = torch.zeros(moe.num_experts, moe.fc1.out_features, device=moe.fc1.weight.device,
+                       dtype=moe.fc1.weight.dtype)
+    for e in range(moe.num_experts):
+        mask[e, moe.expert_index(e)] = 1
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        expert = moe.route(x)
+        return moe.fc2(moe.activation(moe.fc1(x)) * mask[expert])
+
+    return run
+
+
+def loop_style(moe: MoEMLP) -> Callable[[torch.Tensor], torch.Tensor]:
+    """CMoE-style execution: loop over all experts, boolean-mask tokens, index weights."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        expert = moe.route(x)
+        y = torch.zeros(x.shape[0], moe.fc2.out_features, dtype=x.dtype, device=x.device)
+        for e in range(moe.num_experts):
+            sel = expert == e
+            idx = moe.expert_index(e)
+            h = moe.activation(F.linear(x[sel], moe.fc1.weight[idx], moe.fc1.bias[idx]))
+            y[sel] = F.linear(h, moe.fc2.weight[:, idx])
+        return y + moe.fc2.bias
+
+    return run
+
+
+@torch.inference_mode()
+def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device,
+                dtype=torch.float32, seed: int = 0) -> dict:
+    """Time every style on one (tokens, d) input; returns ms per style and ratios."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, moe.fc1.in_features, generator=g).to(device, dtype)
+    union = lambda t: moe.fc2(moe.activation(moe.fc1(t)))  # noqa: E731
+    styles = {"dense": dense, "moee": moe, "union": union, "mask": mask_style(moe),
+              "loop": loop_style(moe)}
+    ms = {name: time_call(lambda f=f: f(x), device) * 1e3 for name, f in styles.items()}
+    ideal = count_macs(dense, x) / count_macs(moe, x)
+    row = {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "ideal": ideal,
+           "ms": ms}
+    row["speedup"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
+    row["efficiency"] = row["speedup"]["moee"] / ideal
+    return row
+
+
+@torch.inference_mode()
+def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
+                device: torch.device) -> dict:
+    """Whole-model latency of dense vs MoE on one batch, with the MAC-ideal ratio."""
+    x = batch.to(device)
+    run_d = lambda: dense(x)  # noqa: E731
+    run_m = lambda: moe_model(x)  # noqa: E731
+    t_d, t_m = time_call(run_d, device), time_call(run_m, device)
+    ideal = count_macs(dense, x) / count_macs(moe_model, x)
+    return {"batch": x.shape[0], "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
+            "speedup": t_d / t_m, "ideal": ideal, "efficiency": t_d / t_m / ideal}
+
+
+def param_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def deit_base_sized_moe(fractions: list[list[float]], device, dtype=torch.float32,
+                        seed: int = 0):
+    """A DeiT-base-sized HF ViT (random weights) and a MoE copy whose layer i has experts of
+    the given neuron fractions (e.g. taken from a real extraction's expert sizes)."""
+    import copy
+
+    import numpy as np
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from moee.adapters import find_mlp_sites
+    from moee.build import LayerPlan, apply_plans
+    from moee.moe_model import MoEModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000,
+                       attn_implementation="sdpa")
+    dense = ViTForImageClassification(config).eval()
+    student = copy.deepcopy(dense)
+    sites = find_mlp_sites(student)
+    rng = np.random.default_rng(seed)
+    plans = []
+    for i, site in enumerate(sites):
+        fr = fractions[i * len(fractions) // len(sites)]
+        experts = [np.sort(rng.choice(3072, max(1, round(f * 3072)), replace=False)) for f in fr]
+        plans.append(LayerPlan(site.name, experts, rng.normal(size=(len(fr), 768))))
+    apply_plans(sites, plans)
+    moe = MoEModel(student, plans)
+    return dense.to(device, dtype), moe.to(device, dtype).eval()
+
+
+def fractions_from_checkpoint(path) -> list[list[float]]:
+    """Per-layer expert sizes as fractions of the dense hidden width, from moee_config.json."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(path) / "moee_config.json").read_text())
+    hidden = cfg["base_model"]["config"]["intermediate_size"]
+    return [[len(e) / hidden for e in layer["experts"]] for layer in cfg["layers"]]

@@ -1,0 +1,51 @@
+"""Execution paths: every one checked against the slow reference, and the calibrated fallback."""
+
+import torch
+from conftest import tiny_vit
+
+import moee
+from moee.bench import loop_style, mask_style, random_moe_block
+from moee.build import LayerPlan, apply_plans
+from moee.speed import calibrate_execution, set_execution
+
+
+def test_baseline_styles_and_union_match_references():
+    dense, moe = random_moe_block(16, 64, 4, 0.3)
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        ref = moe.forward_reference(x)
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mask_style(moe)(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loop_style(moe)(x), ref, rtol=1e-5, atol=1e-5)
+        moe.execution = "union"  # pruned union run densely == fc2(act(fc1)) over kept neurons
+        union_ref = moe.fc2(torch.nn.functional.gelu(moe.fc1(x)))
+        torch.testing.assert_close(moe(x), union_ref)
+
+
+def test_full_union_equals_dense_block():
+    dense, moe = random_moe_block(16, 64, 3, 1.0)
+    moe.execution = "union"
+    x = torch.randn(20, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_records_choice_and_survives_save_load(tmp_path):
+    import numpy as np
+
+    model = tiny_vit()
+    sites = moee.find_mlp_sites(model)
+    rng = np.random.default_rng(0)
+    plans = [LayerPlan(s.name, [rng.choice(48, 12, replace=False) for _ in range(3)],
+                       rng.normal(size=(3, 16))) for s in sites]
+    apply_plans(sites, plans)
+    moe_model = moee.MoEModel(model, plans)
+    rows = calibrate_execution(moe_model, torch.randn(2, 1, 8, 8), repeats=3)
+    assert {r["execution"] for r in rows} <= {"experts", "union"}
+    set_execution(moe_model, "union")
+    moe_model.save_pretrained(tmp_path)
+    again = moee.load(tmp_path)
+    assert all(m.execution == "union" for m in again.moe_layers().values())
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(moe_model(x).logits, again(x).logits)
