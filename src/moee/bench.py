@@ -12,8 +12,6 @@ Ideal speedup = dense MACs / MoE MACs (torch.utils.flop_counter); efficiency = s
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -22,25 +20,7 @@ from torch import nn
 
 from moee.evaluate import count_macs
 from moee.moe import MoEMLP
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 15,
-              min_seconds: float = 0.2) -> float:
-    """Median seconds of `fn()`, after warm-up; repeats grow until `min_seconds` is covered."""
-    for _ in range(3):
-        fn()
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if len(times) > 500:
-            break
-    return statistics.median(times)
+from moee.timing import time_interleaved
 
 
 def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: int = 0,
@@ -105,7 +85,8 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     union = lambda t: moe.fc2(moe.activation(moe.fc1(t)))  # noqa: E731
     styles = {"dense": dense, "moee": moe, "union": union, "mask": mask_style(moe),
               "loop": loop_style(moe)}
-    ms = {name: time_call(lambda f=f: f(x), device) * 1e3 for name, f in styles.items()}
+    secs = time_interleaved({name: (lambda f=f: f(x)) for name, f in styles.items()}, device)
+    ms = {name: t * 1e3 for name, t in secs.items()}
     ideal = count_macs(dense, x) / count_macs(moe, x)
     row = {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "ideal": ideal,
            "ms": ms}
@@ -119,9 +100,8 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
                 device: torch.device) -> dict:
     """Whole-model latency of dense vs MoE on one batch, with the MAC-ideal ratio."""
     x = batch.to(device)
-    run_d = lambda: dense(x)  # noqa: E731
-    run_m = lambda: moe_model(x)  # noqa: E731
-    t_d, t_m = time_call(run_d, device), time_call(run_m, device)
+    secs = time_interleaved({"dense": lambda: dense(x), "moe": lambda: moe_model(x)}, device)
+    t_d, t_m = secs["dense"], secs["moe"]
     ideal = count_macs(dense, x) / count_macs(moe_model, x)
     return {"batch": x.shape[0], "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
             "speedup": t_d / t_m, "ideal": ideal, "efficiency": t_d / t_m / ideal}

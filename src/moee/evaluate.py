@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moee.data.tensors import image_batches
+from moee.timing import time_interleaved
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -71,21 +70,10 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
     """Median wall-clock milliseconds of one forward on `x`."""
     model.eval()
-    for _ in range(warmup):
-        _logits(model, x)
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        _logits(model, x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_interleaved({"m": lambda: _logits(model, x)}, x.device, repeats)["m"] * 1e3
 
 
 @dataclass

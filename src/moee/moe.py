@@ -66,10 +66,6 @@ class MoEMLP(nn.Module):
     def num_experts(self) -> int:
         return self.router_centres.shape[0]
 
-    @property
-    def has_expert_bias(self) -> bool:
-        return bool(self.expert_bias.any())
-
     def expert_index(self, e: int) -> torch.Tensor:
         return self.expert_indices[self.expert_offsets[e] : self.expert_offsets[e + 1]]
 
@@ -86,50 +82,72 @@ class MoEMLP(nn.Module):
             scores = x @ c.T - 0.5 * (c * c).sum(-1)  # (N, k)
         return scores.argmax(-1)
 
-    def _expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per-expert (W1_e (m, d), b1_e (m,), W2_e^T (m, d_out)).
-
-        With grad enabled the slices are gathered each call so gradients reach the shared
-        union weights; at inference they are cached as contiguous copies (rebuilt whenever the
-        weights change, tracked by their in-place version counters).
-        """
-        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
-        idx = [self.expert_index(e) for e in range(self.num_experts)]
-        if torch.is_grad_enabled() and w1.requires_grad:
-            self._sliced = None
-            return [(w1[i], b1[i] if b1 is not None else None, w2[:, i].T) for i in idx]
-        key = (w1._version, w2._version, w1.device, w1.dtype, w1.data_ptr())
+    def _sliced_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per-expert inference weights, cached as contiguous copies: W1_e^T (d, m),
+        b1_e (m,), W2_e^T (m, d_out), and the expert's whole output bias (d_out,) = fc2 bias +
+        its left-out-neuron offset. Rebuilt when the weights change (version counters)."""
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        key = (w1._version, w2._version, self.expert_bias._version, w1.device, w1.dtype,
+               w1.data_ptr(), w2.data_ptr())
         if self._sliced is None or self._sliced[0] != key:
             with torch.no_grad():
-                weights = [(w1[i].contiguous(), b1[i].contiguous() if b1 is not None else None,
-                            w2[:, i].T.contiguous()) for i in idx]
+                out_bias = self.expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
+                weights = []
+                for e in range(self.num_experts):
+                    i = self.expert_index(e)
+                    b1e = b1[i] if b1 is not None else w1.new_zeros(len(i))
+                    weights.append((w1[i].T.contiguous(), b1e.contiguous(),
+                                    w2[:, i].T.contiguous(), out_bias[e].contiguous()))
             self._sliced = (key, weights)
         return self._sliced[1]
+
+    def _group(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Route and sort: (expert per token, token order grouped by expert, count per expert)."""
+        expert = self.route(tokens)  # (N,)
+        counts = torch.bincount(expert, minlength=self.num_experts)  # (k,)
+        if self.track_load:
+            c = counts.detach().cpu()
+            self.load_counts = c if self.load_counts is None else self.load_counts + c
+        return expert, torch.argsort(expert), counts.tolist()
+
+    def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
+        """No autograd: each expert's two GEMMs (bias fused by addmm) write straight into one
+        preallocated buffer in expert order, then one index_copy puts tokens back."""
+        _, order, counts = self._group(tokens)
+        grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
+        y_grouped = tokens.new_empty(tokens.shape[0], self.fc2.out_features)  # (N, d_out)
+        start = 0
+        for n_e, (w1t, b1, w2t, b_out) in zip(counts, self._sliced_weights(), strict=True):
+            if n_e:
+                h = self.activation(torch.addmm(b1, grouped[start : start + n_e], w1t))
+                torch.addmm(b_out, h, w2t, out=y_grouped[start : start + n_e])  # (n_e, d_out)
+                start += n_e
+        return torch.empty_like(y_grouped).index_copy_(0, order, y_grouped)
+
+    def _forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Differentiable: expert slices are gathered from the shared union weights each call
+        so gradients reach them; same arithmetic as `_forward_inference`."""
+        expert, order, counts = self._group(tokens)
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        outs = []
+        for e, xe in enumerate(tokens[order].split(counts)):
+            i = self.expert_index(e)
+            h = self.activation(F.linear(xe, w1[i], b1[i] if b1 is not None else None))
+            outs.append(h @ w2[:, i].T)  # (n_e, d_out)
+        y = torch.cat(outs)[torch.argsort(order)]  # back to token order, (N, d_out)
+        y = y + self.expert_bias.to(y.dtype)[expert]
+        return y + self.fc2.bias if self.fc2.bias is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "union":
             return self.fc2(self.activation(self.fc1(x)))
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)  # (N, d)
-        expert = self.route(tokens)  # (N,)
-        order = torch.argsort(expert, stable=True)  # tokens grouped by expert
-        counts = torch.bincount(expert, minlength=self.num_experts)  # (k,)
-        if self.track_load:
-            c = counts.detach().cpu()
-            self.load_counts = c if self.load_counts is None else self.load_counts + c
-        grouped = tokens[order].split(counts.tolist())  # k chunks of (n_e, d)
-        outs = []
-        for xe, (w1, b1, w2t) in zip(grouped, self._expert_weights(), strict=True):
-            if xe.shape[0] == 0:
-                outs.append(xe.new_empty(0, w2t.shape[1]))
-                continue
-            h = self.activation(F.linear(xe, w1, b1))  # (n_e, m_e)
-            outs.append(h @ w2t)  # (n_e, d_out)
-        y = torch.cat(outs)[torch.argsort(order)]  # back to token order, (N, d_out)
-        if self.has_expert_bias:
-            y = y + self.expert_bias.to(y.dtype)[expert]
-        if self.fc2.bias is not None:
-            y = y + self.fc2.bias
+        if torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
+            self._sliced = None
+            y = self._forward_train(tokens)
+        else:
+            y = self._forward_inference(tokens)
         return y.reshape(*lead, y.shape[-1])
 
     @torch.no_grad()

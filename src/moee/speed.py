@@ -8,27 +8,11 @@ faster one, so a converted model is not slower than running its pruned MLPs dens
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel
-
-
-def _time(fn, x: torch.Tensor, repeats: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from moee.timing import time_interleaved
 
 
 @torch.inference_mode()
@@ -51,10 +35,12 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
     plans = {p.site: p for p in moe_model.plans}
     for name, layer in layers.items():
         x = captured[name]
-        timings = {}
-        for mode in ("experts", "union"):
+        def run(mode: str, layer=layer, x=x) -> None:
             layer.execution = mode
-            timings[mode] = _time(layer, x, repeats)
+            layer(x)
+
+        timings = time_interleaved({m: (lambda m=m: run(m)) for m in ("experts", "union")},
+                                   x.device, repeats, min_seconds=0.05)
         best = "union" if timings["union"] * (1 + margin) < timings["experts"] else "experts"
         layer.execution = best
         if name in plans:

@@ -1,0 +1,153 @@
+"""Dense vs MoE speed, side by side in one run: MLP blocks and whole models.
+
+    moee bench --checkpoint runs/demo/moe --out runs/bench   (or python benchmarks/bench_moe.py)
+    moee bench --device cuda --dtypes float32,bfloat16 --out runs/bench-gpu
+
+Parts: (1) DeiT-base-sized MLP blocks (768 -> 3072) at 25% / 50% active neurons per token,
+(2) the embedded default (a saved demo checkpoint) as a whole model, with and without the
+calibrated per-layer fallback, (3) a DeiT-base-sized whole model with expert sizes taken from
+the checkpoint's real extraction. Prints tables; writes bench.json (and bench.png if
+matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from moee.bench import (
+    bench_block,
+    bench_model,
+    deit_base_sized_moe,
+    fractions_from_checkpoint,
+    param_bytes,
+    random_moe_block,
+)
+
+
+def part_blocks(device, dtypes, batches, results):
+    print("\n(1) DeiT-base-sized MLP block (768 -> 3072 -> 768), 8 experts, 197 tokens/image")
+    print(f"{'active':>7}{'dtype':>9}{'images':>7}{'dense ms':>10}{'moee':>8}{'union':>8}"
+          f"{'mask':>8}{'loop':>8}{'ideal':>7}{'eff.':>6}")
+    for active in (0.25, 0.5):
+        for dtype in dtypes:
+            dense, moe = random_moe_block(768, 3072, 8, active, dtype=dtype, device=device)
+            for b in batches:
+                row = bench_block(dense, moe, b * 197, device, dtype)
+                row.update(active=active, images=b)
+                results["blocks"].append(row)
+                s = row["speedup"]
+                print(f"{active:>7.0%}{row['dtype']:>9}{b:>7}{row['ms']['dense']:>10.2f}"
+                      f"{s['moee']:>7.2f}x{s['union']:>7.2f}x{s['mask']:>7.2f}x{s['loop']:>7.2f}x"
+                      f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+
+
+def part_default(device, checkpoint, batches, results):
+    import moee
+    from moee.default_model import load_default_model
+    from moee.speed import calibrate_execution
+
+    print(f"\n(2) Embedded default, whole model ({checkpoint}), 17 tokens/image")
+    dense = load_default_model().to(device)
+    moe_model = moee.load(checkpoint).to(device)
+    print(f"params: dense {param_bytes(dense) / 2**20:.2f} MiB, "
+          f"MoE {param_bytes(moe_model) / 2**20:.2f} MiB")
+    results["default_params_bytes"] = {"dense": param_bytes(dense),
+                                       "moe": param_bytes(moe_model)}
+    print(f"{'images':>7}{'dense ms':>10}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}{'eff.':>6}"
+          f"{'calibrated':>12}{'layers on union':>17}")
+    for b in batches:
+        x = torch.randn(b, 1, 28, 28)
+        row = bench_model(dense, moe_model, x, device)
+        tuned = copy.deepcopy(moe_model)
+        choice = calibrate_execution(tuned, x.to(device))
+        row["calibrated"] = bench_model(dense, tuned, x, device)
+        row["union_layers"] = sum(c["execution"] == "union" for c in choice)
+        results["default"].append(row)
+        print(f"{b:>7}{row['dense_ms']:>10.2f}{row['moe_ms']:>9.2f}{row['speedup']:>8.2f}x"
+              f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
+              f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>12}/6")
+
+
+def part_deit_base(device, fractions, batches, results):
+    print("\n(3) DeiT-base-sized whole model (random weights, expert sizes from the checkpoint)")
+    dense, moe_model = deit_base_sized_moe(fractions, device)
+    results["deit_base_params_bytes"] = {"dense": param_bytes(dense),
+                                         "moe": param_bytes(moe_model)}
+    print(f"{'images':>7}{'dense ms':>10}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}{'eff.':>6}")
+    for b in batches:
+        row = bench_model(dense, moe_model, torch.randn(b, 3, 224, 224), device)
+        results["deit_base"].append(row)
+        print(f"{b:>7}{row['dense_ms']:>10.1f}{row['moe_ms']:>9.1f}{row['speedup']:>8.2f}x"
+              f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not results["blocks"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for active in (0.25, 0.5):
+        rows = [r for r in results["blocks"] if r["active"] == active and r["dtype"] == "float32"]
+        for style in ("moee", "mask", "loop"):
+            ax.plot([r["images"] for r in rows], [r["speedup"][style] for r in rows],
+                    marker="o", label=f"{style}, {active:.0%} active")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(xscale="log", xlabel="images per batch", ylabel="speedup over dense MLP",
+           title="DeiT-base-sized MLP block, fp32")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="moee bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="float32")
+    ap.add_argument("--checkpoint", default="runs/demo/moe", help="a saved demo MoE checkpoint")
+    ap.add_argument("--block-batches", default="1,8,32,128")
+    ap.add_argument("--default-batches", default="1,8,32,64,128,256")
+    ap.add_argument("--deit-batches", default="1,8")
+    ap.add_argument("--parts", default="blocks,default,deit")
+    ap.add_argument("--out", default="runs/bench")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, "
+                    f"{torch.get_num_threads()} threads")
+    print(f"device: {machine}; torch {torch.__version__}")
+    results = {"machine": machine, "torch": torch.__version__, "blocks": [], "default": [],
+               "deit_base": []}
+    parts = args.parts.split(",")
+    if "blocks" in parts:
+        part_blocks(device, dtypes, ints(args.block_batches), results)
+    if "default" in parts:
+        part_default(device, args.checkpoint, ints(args.default_batches), results)
+    if "deit" in parts:
+        part_deit_base(device, fractions_from_checkpoint(args.checkpoint),
+                       ints(args.deit_batches), results)
+    if device.type == "cuda":
+        results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    png = plot(results, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
