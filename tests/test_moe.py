@@ -91,3 +91,22 @@ def test_unused_expert_gets_no_tokens_and_output_is_still_right():
     moe = make_moe([[0, 1], [2, 3], [4]], centres)
     x = centres[0].repeat(5, 1) + 0.01 * torch.randn(5, D)
     torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cached_router_follows_centre_changes():
+    moe = make_moe([[0], [1]], torch.randn(2, D))
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        moe(x)  # builds the inference cache
+        moe.router_centres.mul_(-1)  # in place, as load_state_dict does
+        expected = F.cosine_similarity(x[:, None], moe.router_centres[None], dim=-1).argmax(-1)
+        assert torch.equal(moe.route(x), expected)
+
+
+def test_single_expert_batch_shortcut_matches_reference():
+    centres = torch.randn(3, D)
+    moe = make_moe([[0, 1, 2], [3, 4], [5, 6, 7, 8]], centres)
+    x = centres[1].repeat(6, 1) + 0.01 * torch.randn(6, D)  # all tokens -> expert 1
+    with torch.no_grad():
+        assert moe.route(x).unique().tolist() == [1]
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)

@@ -53,6 +53,9 @@ def part_default(device, checkpoint, batches, results):
     from moee.speed import calibrate_execution
 
     print(f"\n(2) Embedded default, whole model ({checkpoint}), 17 tokens/image")
+    images = _test_images()
+    print("input: " + ("Fashion-MNIST test images (real routing)" if images is not None
+                       else "random images: Fashion-MNIST not found, routing is not realistic"))
     dense = load_default_model().to(device)
     moe_model = moee.load(checkpoint).to(device)
     print(f"params: dense {param_bytes(dense) / 2**20:.2f} MiB, "
@@ -62,7 +65,7 @@ def part_default(device, checkpoint, batches, results):
     print(f"{'images':>7}{'dense ms':>10}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}{'eff.':>6}"
           f"{'calibrated':>12}{'layers on union':>17}")
     for b in batches:
-        x = torch.randn(b, 1, 28, 28)
+        x = torch.randn(b, 1, 28, 28) if images is None else images[:b]
         row = bench_model(dense, moe_model, x, device)
         tuned = copy.deepcopy(moe_model)
         choice = calibrate_execution(tuned, x.to(device))
@@ -72,6 +75,15 @@ def part_default(device, checkpoint, batches, results):
         print(f"{b:>7}{row['dense_ms']:>10.2f}{row['moe_ms']:>9.2f}{row['speedup']:>8.2f}x"
               f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
               f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>12}/6")
+
+
+def _test_images() -> torch.Tensor | None:
+    from moee.data import FashionMNISTNotFound, load_fashion_mnist, normalize_images
+
+    try:
+        return normalize_images(load_fashion_mnist("test")[0][:512])
+    except FashionMNISTNotFound:
+        return None
 
 
 def part_deit_base(device, fractions, batches, results):

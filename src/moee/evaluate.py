@@ -107,11 +107,11 @@ def measure(
 def comparison_table(rows: dict[str, ModelMeasurement], baseline: str = "dense") -> str:
     """Plain-text dense-vs-MoE table; relative columns are against `baseline`."""
     base = rows[baseline]
-    lines = [f"{'model':<22}{'top-1':>8}{'Δ top-1':>9}{'MACs/img':>12}{'Δ MACs':>9}"
+    lines = [f"{'model':<26}{'top-1':>8}{'Δ top-1':>9}{'MACs/img':>12}{'Δ MACs':>9}"
              f"{'params':>11}{'Δ params':>10}{'latency':>10}{'speedup':>9}"]
     for name, m in rows.items():
         lines.append(
-            f"{name:<22}{m.top1:>8.2%}{(m.top1 - base.top1) * 100:>+8.2f}p"
+            f"{name:<26}{m.top1:>8.2%}{(m.top1 - base.top1) * 100:>+8.2f}p"
             f"{m.macs_per_image / 1e6:>11.2f}M{m.macs_per_image / base.macs_per_image - 1:>+9.1%}"
             f"{m.params / 1e6:>10.3f}M{m.params / base.params - 1:>+10.1%}"
             f"{m.latency_ms:>8.1f}ms{base.latency_ms / m.latency_ms:>8.2f}x")

@@ -72,14 +72,22 @@ class MoEMLP(nn.Module):
     def expert_sizes(self) -> list[int]:
         return self.expert_offsets.diff().tolist()
 
+    def _router_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, k) matrix and optional (k,) offset such that argmax(x @ W + b) is the route."""
+        c = self.router_centres.to(dtype)
+        if self.metric == "cosine":
+            return F.normalize(c, dim=-1).T.contiguous(), None
+        return c.T.contiguous(), -0.5 * (c * c).sum(-1)
+
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N,) expert id. Cosine: argmax x·c/|c| (|x| does not change the argmax);
         Euclidean: argmin |x-c|^2 = argmax x·c - |c|^2/2. Either is one (N, d) x (d, k) matmul."""
-        c = self.router_centres.to(x.dtype)
-        if self.metric == "cosine":
-            scores = x @ F.normalize(c, dim=-1).T  # (N, k)
+        if not torch.is_grad_enabled() and x.dtype == self.fc1.weight.dtype:
+            self._sliced_weights()  # validates the cache (weights, centres, device, dtype)
+            weight, offset = self._sliced[2]
         else:
-            scores = x @ c.T - 0.5 * (c * c).sum(-1)  # (N, k)
+            weight, offset = self._router_weights(x.dtype)
+        scores = x @ weight if offset is None else torch.addmm(offset, x, weight)  # (N, k)
         return scores.argmax(-1)
 
     def _sliced_weights(self) -> list[tuple[torch.Tensor, ...]]:
@@ -87,8 +95,8 @@ class MoEMLP(nn.Module):
         b1_e (m,), W2_e^T (m, d_out), and the expert's whole output bias (d_out,) = fc2 bias +
         its left-out-neuron offset. Rebuilt when the weights change (version counters)."""
         w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        key = (w1._version, w2._version, self.expert_bias._version, w1.device, w1.dtype,
-               w1.data_ptr(), w2.data_ptr())
+        key = (w1._version, w2._version, self.expert_bias._version,
+               self.router_centres._version, w1.device, w1.dtype, w1.data_ptr(), w2.data_ptr())
         if self._sliced is None or self._sliced[0] != key:
             with torch.no_grad():
                 out_bias = self.expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
@@ -98,7 +106,8 @@ class MoEMLP(nn.Module):
                     b1e = b1[i] if b1 is not None else w1.new_zeros(len(i))
                     weights.append((w1[i].T.contiguous(), b1e.contiguous(),
                                     w2[:, i].T.contiguous(), out_bias[e].contiguous()))
-            self._sliced = (key, weights)
+                router = self._router_weights(w1.dtype)
+            self._sliced = (key, weights, router)
         return self._sliced[1]
 
     def _group(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -113,11 +122,15 @@ class MoEMLP(nn.Module):
     def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
         """No autograd: each expert's two GEMMs (bias fused by addmm) write straight into one
         preallocated buffer in expert order, then one index_copy puts tokens back."""
+        weights = self._sliced_weights()
         _, order, counts = self._group(tokens)
+        if max(counts) == tokens.shape[0]:  # one expert takes every token: no sort, no scatter
+            w1t, b1, w2t, b_out = weights[counts.index(tokens.shape[0])]
+            return torch.addmm(b_out, self.activation(torch.addmm(b1, tokens, w1t)), w2t)
         grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
         y_grouped = tokens.new_empty(tokens.shape[0], self.fc2.out_features)  # (N, d_out)
         start = 0
-        for n_e, (w1t, b1, w2t, b_out) in zip(counts, self._sliced_weights(), strict=True):
+        for n_e, (w1t, b1, w2t, b_out) in zip(counts, weights, strict=True):
             if n_e:
                 h = self.activation(torch.addmm(b1, grouped[start : start + n_e], w1t))
                 torch.addmm(b_out, h, w2t, out=y_grouped[start : start + n_e])  # (n_e, d_out)
