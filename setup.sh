@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One-time setup: Fashion-MNIST (Debian package), a venv with the CPU build of torch, moee itself.
+# Idempotent setup: Fashion-MNIST (Debian package), a venv with the CPU build of torch, moee.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist
+  { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; } >/dev/null \
+    || echo "setup.sh: could not install dataset-fashion-mnist; the demo will say how to get it"
 fi
 [ -d .venv ] || python3 -m venv .venv
-. .venv/bin/activate
-pip install -q torch==2.13.0
-pip install -q -e ".[dev]"
+.venv/bin/pip install -q torch==2.13.0        # the CPU build; other specs pull a CUDA build
+.venv/bin/pip install -q -e ".[dev]"
