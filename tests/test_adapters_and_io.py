@@ -14,8 +14,18 @@ from moee.build import LayerPlan, apply_plans
 from moee.io import CheckpointError
 from moee.moe_model import MoEModel
 
+def tiny_deit():
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    return DeiTForImageClassification(DeiTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        image_size=8, patch_size=4, num_channels=1, attn_implementation="eager")).eval()
+
+
 MODELS = {
     "hf-vit": (tiny_vit, lambda: torch.randn(2, 1, 8, 8), "fc1-act-fc2"),
+    "hf-deit": (tiny_deit, lambda: torch.randn(2, 1, 8, 8), "fc1-act-fc2"),
     "hf-bert": (tiny_bert, lambda: torch.randint(0, 50, (2, 7)), "intermediate-output"),
     "timm-style": (TimmStyleNet, lambda: torch.randn(2, 5, 16), "fc1-act-fc2"),
 }
@@ -44,6 +54,7 @@ def test_full_experts_equal_dense_model(family):
     x = inputs()
     sites = find_mlp_sites(moe_model)
     assert len(sites) == 2
+    assert [s.name for s in find_mlp_sites(make(), adapter)] == [s.name for s in sites]
     apply_plans(sites, full_expert_plans(sites, k=3))
     assert len(MoEModel(moe_model, []).moe_layers()) == 2
     with torch.no_grad():
