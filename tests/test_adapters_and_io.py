@@ -14,6 +14,7 @@ from moee.build import LayerPlan, apply_plans
 from moee.io import CheckpointError
 from moee.moe_model import MoEModel
 
+
 def tiny_deit():
     from transformers import DeiTConfig, DeiTForImageClassification
 
