@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -93,6 +94,9 @@ def _open_or_record(model, sites, data, config: ExtractConfig, work: Path) -> Ac
     if (store_dir / "store.json").is_file():
         store = ActivationStore.open(store_dir)
         if store.site_names == [s.name for s in sites] and store.n_tokens >= config.record.n_tokens:
+            if config.progress:
+                print(f"moee: reusing {config.record.n_tokens} recorded tokens from {store_dir} "
+                      "(delete it to record the data anew)", file=sys.stderr)
             store.n_tokens = config.record.n_tokens
             return store
     _check_resources(config.record.n_tokens, sites, config, work)

@@ -73,7 +73,8 @@ def _fit_labels(z: np.ndarray, config: ClusterConfig) -> np.ndarray:
 def _nearest_centroid(z: np.ndarray, labels: np.ndarray, points: np.ndarray) -> np.ndarray:
     ids = [c for c in np.unique(labels) if c >= 0]
     centroids = np.stack([z[labels == c].mean(0) for c in ids])  # (k, D)
-    dist = ((points[:, None, :] - centroids[None]) ** 2).sum(-1)  # (n, k)
+    # |p - c|^2 = |c|^2 - 2 p.c (+ |p|^2, same for every c): no (n, k, D) temporary.
+    dist = (centroids**2).sum(-1)[None] - 2.0 * points @ centroids.T  # (n, k)
     return np.asarray(ids)[dist.argmin(1)]
 
 
