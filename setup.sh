@@ -8,5 +8,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     || echo "setup.sh: could not install dataset-fashion-mnist; the demo will say how to get it"
 fi
 [ -d .venv ] || python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0        # the CPU build; other specs pull a CUDA build
+.venv/bin/pip install -q -r requirements-cpu.txt   # torch==2.13.0, the CPU build
 .venv/bin/pip install -q -e ".[dev]"

@@ -94,6 +94,8 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
     again = moee.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(_out(model, x), _out(again, x))
+    for saved, loaded in zip(model.plans, again.plans, strict=True):
+        np.testing.assert_allclose(loaded.centres, saved.centres, rtol=1e-6)
     assert json.loads((tmp_path / "moee_config.json").read_text())["extract_config"] == {
         "note": "test"}
 

@@ -143,7 +143,10 @@ def load(directory: str | Path, base_model: nn.Module | None = None,
         centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
         plans.append(LayerPlan(layer["site"], experts, centres, layer.get("metric", "cosine"),
                                execution=layer.get("execution", "experts")))
-    apply_plans(sites, plans)
+    installed = apply_plans(sites, plans)
     _check_tensors(model, tensors, weights)
     model.load_state_dict(tensors, strict=True)
+    for plan in plans:  # the plans' centres/offsets were placeholders until the weights loaded
+        plan.centres = installed[plan.site].router_centres.cpu().numpy().copy()
+        plan.expert_bias = installed[plan.site].expert_bias.cpu().numpy().copy()
     return MoEModel(model.eval(), plans, config.get("extract_config"), config.get("adapter"))
