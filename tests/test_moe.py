@@ -110,3 +110,14 @@ def test_single_expert_batch_shortcut_matches_reference():
     with torch.no_grad():
         assert moe.route(x).unique().tolist() == [1]
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_route_tokens_on_recorded_inputs_matches_the_module(metric):
+    from moee.api import route_tokens
+
+    centres = torch.randn(5, D)
+    moe = make_moe([[0], [1], [2], [3], [4]], centres, metric)
+    x = torch.randn(300, D)
+    got = route_tokens(x.numpy(), centres.numpy(), metric, chunk=64)
+    assert got.tolist() == moe.route(x).tolist()

@@ -23,6 +23,7 @@ from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans, left_out_mean_output
 from moee.cluster import cluster_layer
 from moee.config import ExtractConfig
+from moee.moe import router_weights
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations
 from moee.select import ClusterStats, cluster_stats, select_experts
@@ -106,27 +107,13 @@ def _open_or_record(model, sites, data, config: ExtractConfig, work: Path) -> Ac
 @torch.no_grad()
 def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
                  chunk: int = 65536) -> np.ndarray:
-    """Expert id the router would pick for each recorded MLP input (same rule as MoEMLP)."""
-    c = torch.as_tensor(centres, dtype=torch.float32)
-    if metric == "cosine":
-        weight, offset = torch.nn.functional.normalize(c, dim=-1), torch.zeros(len(c))
-    else:
-        weight, offset = c, -0.5 * (c * c).sum(-1)
+    """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
+    weight, offset = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
     out = []
     for start in range(0, len(inputs), chunk):
         x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
-        out.append((x @ weight.T + offset).argmax(-1).numpy())
+        out.append(torch.nn.functional.linear(x, weight, offset).argmax(-1).numpy())
     return np.concatenate(out)
-
-
-@torch.no_grad()
-def _calibration_routing(moe, inputs: np.ndarray, chunk: int = 65536) -> list[float]:
-    counts = torch.zeros(moe.num_experts, dtype=torch.float64)
-    for start in range(0, len(inputs), chunk):
-        x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
-        counts += torch.bincount(moe.route(x.to(moe.router_centres.device)).cpu(),
-                                 minlength=moe.num_experts).double()
-    return (counts / counts.sum()).tolist()
 
 
 def extract(
@@ -161,8 +148,11 @@ def extract(
         if clustering.n_clusters > 0:
             stats = cluster_stats(hidden, store.inputs(i), clustering.labels,
                                   clustering.n_clusters)
+            # Where the router sends every calibration token: the load report, and the token
+            # sets of "routed" selection.
+            routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
+            load = np.bincount(routed, minlength=clustering.n_clusters) / len(routed)
             if config.select.tokens == "routed":
-                routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
                 routed_stats = cluster_stats(hidden, store.inputs(i), routed,
                                              clustering.n_clusters)
                 # Centres stay the cluster means: the router is the paper's either way.
@@ -174,9 +164,11 @@ def extract(
             plan = LayerPlan(sites[i].name, experts, stats.input_mean.astype(np.float32),
                              config.router.metric, bias)
             plans.append(plan)
-            row.update(kept_neurons=len(plan.kept_neurons()),
-                       expert_sizes=[len(e) for e in experts],
-                       cluster_tokens=stats.counts.astype(int).tolist())
+            sizes = [len(e) for e in experts]
+            row.update(kept_neurons=len(plan.kept_neurons()), expert_sizes=sizes,
+                       cluster_tokens=stats.counts.astype(int).tolist(),
+                       load_share=load.tolist(),
+                       active_neurons_per_token=float(np.dot(load, sizes)))
         rows.append(row)
     if not plans:
         raise NoClustersError(
@@ -186,14 +178,7 @@ def extract(
             "you call extract again with the same work_dir.")
 
     student = copy.deepcopy(model)
-    installed = apply_plans(find_mlp_sites(student, adapter), plans)
-    index = {s.name: i for i, s in enumerate(sites)}
-    for row in rows:
-        if row["site"] in installed:
-            moe = installed[row["site"]]
-            share = _calibration_routing(moe, store.inputs(index[row["site"]]))
-            row["load_share"] = share
-            row["active_neurons_per_token"] = float(np.dot(share, moe.expert_sizes()))
+    apply_plans(find_mlp_sites(student, adapter), plans)
     moe_model = MoEModel(student, plans, config.as_dict(), adapter)
     report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0, str(work),
                               config.as_dict())

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from moee.config import DistillConfig
 from moee.data.tensors import normalize_images
+from moee.evaluate import model_logits
 from moee.train_base import augment, cosine_with_warmup
 
 
@@ -39,11 +40,6 @@ def image_training_batches(images: torch.Tensor, config: DistillConfig) -> tuple
     return batches(), steps
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def distill(
     student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor], steps: int,
     config: DistillConfig, on_step: Callable[[int, float], None] | None = None,
@@ -61,8 +57,8 @@ def distill(
     for step, x in enumerate(bar):
         x = x.to(device)
         with torch.no_grad():
-            target = _logits(teacher, x)
-        loss = kd_loss(_logits(student, x), target, config.temperature)
+            target = model_logits(teacher, x)
+        loss = kd_loss(model_logits(student, x), target, config.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

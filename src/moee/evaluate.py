@@ -12,14 +12,10 @@ from moee.data.tensors import image_batches
 from moee.timing import time_interleaved
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(pixel_values=x) if _takes_pixel_values(model) else model(x)
+def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of `model(x)`, whether it returns a HF output object or a tensor."""
+    out = model(x)
     return out.logits if hasattr(out, "logits") else out
-
-
-def _takes_pixel_values(model: nn.Module) -> bool:
-    inner = getattr(model, "model", model)
-    return hasattr(getattr(inner, "config", None), "image_size")
 
 
 @torch.inference_mode()
@@ -32,7 +28,7 @@ def accuracy(
     model.eval()
     correct = total = 0
     for x, y in image_batches(images, labels, batch_size, limit):
-        pred = _logits(model, x.to(device)).argmax(-1).cpu()
+        pred = model_logits(model, x.to(device)).argmax(-1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     model.train(was_training)
@@ -51,7 +47,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        _logits(model, x)
+        model_logits(model, x)
     model.train(was_training)
     return counter.get_total_flops() // 2
 
@@ -73,7 +69,7 @@ def count_params(model: nn.Module) -> int:
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
     """Median wall-clock milliseconds of one forward on `x`."""
     model.eval()
-    return time_interleaved({"m": lambda: _logits(model, x)}, x.device, repeats)["m"] * 1e3
+    return time_interleaved({"m": lambda: model_logits(model, x)}, x.device, repeats)["m"] * 1e3
 
 
 @dataclass

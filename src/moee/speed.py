@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moee.moe import MoEMLP
+from moee.moe import EXECUTIONS
 from moee.moe_model import MoEModel
 from moee.timing import time_interleaved
 
@@ -35,6 +35,7 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
     plans = {p.site: p for p in moe_model.plans}
     for name, layer in layers.items():
         x = captured[name]
+
         def run(mode: str, layer=layer, x=x) -> None:
             layer.execution = mode
             layer(x)
@@ -53,8 +54,9 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
 
 def set_execution(moe_model: MoEModel, execution: str) -> None:
     """Force one execution for every MoE layer (e.g. 'experts' to undo a calibration)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
     for name, layer in moe_model.moe_layers().items():
-        assert isinstance(layer, MoEMLP)
         layer.execution = execution
         for p in moe_model.plans:
             if p.site == name:
