@@ -128,3 +128,16 @@ def test_bad_config_json_is_a_clear_error(tmp_path):
         moee.load(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
         moee.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("execution", "fast", "execution 'fast'"),
+    ("small_batch_tokens", -3, "small_batch_tokens must be a non-negative integer"),
+])
+def test_bad_execution_settings_in_config_are_clear_errors(tmp_path, field, value, message):
+    _small_moe().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "moee_config.json").read_text())
+    config["layers"][0][field] = value
+    (tmp_path / "moee_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        moee.load(tmp_path)

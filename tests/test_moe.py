@@ -121,3 +121,72 @@ def test_route_tokens_on_recorded_inputs_matches_the_module(metric):
     x = torch.randn(300, D)
     got = route_tokens(x.numpy(), centres.numpy(), metric, chunk=64)
     assert got.tolist() == moe.route(x).tolist()
+
+
+def _random_moe(metric="cosine", activation=None):
+    g = torch.Generator().manual_seed(5)
+    experts = [torch.randperm(H, generator=g)[: 3 + 6 * i].tolist() for i in range(5)]
+    moe = make_moe(experts, torch.randn(5, D, generator=g), metric)
+    moe.expert_bias.normal_(generator=g)  # a left-out-neuron offset per expert
+    if activation is not None:
+        moe.activation = activation
+    return moe
+
+
+@pytest.mark.parametrize("execution", ["experts", "masked", "grouped"])
+@pytest.mark.parametrize("presliced", [True, False])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_every_exact_execution_equals_per_token_reference(execution, presliced, metric):
+    moe = _random_moe(metric)
+    moe.execution, moe.presliced = execution, presliced
+    moe.small_batch_tokens = 0  # "experts" really runs its grouped loop
+    x = torch.randn(4, 13, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_small_batches_switch_to_masked_path_with_same_output():
+    moe = _random_moe()
+    x = torch.randn(30, D)
+    with torch.no_grad():
+        moe.small_batch_tokens = 0
+        loop = moe(x)
+        moe.small_batch_tokens = 30
+        calls = []
+        hook = moe.fc1.register_forward_hook(lambda *a: calls.append(1))  # only masked uses it
+        masked = moe(x)
+        hook.remove()
+    assert calls == [1]
+    torch.testing.assert_close(loop, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_non_elementwise_activation_is_applied_per_expert():
+    class RowCentred(nn.Module):  # depends on the whole row: must not see a flattened buffer
+        def forward(self, h):
+            return h - h.mean(-1, keepdim=True)
+
+    moe = _random_moe(activation=RowCentred())
+    moe.small_batch_tokens = 0
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        out = moe(x)
+        assert not moe._weights().elementwise_activation
+        torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_presliced_copies_cost_memory_and_gather_mode_does_not():
+    moe = _random_moe()
+    sizes = sum(moe.expert_sizes())
+    assert moe.presliced_bytes() == sizes * (D + 1 + D) * 4
+    moe.presliced = False
+    assert moe.presliced_bytes() == 0
+    with torch.no_grad():
+        moe(torch.randn(3, D))
+        assert moe._weights().experts is None
+
+
+def test_unknown_execution_is_a_clear_error():
+    moe = _random_moe()
+    moe.execution = "fast"
+    with pytest.raises(ValueError, match="execution must be one of"), torch.no_grad():
+        moe(torch.randn(2, D))

@@ -42,6 +42,12 @@ def test_calibration_records_choice_and_survives_save_load(tmp_path):
     moe_model = moee.MoEModel(model, plans)
     rows = calibrate_execution(moe_model, torch.randn(2, 1, 8, 8), repeats=3)
     assert {r["execution"] for r in rows} <= {"experts", "union"}
+    for row, layer in zip(rows, moe_model.moe_layers().values(), strict=True):
+        assert layer.small_batch_tokens == row["small_batch_tokens"] <= row["tokens"]
+        assert row["masked_sweep"][0]["tokens"] == min(16, row["tokens"])
+    moe_model.save_pretrained(tmp_path / "calibrated")
+    thresholds = [p.small_batch_tokens for p in moee.load(tmp_path / "calibrated").plans]
+    assert thresholds == [r["small_batch_tokens"] for r in rows]
     set_execution(moe_model, "union")
     moe_model.save_pretrained(tmp_path)
     again = moee.load(tmp_path)

@@ -21,7 +21,8 @@ class LayerPlan:
     centres: np.ndarray  # (k, d)
     metric: str = "cosine"
     expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
-    execution: str = "experts"  # or "union": run the pruned union densely (speed fallback)
+    execution: str = "experts"  # see moee.moe.EXECUTIONS; "union" is the speed fallback
+    small_batch_tokens: int | None = None  # None: MoEMLP's default (16 tokens per expert)
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""
@@ -29,6 +30,7 @@ class LayerPlan:
 
     def to_json(self) -> dict:
         return {"site": self.site, "metric": self.metric, "execution": self.execution,
+                "small_batch_tokens": self.small_batch_tokens,
                 "experts": [e.tolist() for e in self.experts]}
 
 
@@ -58,6 +60,8 @@ def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
     moe = MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric,
                  bias)
     moe.execution = plan.execution
+    if plan.small_batch_tokens is not None:
+        moe.small_batch_tokens = plan.small_batch_tokens
     return moe
 
 

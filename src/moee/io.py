@@ -18,6 +18,7 @@ from torch import nn
 import moee
 from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
+from moee.moe import EXECUTIONS
 from moee.moe_model import MoEModel
 
 CONFIG_NAME = "moee_config.json"
@@ -140,9 +141,17 @@ def load(directory: str | Path, base_model: nn.Module | None = None,
         if any(e.size == 0 or e.min() < 0 or e.max() >= site.fc1.out_features for e in experts):
             raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} has an expert with "
                                   f"neuron ids outside 0..{site.fc1.out_features - 1}")
+        if layer.get("execution", "experts") not in EXECUTIONS:
+            raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} has execution "
+                                  f"{layer.get('execution')!r}; expected one of {EXECUTIONS}")
+        threshold = layer.get("small_batch_tokens")
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+            raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} small_batch_tokens "
+                                  f"must be a non-negative integer, got {threshold!r}")
         centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
         plans.append(LayerPlan(layer["site"], experts, centres, layer.get("metric", "cosine"),
-                               execution=layer.get("execution", "experts")))
+                               execution=layer.get("execution", "experts"),
+                               small_batch_tokens=threshold))
     installed = apply_plans(sites, plans)
     _check_tensors(model, tensors, weights)
     model.load_state_dict(tensors, strict=True)

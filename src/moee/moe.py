@@ -6,17 +6,28 @@ each expert is an index set into that union, so overlapping experts share weight
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moee.config import ROUTER_METRICS
 
-# How a MoEMLP runs its tokens:
-#   "experts": grouped per-expert matmuls (each token computes only its expert's neurons);
-#   "union":   the pruned union of all experts' neurons run densely for every token -- the
-#              per-layer fallback when routing overhead would make the layer slower than that.
-EXECUTIONS = ("experts", "union")
+# How a MoEMLP runs its tokens. The first three compute the same function (each token gets
+# only its expert's neurons); "union" is the approximate speed fallback.
+#   "experts": tokens sorted by expert, two matmuls per expert on its own neurons. At or below
+#              `small_batch_tokens` tokens it runs "masked" instead, where per-expert call
+#              overhead would cost more than the saved arithmetic.
+#   "masked":  every union neuron for every token, hidden multiplied by the expert's 0/1 mask:
+#              five kernel calls whatever the number of experts (fast for a handful of tokens).
+#   "grouped": one `torch.nn.functional.grouped_mm` per projection over expert weights padded to
+#              the largest expert; token counts stay on the device (no host sync), for GPUs and
+#              CUDA graphs.
+#   "union":   the pruned union of all experts' neurons run densely for every token, without
+#              routing: the per-layer fallback when routing would make the layer slower.
+EXECUTIONS = ("experts", "masked", "grouped", "union")
+TOKENS_PER_EXPERT_BELOW_WHICH_MASKED = 16  # default small_batch_tokens = this x num_experts
 
 
 def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,6 +40,27 @@ def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, to
     if metric == "cosine":
         return F.normalize(centres, dim=-1).contiguous(), None
     return centres.contiguous(), -0.5 * (centres * centres).sum(-1)
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8  # grouped_mm wants row strides that are multiples of 16 bytes
+
+
+@dataclass
+class InferenceWeights:
+    """Everything inference reads, derived once from the parameters (see `MoEMLP._weights`).
+
+    `experts[e]` = (W1_e^T (d, m_e), b1_e (m_e,), W2_e^T (m_e, d_out)) as contiguous copies, or
+    None when `MoEMLP.presliced` is off (then they are gathered from the union each call).
+    """
+
+    key: tuple
+    router: tuple[torch.Tensor, torch.Tensor | None]
+    out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
+    experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
+    elementwise_activation: bool  # act may run once over all experts' hidden values
+    masks: torch.Tensor | None = None  # (k, U) 0/1, built on first "masked" call
+    padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for "grouped"
 
 
 class MoEMLP(nn.Module):
@@ -70,9 +102,13 @@ class MoEMLP(nn.Module):
         bias = torch.zeros(len(experts), fc2.out_features) if expert_bias is None else expert_bias
         self.register_buffer("expert_bias", bias.float().clone())
         self.execution = "experts"
+        self.small_batch_tokens = TOKENS_PER_EXPERT_BELOW_WHICH_MASKED * len(experts)
+        # Pre-sliced per-expert weight copies (fast; costs sum(m_e)/U more weight memory) or
+        # index-gather from the shared union weights on every call (no extra memory).
+        self.presliced = True
         self.track_load = False
         self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
-        self._sliced: tuple | None = None  # (key, per-expert weights) cache for inference
+        self._cache: InferenceWeights | None = None
 
     @property
     def num_experts(self) -> int:
@@ -84,70 +120,159 @@ class MoEMLP(nn.Module):
     def expert_sizes(self) -> list[int]:
         return self.expert_offsets.diff().tolist()
 
+    def presliced_bytes(self) -> int:
+        """Extra memory the pre-sliced expert copies take (0 when `presliced` is off)."""
+        w = self.fc1.weight
+        per_neuron = (self.fc1.in_features + 1 + self.fc2.out_features) * w.element_size()
+        return int(self.expert_offsets[-1]) * per_neuron if self.presliced else 0
+
+    # ---- inference weights -------------------------------------------------------------
+
+    def _weights(self) -> InferenceWeights:
+        """Derived inference weights, cached; rebuilt when parameters, centres, device, dtype
+        or `presliced` change (tensor version counters catch in-place updates)."""
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        versions = [t._version for t in (w1, b1, w2, b2, self.expert_bias, self.router_centres)
+                    if t is not None]
+        key = (*versions, w1.device, w1.dtype, w1.data_ptr(), w2.data_ptr(), self.presliced)
+        if self._cache is not None and self._cache.key == key:
+            return self._cache
+        with torch.no_grad():
+            out_bias = self.expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
+            experts = None
+            if self.presliced:
+                experts = [self._gather_expert(e) for e in range(self.num_experts)]
+            probe = torch.randn(3, 5, dtype=w1.dtype, device=w1.device)
+            elementwise = bool(torch.equal(self.activation(probe).reshape(-1),
+                                           self.activation(probe.reshape(-1))))
+            router = router_weights(self.router_centres.to(w1.dtype), self.metric)
+        self._cache = InferenceWeights(key, router, out_bias.contiguous(), experts, elementwise)
+        return self._cache
+
+    def _gather_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        i = self.expert_index(e)
+        w1, b1 = self.fc1.weight, self.fc1.bias
+        b1e = b1[i] if b1 is not None else w1.new_zeros(len(i))
+        return w1[i].T.contiguous(), b1e.contiguous(), self.fc2.weight[:, i].T.contiguous()
+
+    def _masks(self, cache: InferenceWeights) -> torch.Tensor:
+        if cache.masks is None:
+            w = self.fc1.weight
+            masks = w.new_zeros(self.num_experts, self.fc1.out_features)
+            for e in range(self.num_experts):
+                masks[e, self.expert_index(e)] = 1
+            cache.masks = masks
+        return cache.masks
+
+    def _padded(self, cache: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k, d_pad, m_max) W1, (k, m_max) b1, (k, m_max, d_out_pad) W2, zero-padded: padded
+        neurons have zero fc2 rows, so they add nothing whatever act(0) is."""
+        if cache.padded is None:
+            w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+            k, d, d_out = self.num_experts, self.fc1.in_features, self.fc2.out_features
+            m_max = _pad8(max(self.expert_sizes()))
+            pw1 = w1.new_zeros(k, _pad8(d), m_max)
+            pb1 = w1.new_zeros(k, m_max)
+            pw2 = w1.new_zeros(k, m_max, _pad8(d_out))
+            for e in range(k):
+                i = self.expert_index(e)
+                pw1[e, :d, : len(i)] = w1[i].T
+                if b1 is not None:
+                    pb1[e, : len(i)] = b1[i]
+                pw2[e, : len(i), :d_out] = w2[:, i].T
+            cache.padded = (pw1, pb1, pw2)
+        return cache.padded
+
+    # ---- routing -----------------------------------------------------------------------
+
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N,) expert id: one (N, d) x (d, k) matmul (see `router_weights`)."""
         if not torch.is_grad_enabled() and x.dtype == self.fc1.weight.dtype:
-            self._sliced_weights()  # validates the cache (weights, centres, device, dtype)
-            weight, offset = self._sliced[2]
+            weight, offset = self._weights().router
         else:
             weight, offset = router_weights(self.router_centres.to(x.dtype), self.metric)
-        scores = F.linear(x, weight, offset)  # (N, k)
-        return scores.argmax(-1)
+        return F.linear(x, weight, offset).argmax(-1)
 
-    def _sliced_weights(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per-expert inference weights, cached as contiguous copies: W1_e^T (d, m),
-        b1_e (m,), W2_e^T (m, d_out), and the expert's whole output bias (d_out,) = fc2 bias +
-        its left-out-neuron offset. Rebuilt when the weights change (version counters)."""
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        key = (w1._version, w2._version, self.expert_bias._version,
-               self.router_centres._version, w1.device, w1.dtype, w1.data_ptr(), w2.data_ptr())
-        if self._sliced is None or self._sliced[0] != key:
-            with torch.no_grad():
-                out_bias = self.expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
-                weights = []
-                for e in range(self.num_experts):
-                    i = self.expert_index(e)
-                    b1e = b1[i] if b1 is not None else w1.new_zeros(len(i))
-                    weights.append((w1[i].T.contiguous(), b1e.contiguous(),
-                                    w2[:, i].T.contiguous(), out_bias[e].contiguous()))
-                router = router_weights(self.router_centres.to(w1.dtype), self.metric)
-            self._sliced = (key, weights, router)
-        return self._sliced[1]
-
-    def _group(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Route and sort: (expert per token, token order grouped by expert, count per expert)."""
-        expert = self.route(tokens)  # (N,)
-        counts = torch.bincount(expert, minlength=self.num_experts)  # (k,)
+    def _track(self, counts: torch.Tensor) -> None:
         if self.track_load:
             c = counts.detach().cpu()
             self.load_counts = c if self.load_counts is None else self.load_counts + c
-        return expert, torch.argsort(expert), counts.tolist()
 
-    def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
-        """No autograd: each expert's two GEMMs (bias fused by addmm) write straight into one
-        preallocated buffer in expert order, then one index_copy puts tokens back."""
-        weights = self._sliced_weights()
-        _, order, counts = self._group(tokens)
-        if max(counts) == tokens.shape[0]:  # one expert takes every token: no sort, no scatter
-            w1t, b1, w2t, b_out = weights[counts.index(tokens.shape[0])]
-            return torch.addmm(b_out, self.activation(torch.addmm(b1, tokens, w1t)), w2t)
+    # ---- executions --------------------------------------------------------------------
+
+    def _forward_experts(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
+        """No autograd. Tokens sorted by expert; each expert's first matmul (bias fused by
+        addmm) writes into one flat hidden buffer, the activation runs once over all of it,
+        each second matmul writes into one output buffer; one gather restores token order."""
+        expert = self.route(tokens)
+        counts_t = torch.bincount(expert, minlength=self.num_experts)
+        self._track(counts_t)
+        counts = counts_t.tolist()
+        n, sizes = tokens.shape[0], self.expert_sizes()
+        weights = cache.experts or [None] * self.num_experts
+        if max(counts) == n:  # one expert takes every token: no sort, no scatter
+            e = counts.index(n)
+            w1t, b1, w2t = weights[e] or self._gather_expert(e)
+            return torch.addmm(cache.out_bias[e], self.activation(torch.addmm(b1, tokens, w1t)),
+                               w2t)
+        order = torch.argsort(expert)
         grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
-        y_grouped = tokens.new_empty(tokens.shape[0], self.fc2.out_features)  # (N, d_out)
-        start = 0
-        for n_e, (w1t, b1, w2t, b_out) in zip(counts, weights, strict=True):
-            if n_e:
-                h = self.activation(torch.addmm(b1, grouped[start : start + n_e], w1t))
-                torch.addmm(b_out, h, w2t, out=y_grouped[start : start + n_e])  # (n_e, d_out)
-                start += n_e
-        return torch.empty_like(y_grouped).index_copy_(0, order, y_grouped)
+        used = [(e, c) for e, c in enumerate(counts) if c]
+        flat = tokens.new_empty(sum(c * sizes[e] for e, c in used))  # every expert's hidden
+        hidden, start, at = [], 0, 0
+        for e, c in used:
+            w1t, b1, w2t = weights[e] or self._gather_expert(e)
+            h = flat[at : at + c * sizes[e]].view(c, sizes[e])
+            torch.addmm(b1, grouped[start : start + c], w1t, out=h)
+            hidden.append((e, h, w2t, start, c))
+            if not cache.elementwise_activation:
+                h.copy_(self.activation(h))
+            start, at = start + c, at + c * sizes[e]
+        if cache.elementwise_activation:
+            flat = self.activation(flat)  # one call instead of one per expert
+            at = 0
+        y = tokens.new_empty(n, self.fc2.out_features)  # (N, d_out) in expert order
+        for e, h, w2t, start, c in hidden:
+            if cache.elementwise_activation:
+                h, at = flat[at : at + c * sizes[e]].view(c, sizes[e]), at + c * sizes[e]
+            torch.addmm(cache.out_bias[e], h, w2t, out=y[start : start + c])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=order.device)
+        return y.index_select(0, inverse)
+
+    def _forward_masked(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
+        expert = self.route(tokens)
+        if self.track_load:
+            self._track(torch.bincount(expert, minlength=self.num_experts))
+        h = self.activation(self.fc1(tokens)) * self._masks(cache).index_select(0, expert)
+        return torch.addmm(cache.out_bias.index_select(0, expert), h, self.fc2.weight.T)
+
+    def _forward_grouped(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
+        pw1, pb1, pw2 = self._padded(cache)
+        n, d, d_out = tokens.shape[0], self.fc1.in_features, self.fc2.out_features
+        expert = self.route(tokens)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        self._track(counts)
+        order = torch.argsort(expert)
+        sorted_expert = expert.index_select(0, order)
+        offs = counts.cumsum(0).to(torch.int32)
+        x = tokens.new_zeros(n, pw1.shape[1])
+        x[:, :d] = tokens.index_select(0, order)
+        h = self.activation(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
+        y = F.grouped_mm(h, pw2, offs=offs)[:, :d_out] + cache.out_bias.index_select(
+            0, sorted_expert)
+        return torch.empty_like(y).index_copy_(0, order, y)
 
     def _forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Differentiable: expert slices are gathered from the shared union weights each call
-        so gradients reach them; same arithmetic as `_forward_inference`."""
-        expert, order, counts = self._group(tokens)
+        so gradients reach them; same arithmetic as the inference paths."""
+        expert = self.route(tokens)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        self._track(counts)
+        order = torch.argsort(expert)
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
         outs = []
-        for e, xe in enumerate(tokens[order].split(counts)):
+        for e, xe in enumerate(tokens[order].split(counts.tolist())):
             i = self.expert_index(e)
             h = self.activation(F.linear(xe, w1[i], b1[i] if b1 is not None else None))
             outs.append(h @ w2[:, i].T)  # (n_e, d_out)
@@ -158,13 +283,21 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "union":
             return self.fc2(self.activation(self.fc1(x)))
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)  # (N, d)
         if torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
-            self._sliced = None
+            self._cache = None
             y = self._forward_train(tokens)
         else:
-            y = self._forward_inference(tokens)
+            cache = self._weights()
+            mode = self.execution
+            if mode == "experts" and tokens.shape[0] <= self.small_batch_tokens:
+                mode = "masked"
+            run = {"experts": self._forward_experts, "masked": self._forward_masked,
+                   "grouped": self._forward_grouped}[mode]
+            y = run(tokens, cache)
         return y.reshape(*lead, y.shape[-1])
 
     @torch.no_grad()
@@ -186,4 +319,5 @@ class MoEMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, kept_neurons={self.fc1.out_features}, "
-                f"sizes={self.expert_sizes()}, metric={self.metric}, execution={self.execution}")
+                f"sizes={self.expert_sizes()}, metric={self.metric}, execution={self.execution}, "
+                f"small_batch_tokens={self.small_batch_tokens}")

@@ -1,26 +1,56 @@
-"""Per-layer execution choice: keep routed experts only where they beat the dense union.
+"""Per-layer execution choice, timed at the user's batch size on the user's device.
 
-Routing has a fixed cost per call (route, sort, one matmul per expert); with few tokens or
-near-full experts that cost can exceed the saving. `calibrate_execution` times both paths of
-every MoE layer on the layer's real input at the user's batch size and device, and keeps the
-faster one, so a converted model is not slower than running its pruned MLPs densely.
+Routing has a fixed cost per call (route, sort, two matmuls per expert). Two measured choices
+per MoE layer keep that cost from making the model slower:
+  1. `small_batch_tokens`: up to which token count the exact "masked" path (a few kernel calls,
+     all union neurons) beats the per-expert loop. Same function either way.
+  2. "experts" vs "union": whether routed experts beat running the pruned union densely (the
+     fallback: a different, un-routed function that still keeps the size cut from pruning).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moee.moe import EXECUTIONS
+from moee.moe import EXECUTIONS, MoEMLP
 from moee.moe_model import MoEModel
 from moee.timing import time_interleaved
+
+
+def _timed(layer: MoEMLP, x: torch.Tensor, modes: dict[str, dict], repeats: int) -> dict:
+    def run(settings: dict) -> None:
+        for attr, value in settings.items():
+            setattr(layer, attr, value)
+        layer(x)
+
+    return time_interleaved({m: (lambda s=s: run(s)) for m, s in modes.items()}, x.device,
+                            repeats, min_seconds=0.03)
+
+
+def masked_threshold(layer: MoEMLP, tokens: torch.Tensor, repeats: int = 10,
+                     margin: float = 0.02) -> tuple[int, list[dict]]:
+    """Largest token count (16, 32, 64, ... up to len(tokens)) at which the masked path is
+    faster than the expert loop, scanning upwards until the loop wins; 0 if it never does."""
+    sizes = [n for n in (16 * 2**i for i in range(20)) if n < len(tokens)] + [len(tokens)]
+    threshold, rows = 0, []
+    for n in sizes:
+        t = _timed(layer, tokens[:n], {"masked": {"execution": "masked"},
+                                       "loop": {"execution": "experts", "small_batch_tokens": 0}},
+                   repeats)
+        rows.append({"tokens": n, "masked_ms": t["masked"] * 1e3, "loop_ms": t["loop"] * 1e3})
+        if t["masked"] * (1 + margin) >= t["loop"]:
+            break
+        threshold = n
+    return threshold, rows
 
 
 @torch.inference_mode()
 def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
                         margin: float = 0.02) -> list[dict]:
     """Run `example` (one batch at the size you will serve) once to capture each MoE layer's
-    input, then time 'experts' vs 'union' per layer; keep 'experts' unless union is faster by
-    more than `margin`. Records the choice in `moe_model.plans` (saved with the checkpoint)."""
+    input, then per layer (1) measure `small_batch_tokens` and (2) keep "experts" unless the
+    union is faster by more than `margin`. Records both in `moe_model.plans` (saved with the
+    checkpoint) and returns one row of timings per layer."""
     layers = moe_model.moe_layers()
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
@@ -35,20 +65,17 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
     plans = {p.site: p for p in moe_model.plans}
     for name, layer in layers.items():
         x = captured[name]
-
-        def run(mode: str, layer=layer, x=x) -> None:
-            layer.execution = mode
-            layer(x)
-
-        timings = time_interleaved({m: (lambda m=m: run(m)) for m in ("experts", "union")},
-                                   x.device, repeats, min_seconds=0.05)
-        best = "union" if timings["union"] * (1 + margin) < timings["experts"] else "experts"
-        layer.execution = best
+        tokens = x.reshape(-1, x.shape[-1])
+        threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
+        t = _timed(layer, x, {"experts": {"execution": "experts", "small_batch_tokens": threshold},
+                              "union": {"execution": "union"}}, repeats)
+        best = "union" if t["union"] * (1 + margin) < t["experts"] else "experts"
+        layer.execution, layer.small_batch_tokens = best, threshold
         if name in plans:
-            plans[name].execution = best
-        rows.append({"site": name, "tokens": int(x.numel() // x.shape[-1]),
-                     "experts_ms": timings["experts"] * 1e3, "union_ms": timings["union"] * 1e3,
-                     "execution": best})
+            plans[name].execution, plans[name].small_batch_tokens = best, threshold
+        rows.append({"site": name, "tokens": len(tokens), "experts_ms": t["experts"] * 1e3,
+                     "union_ms": t["union"] * 1e3, "execution": best,
+                     "small_batch_tokens": threshold, "masked_sweep": sweep})
     return rows
 
 
