@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from moee.data.tensors import image_batches
+from moee.moe import MoEMLP
 from moee.timing import time_interleaved
 
 
@@ -41,14 +42,25 @@ def accuracy(
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one real forward on `x`, counted by torch.utils.flop_counter.
 
-    The flop counter sees the matmuls the routed MoE actually runs (each expert only on its own
-    tokens), so the figure reflects routing, not a formula. FLOPs / 2 = MACs.
+    The flop counter sees the matmuls the routed MoE runs (each expert only on its own
+    tokens), so the figure reflects routing, not a formula. FLOPs / 2 = MACs. Routed layers
+    are counted on their expert loop whichever exact path would serve this batch (the masked
+    small-batch path computes the same function with more, cheaper-to-launch arithmetic);
+    layers calibrated to "union" are counted as the union they run.
     """
+    routed = [m for m in model.modules() if isinstance(m, MoEMLP) and m.execution != "union"]
+    saved = [(m.execution, m.small_batch_tokens) for m in routed]
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model_logits(model, x)
-    model.train(was_training)
+    try:
+        for m in routed:
+            m.execution, m.small_batch_tokens = "experts", 0
+        with FlopCounterMode(display=False) as counter:
+            model_logits(model, x)
+    finally:
+        for m, (execution, threshold) in zip(routed, saved, strict=True):
+            m.execution, m.small_batch_tokens = execution, threshold
+        model.train(was_training)
     return counter.get_total_flops() // 2
 
 
