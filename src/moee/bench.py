@@ -2,16 +2,24 @@
 
 Styles timed in one run on the same weights and the same routing:
   dense       the original MLP
-  moee        grouped per-expert matmuls on pre-sliced weights (MoEMLP, execution="experts")
+  moee        MoEMLP's default (execution="experts"): grouped per-expert matmuls on pre-sliced
+              weights, the exact masked path at or below `small_batch_tokens`
+  gather      the same with `presliced=False`: expert weights index-gathered from the shared
+              union each call (no extra weight memory)
+  grouped     MoEMLP execution="grouped": torch grouped_mm over padded expert weights
   union       MoEMLP's fallback: the pruned union run densely
   mask        MoEfication-style: full MLP, hidden masked to the expert's neurons
   loop        CMoE-style: Python loop over every expert, tokens picked by boolean mask,
               weights indexed from the shared matrices on every call
 Ideal speedup = dense MACs / MoE MACs (torch.utils.flop_counter); efficiency = speedup / ideal.
+For whole models the MAC ideal also credits attention time the MoE does not touch, so a second
+ideal follows Amdahl: only the MLP share of the dense model's measured time shrinks, by the
+MLP MAC ratio.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -83,28 +91,59 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, moe.fc1.in_features, generator=g).to(device, dtype)
     union = lambda t: moe.fc2(moe.activation(moe.fc1(t)))  # noqa: E731
-    styles = {"dense": dense, "moee": moe, "union": union, "mask": mask_style(moe),
-              "loop": loop_style(moe)}
+    gather, grouped = copy.deepcopy(moe), copy.deepcopy(moe)
+    gather.presliced, grouped.execution = False, "grouped"
+    styles = {"dense": dense, "moee": moe, "gather": gather, "grouped": grouped, "union": union,
+              "mask": mask_style(moe), "loop": loop_style(moe)}
     secs = time_interleaved({name: (lambda f=f: f(x)) for name, f in styles.items()}, device)
     ms = {name: t * 1e3 for name, t in secs.items()}
     ideal = count_macs(dense, x) / count_macs(moe, x)
     row = {"tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "ideal": ideal,
-           "ms": ms}
+           "ms": ms, "presliced_extra_bytes": moe.presliced_bytes()}
     row["speedup"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
     row["efficiency"] = row["speedup"]["moee"] / ideal
     return row
 
 
+class _NoMLP(nn.Module):
+    """Stands in for an MLP block when timing the rest of a model: returns zeros."""
+
+    def __init__(self, d_out: int) -> None:
+        super().__init__()
+        self.d_out = d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.d_out)
+
+
+def without_mlps(dense: nn.Module) -> nn.Module:
+    """A copy of `dense` whose MLP blocks do nothing: what neither model can speed up."""
+    from moee.adapters import find_mlp_sites
+
+    rest = copy.deepcopy(dense)
+    for site in find_mlp_sites(rest):
+        site.install(_NoMLP(site.fc2.out_features))
+    return rest
+
+
 @torch.inference_mode()
 def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
                 device: torch.device) -> dict:
-    """Whole-model latency of dense vs MoE on one batch, with the MAC-ideal ratio."""
+    """Whole-model latency of dense vs MoE on one batch, with two ideal ratios: MACs, and
+    Amdahl (the dense model's measured non-MLP time stays, its MLP time shrinks by the MLP
+    MAC ratio)."""
     x = batch.to(device)
-    secs = time_interleaved({"dense": lambda: dense(x), "moe": lambda: moe_model(x)}, device)
-    t_d, t_m = secs["dense"], secs["moe"]
-    ideal = count_macs(dense, x) / count_macs(moe_model, x)
+    rest = without_mlps(dense)
+    secs = time_interleaved({"dense": lambda: dense(x), "moe": lambda: moe_model(x),
+                             "rest": lambda: rest(x)}, device)
+    t_d, t_m, t_r = secs["dense"], secs["moe"], secs["rest"]
+    macs_d, macs_m, macs_r = count_macs(dense, x), count_macs(moe_model, x), count_macs(rest, x)
+    mlp_ratio = (macs_m - macs_r) / (macs_d - macs_r)
+    amdahl = t_d / (t_r + max(t_d - t_r, 0.0) * mlp_ratio)
     return {"batch": x.shape[0], "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
-            "speedup": t_d / t_m, "ideal": ideal, "efficiency": t_d / t_m / ideal}
+            "non_mlp_ms": t_r * 1e3, "speedup": t_d / t_m, "ideal": macs_d / macs_m,
+            "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,
+            "amdahl_efficiency": t_d / t_m / amdahl}
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -120,8 +159,6 @@ def deit_base_sized_moe(fractions: list[list[float]], device, dtype=torch.float3
                         seed: int = 0):
     """A DeiT-base-sized HF ViT (random weights) and a MoE copy whose layer i has experts of
     the given neuron fractions (e.g. taken from a real extraction's expert sizes)."""
-    import copy
-
     import numpy as np
     from transformers import ViTConfig, ViTForImageClassification
 

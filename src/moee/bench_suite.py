@@ -30,21 +30,26 @@ from moee.bench import (
 )
 
 
-def part_blocks(device, dtypes, batches, results):
-    print("\n(1) DeiT-base-sized MLP block (768 -> 3072 -> 768), 8 experts, 197 tokens/image")
-    print(f"{'active':>7}{'dtype':>9}{'images':>7}{'dense ms':>10}{'moee':>8}{'union':>8}"
-          f"{'mask':>8}{'loop':>8}{'ideal':>7}{'eff.':>6}")
+def part_blocks(device, dtypes, batches, token_counts, results):
+    print("\n(1) DeiT-base-sized MLP block (768 -> 3072 -> 768), 8 experts, 197 tokens/image;"
+          " speedup over dense per style")
+    styles = ("moee", "gather", "grouped", "union", "mask", "loop")
+    print(f"{'active':>7}{'dtype':>9}{'images':>7}{'tokens':>7}{'dense ms':>10}"
+          + "".join(f"{s:>8}" for s in styles) + f"{'ideal':>7}{'eff.':>6}")
+    sizes = [(b, b * 197) for b in batches] + [(None, t) for t in token_counts]
     for active in (0.25, 0.5):
         for dtype in dtypes:
             dense, moe = random_moe_block(768, 3072, 8, active, dtype=dtype, device=device)
-            for b in batches:
-                row = bench_block(dense, moe, b * 197, device, dtype)
-                row.update(active=active, images=b)
+            for images, tokens in sizes:
+                row = bench_block(dense, moe, tokens, device, dtype)
+                row.update(active=active, images=images)
                 results["blocks"].append(row)
                 s = row["speedup"]
-                print(f"{active:>7.0%}{row['dtype']:>9}{b:>7}{row['ms']['dense']:>10.2f}"
-                      f"{s['moee']:>7.2f}x{s['union']:>7.2f}x{s['mask']:>7.2f}x{s['loop']:>7.2f}x"
-                      f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+                print(f"{active:>7.0%}{row['dtype']:>9}{images or '-':>7}{tokens:>7}"
+                      f"{row['ms']['dense']:>10.2f}" + "".join(f"{s[k]:>7.2f}x" for k in styles)
+                      + f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+        print(f"{'':>7}pre-sliced expert copies: +{moe.presliced_bytes() / 2**20:.1f} MiB over the "
+              f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none)")
 
 
 def part_default(device, checkpoint, batches, results):
@@ -53,17 +58,21 @@ def part_default(device, checkpoint, batches, results):
     from moee.speed import calibrate_execution
 
     print(f"\n(2) Embedded default, whole model ({checkpoint}), 17 tokens/image")
-    images = _test_images()
+    images = test_images()
     print("input: " + ("Fashion-MNIST test images (real routing)" if images is not None
                        else "random images: Fashion-MNIST not found, routing is not realistic"))
     dense = load_default_model().to(device)
     moe_model = moee.load(checkpoint).to(device)
+    presliced = sum(m.presliced_bytes() for m in moe_model.moe_layers().values())
     print(f"params: dense {param_bytes(dense) / 2**20:.2f} MiB, "
-          f"MoE {param_bytes(moe_model) / 2**20:.2f} MiB")
+          f"MoE {param_bytes(moe_model) / 2**20:.2f} MiB (+{presliced / 2**20:.2f} MiB of "
+          "pre-sliced expert copies built at first inference)")
     results["default_params_bytes"] = {"dense": param_bytes(dense),
-                                       "moe": param_bytes(moe_model)}
-    print(f"{'images':>7}{'dense ms':>10}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}{'eff.':>6}"
-          f"{'calibrated':>12}{'layers on union':>17}")
+                                       "moe": param_bytes(moe_model),
+                                       "moe_presliced_extra": presliced}
+    print("ideal: MAC ratio; amdahl: only the MLP share of dense time shrinks (by MLP MACs)")
+    print(f"{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}"
+          f"{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
     for b in batches:
         x = torch.randn(b, 1, 28, 28) if images is None else images[:b]
         row = bench_model(dense, moe_model, x, device)
@@ -72,12 +81,36 @@ def part_default(device, checkpoint, batches, results):
         row["calibrated"] = bench_model(dense, tuned, x, device)
         row["union_layers"] = sum(c["execution"] == "union" for c in choice)
         results["default"].append(row)
-        print(f"{b:>7}{row['dense_ms']:>10.2f}{row['moe_ms']:>9.2f}{row['speedup']:>8.2f}x"
-              f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
-              f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>12}/6")
+        print(f"{b:>7}{row['dense_ms']:>10.2f}{row['non_mlp_ms']:>9.2f}{row['moe_ms']:>9.2f}"
+              f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
+              f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}"
+              f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>8}/{len(choice)}")
+    memory_rows(device, dense, moe_model, checkpoint, images, results)
 
 
-def _test_images() -> torch.Tensor | None:
+def memory_rows(device, dense, moe_model, checkpoint, images, results, batches=(1, 64, 256)):
+    """Peak memory of one forward, dense vs MoE (fresh process per model on CPU)."""
+    from moee.peak_memory import cpu_peak_bytes, cuda_peak_bytes
+
+    print("\npeak memory of one forward (MiB): resident before it, and what the forward adds")
+    print(f"{'images':>7}{'dense resident':>16}{'MoE resident':>14}{'dense forward':>15}"
+          f"{'MoE forward':>13}")
+    for b in batches:
+        if device.type == "cuda":
+            x = (torch.randn(b, 1, 28, 28) if images is None else images[:b]).to(device)
+            d, m = cuda_peak_bytes(dense, x), cuda_peak_bytes(moe_model, x)
+        else:
+            d, m = cpu_peak_bytes("dense", checkpoint, b), cpu_peak_bytes("moe", checkpoint, b)
+            if d is None or m is None:
+                print("  (needs Linux /proc/self/clear_refs; skipped)")
+                return
+        results["default_memory"].append({"images": b, "dense": d, "moe": m})
+        mib = lambda v: v / 2**20  # noqa: E731
+        print(f"{b:>7}{mib(d['resident']):>16.1f}{mib(m['resident']):>14.1f}"
+              f"{mib(d['forward']):>15.2f}{mib(m['forward']):>13.2f}")
+
+
+def test_images() -> torch.Tensor | None:
     from moee.data import FashionMNISTNotFound, load_fashion_mnist, normalize_images
 
     try:
@@ -91,12 +124,14 @@ def part_deit_base(device, fractions, batches, results):
     dense, moe_model = deit_base_sized_moe(fractions, device)
     results["deit_base_params_bytes"] = {"dense": param_bytes(dense),
                                          "moe": param_bytes(moe_model)}
-    print(f"{'images':>7}{'dense ms':>10}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}{'eff.':>6}")
+    print(f"{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}"
+          f"{'eff.':>6}{'amdahl':>8}{'eff.':>6}")
     for b in batches:
         row = bench_model(dense, moe_model, torch.randn(b, 3, 224, 224), device)
         results["deit_base"].append(row)
-        print(f"{b:>7}{row['dense_ms']:>10.1f}{row['moe_ms']:>9.1f}{row['speedup']:>8.2f}x"
-              f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+        print(f"{b:>7}{row['dense_ms']:>10.1f}{row['non_mlp_ms']:>9.1f}{row['moe_ms']:>9.1f}"
+              f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
+              f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}")
 
 
 def plot(results, path):
@@ -111,7 +146,8 @@ def plot(results, path):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for active in (0.25, 0.5):
-        rows = [r for r in results["blocks"] if r["active"] == active and r["dtype"] == "float32"]
+        rows = [r for r in results["blocks"]
+                if r["active"] == active and r["dtype"] == "float32" and r["images"]]
         for style in ("moee", "mask", "loop"):
             ax.plot([r["images"] for r in rows], [r["speedup"][style] for r in rows],
                     marker="o", label=f"{style}, {active:.0%} active")
@@ -130,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--checkpoint", default="runs/demo/moe", help="a saved demo MoE checkpoint")
     ap.add_argument("--block-batches", default="1,8,32,128")
+    ap.add_argument("--block-tokens", default="16,256,4096", help="extra rows by token count")
     ap.add_argument("--default-batches", default="1,8,32,64,128,256")
     ap.add_argument("--deit-batches", default="1,8")
     ap.add_argument("--parts", default="blocks,default,deit")
@@ -143,17 +180,15 @@ def main(argv: list[str] | None = None) -> None:
                     f"{torch.get_num_threads()} threads")
     print(f"device: {machine}; torch {torch.__version__}")
     results = {"machine": machine, "torch": torch.__version__, "blocks": [], "default": [],
-               "deit_base": []}
+               "default_memory": [], "deit_base": []}
     parts = args.parts.split(",")
     if "blocks" in parts:
-        part_blocks(device, dtypes, ints(args.block_batches), results)
+        part_blocks(device, dtypes, ints(args.block_batches), ints(args.block_tokens), results)
     if "default" in parts:
         part_default(device, args.checkpoint, ints(args.default_batches), results)
     if "deit" in parts:
         part_deit_base(device, fractions_from_checkpoint(args.checkpoint),
                        ints(args.deit_batches), results)
-    if device.type == "cuda":
-        results["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1))

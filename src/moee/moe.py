@@ -50,11 +50,18 @@ def _pad8(n: int) -> int:
 class InferenceWeights:
     """Everything inference reads, derived once from the parameters (see `MoEMLP._weights`).
 
-    `experts[e]` = (W1_e^T (d, m_e), b1_e (m_e,), W2_e^T (m_e, d_out)) as contiguous copies, or
-    None when `MoEMLP.presliced` is off (then they are gathered from the union each call).
+    Plain references, so the hot path avoids `nn.Module.__getattr__` (microseconds per lookup,
+    which adds up at one-image batch sizes). `experts[e]` = (W1_e^T (d, m_e), b1_e (m_e,),
+    W2_e^T (m_e, d_out)) as contiguous copies, or None when `MoEMLP.presliced` is off (then
+    they are gathered from the union each call).
     """
 
     key: tuple
+    w1: torch.Tensor  # (U, d) union weights, shared with the parameters
+    b1: torch.Tensor | None
+    w2t: torch.Tensor  # (U, d_out) view of fc2.weight
+    activation: nn.Module
+    sizes: list[int]
     router: tuple[torch.Tensor, torch.Tensor | None]
     out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
     experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
@@ -128,15 +135,28 @@ class MoEMLP(nn.Module):
 
     # ---- inference weights -------------------------------------------------------------
 
+    def _cache_key(self) -> tuple:
+        """Identity, storage and version of every tensor inference derives from; plain dict
+        reads instead of module attribute lookups because this runs on every call."""
+        mods, bufs = self._modules, self._buffers
+        p1, p2 = mods["fc1"]._parameters, mods["fc2"]._parameters
+        tensors = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"),
+                   bufs["expert_bias"], bufs["router_centres"])
+        try:
+            versions = tuple(-1 if t is None else t._version for t in tensors)
+        except RuntimeError:  # inference tensors (made under inference_mode) have no counter
+            versions = ()
+        w1 = tensors[0]
+        return (versions, *map(id, tensors), id(mods["activation"]), w1.data_ptr(),
+                tensors[2].data_ptr(), w1.device, w1.dtype, self.presliced)
+
     def _weights(self) -> InferenceWeights:
-        """Derived inference weights, cached; rebuilt when parameters, centres, device, dtype
-        or `presliced` change (tensor version counters catch in-place updates)."""
-        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
-        versions = [t._version for t in (w1, b1, w2, b2, self.expert_bias, self.router_centres)
-                    if t is not None]
-        key = (*versions, w1.device, w1.dtype, w1.data_ptr(), w2.data_ptr(), self.presliced)
+        """Derived inference weights, cached; rebuilt when a parameter or buffer is replaced or
+        updated in place, or the device, dtype or `presliced` change."""
+        key = self._cache_key()
         if self._cache is not None and self._cache.key == key:
             return self._cache
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
         with torch.no_grad():
             out_bias = self.expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
             experts = None
@@ -146,7 +166,8 @@ class MoEMLP(nn.Module):
             elementwise = bool(torch.equal(self.activation(probe).reshape(-1),
                                            self.activation(probe.reshape(-1))))
             router = router_weights(self.router_centres.to(w1.dtype), self.metric)
-        self._cache = InferenceWeights(key, router, out_bias.contiguous(), experts, elementwise)
+        self._cache = InferenceWeights(key, w1, b1, w2.T, self.activation, self.expert_sizes(),
+                                       router, out_bias.contiguous(), experts, elementwise)
         return self._cache
 
     def _gather_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,10 +208,11 @@ class MoEMLP(nn.Module):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N,) expert id: one (N, d) x (d, k) matmul (see `router_weights`)."""
-        if not torch.is_grad_enabled() and x.dtype == self.fc1.weight.dtype:
-            weight, offset = self._weights().router
-        else:
-            weight, offset = router_weights(self.router_centres.to(x.dtype), self.metric)
+        if not torch.is_grad_enabled():
+            cache = self._weights()
+            if x.dtype == cache.w1.dtype:
+                return F.linear(x, *cache.router).argmax(-1)
+        weight, offset = router_weights(self.router_centres.to(x.dtype), self.metric)
         return F.linear(x, weight, offset).argmax(-1)
 
     def _track(self, counts: torch.Tensor) -> None:
@@ -200,57 +222,55 @@ class MoEMLP(nn.Module):
 
     # ---- executions --------------------------------------------------------------------
 
-    def _forward_experts(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
+    def _forward_experts(self, tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
         """No autograd. Tokens sorted by expert; each expert's first matmul (bias fused by
         addmm) writes into one flat hidden buffer, the activation runs once over all of it,
         each second matmul writes into one output buffer; one gather restores token order."""
-        expert = self.route(tokens)
-        counts_t = torch.bincount(expert, minlength=self.num_experts)
+        expert = F.linear(tokens, *c.router).argmax(-1)
+        counts_t = torch.bincount(expert, minlength=len(c.sizes))
         self._track(counts_t)
         counts = counts_t.tolist()
-        n, sizes = tokens.shape[0], self.expert_sizes()
-        weights = cache.experts or [None] * self.num_experts
+        n, sizes, act = tokens.shape[0], c.sizes, c.activation
+        weights = c.experts or [None] * len(sizes)
         if max(counts) == n:  # one expert takes every token: no sort, no scatter
             e = counts.index(n)
             w1t, b1, w2t = weights[e] or self._gather_expert(e)
-            return torch.addmm(cache.out_bias[e], self.activation(torch.addmm(b1, tokens, w1t)),
-                               w2t)
+            return torch.addmm(c.out_bias[e], act(torch.addmm(b1, tokens, w1t)), w2t)
         order = torch.argsort(expert)
         grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
-        used = [(e, c) for e, c in enumerate(counts) if c]
-        flat = tokens.new_empty(sum(c * sizes[e] for e, c in used))  # every expert's hidden
+        used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
+        flat = tokens.new_empty(sum(n_e * sizes[e] for e, n_e in used))  # all experts' hidden
         hidden, start, at = [], 0, 0
-        for e, c in used:
+        for e, n_e in used:
             w1t, b1, w2t = weights[e] or self._gather_expert(e)
-            h = flat[at : at + c * sizes[e]].view(c, sizes[e])
-            torch.addmm(b1, grouped[start : start + c], w1t, out=h)
-            hidden.append((e, h, w2t, start, c))
-            if not cache.elementwise_activation:
-                h.copy_(self.activation(h))
-            start, at = start + c, at + c * sizes[e]
-        if cache.elementwise_activation:
-            flat = self.activation(flat)  # one call instead of one per expert
-            at = 0
-        y = tokens.new_empty(n, self.fc2.out_features)  # (N, d_out) in expert order
-        for e, h, w2t, start, c in hidden:
-            if cache.elementwise_activation:
-                h, at = flat[at : at + c * sizes[e]].view(c, sizes[e]), at + c * sizes[e]
-            torch.addmm(cache.out_bias[e], h, w2t, out=y[start : start + c])
+            h = flat[at : at + n_e * sizes[e]].view(n_e, sizes[e])
+            torch.addmm(b1, grouped[start : start + n_e], w1t, out=h)
+            if not c.elementwise_activation:
+                h.copy_(act(h))
+            hidden.append((w2t, at, start, n_e, sizes[e]))
+            start, at = start + n_e, at + n_e * sizes[e]
+        if c.elementwise_activation:
+            flat = act(flat)  # one call instead of one per expert
+        y = tokens.new_empty(n, c.out_bias.shape[1])  # (N, d_out) in expert order
+        for (w2t, at, start, n_e, m), (e, _) in zip(hidden, used, strict=True):
+            h = flat[at : at + n_e * m].view(n_e, m)
+            torch.addmm(c.out_bias[e], h, w2t, out=y[start : start + n_e])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n, device=order.device)
         return y.index_select(0, inverse)
 
-    def _forward_masked(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
-        expert = self.route(tokens)
+    def _forward_masked(self, tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
+        expert = F.linear(tokens, *c.router).argmax(-1)
         if self.track_load:
-            self._track(torch.bincount(expert, minlength=self.num_experts))
-        h = self.activation(self.fc1(tokens)) * self._masks(cache).index_select(0, expert)
-        return torch.addmm(cache.out_bias.index_select(0, expert), h, self.fc2.weight.T)
+            self._track(torch.bincount(expert, minlength=len(c.sizes)))
+        h = c.activation(F.linear(tokens, c.w1, c.b1)).mul_(
+            self._masks(c).index_select(0, expert))
+        return torch.addmm(c.out_bias.index_select(0, expert), h, c.w2t)
 
     def _forward_grouped(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
         pw1, pb1, pw2 = self._padded(cache)
         n, d, d_out = tokens.shape[0], self.fc1.in_features, self.fc2.out_features
-        expert = self.route(tokens)
+        expert = F.linear(tokens, *cache.router).argmax(-1)
         counts = torch.bincount(expert, minlength=self.num_experts)
         self._track(counts)
         order = torch.argsort(expert)

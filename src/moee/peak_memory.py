@@ -1,0 +1,85 @@
+"""Peak memory of one inference forward, dense vs MoE, each in a fresh process.
+
+On CPU torch has no allocator statistics, so each model runs in its own child process: load,
+warm up on one image, reset the kernel's peak-RSS mark (Linux `/proc/self/clear_refs`), run
+the batch, read the peak (`VmHWM`). A fresh process per model keeps one model's freed pages
+from hiding the other's. On CUDA the allocator's own peak is used, in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+_PROC = Path("/proc/self")
+
+
+def _status_kib(field: str) -> int:
+    for line in (_PROC / "status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _load(which: str, checkpoint: str):
+    if which == "dense":
+        from moee.default_model import load_default_model
+
+        return load_default_model().eval()
+    import moee
+
+    return moee.load(checkpoint).eval()
+
+
+def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
+    """{'resident': RSS before the forward, 'peak': peak RSS during it, 'forward': their
+    difference} in bytes, from a child process; None where /proc/self/clear_refs is missing.
+    The child's glibc serves every block over 64 KiB by mmap and returns it on free, so the
+    peak tracks live tensors rather than allocator fragmentation."""
+    if not (_PROC / "clear_refs").exists():
+        return None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-m", "moee.peak_memory", which, checkpoint,
+                          str(batch)], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    torch.cuda.synchronize(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    with torch.inference_mode():
+        model(x)
+    torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device)
+    return {"resident": before, "peak": peak, "forward": peak - before}
+
+
+def _child(which: str, checkpoint: str, batch: int) -> None:
+    from moee.bench_suite import test_images
+
+    model = _load(which, checkpoint)
+    images = test_images()
+    x = torch.randn(batch, 1, 28, 28) if images is None else images[:batch].clone()
+    with torch.inference_mode():
+        model(x[:1])  # libraries and caches initialised before the mark is reset
+        (_PROC / "clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        resident = _status_kib("VmRSS") * 1024
+        model(x)
+    peak = _status_kib("VmHWM") * 1024
+    print(json.dumps({"resident": resident, "peak": peak, "forward": peak - resident}))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="(internal) peak RSS of one forward")
+    ap.add_argument("which", choices=["dense", "moe"])
+    ap.add_argument("checkpoint")
+    ap.add_argument("batch", type=int)
+    args = ap.parse_args()
+    _child(args.which, args.checkpoint, args.batch)
