@@ -201,3 +201,15 @@ def test_module_copied_under_inference_mode_still_runs():
     with torch.inference_mode():
         twin = copy.deepcopy(moe)  # parameters become inference tensors (no version counter)
         torch.testing.assert_close(twin(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flat_limit", [0, 2**20])
+def test_activation_per_expert_or_over_all_experts_gives_same_output(monkeypatch, flat_limit):
+    import moee.moe
+
+    monkeypatch.setattr(moee.moe, "FLAT_ACTIVATION_MAX_ELEMENTS", flat_limit)
+    moe = _random_moe()
+    moe.small_batch_tokens = 0
+    x = torch.randn(50, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from moee.config import ROUTER_METRICS
 #              routing: the per-layer fallback when routing would make the layer slower.
 EXECUTIONS = ("experts", "masked", "grouped", "union")
 TOKENS_PER_EXPERT_BELOW_WHICH_MASKED = 16  # default small_batch_tokens = this x num_experts
+FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 
 
 def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,21 +240,25 @@ class MoEMLP(nn.Module):
         order = torch.argsort(expert)
         grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
         used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
-        flat = tokens.new_empty(sum(n_e * sizes[e] for e, n_e in used))  # all experts' hidden
+        total = sum(n_e * sizes[e] for e, n_e in used)
+        # One activation call over all experts saves a call per expert; past a few MiB of
+        # hidden values that extra pass over memory costs more than the calls it saves.
+        flat_act = c.elementwise_activation and total <= FLAT_ACTIVATION_MAX_ELEMENTS
+        flat = tokens.new_empty(total)  # every expert's hidden values, expert after expert
         hidden, start, at = [], 0, 0
         for e, n_e in used:
             w1t, b1, w2t = weights[e] or self._gather_expert(e)
             h = flat[at : at + n_e * sizes[e]].view(n_e, sizes[e])
             torch.addmm(b1, grouped[start : start + n_e], w1t, out=h)
-            if not c.elementwise_activation:
-                h.copy_(act(h))
-            hidden.append((w2t, at, start, n_e, sizes[e]))
+            hidden.append((e, h if flat_act else act(h), w2t, start, n_e))
             start, at = start + n_e, at + n_e * sizes[e]
-        if c.elementwise_activation:
-            flat = act(flat)  # one call instead of one per expert
+        if flat_act:
+            flat, at = act(flat), 0
+            for i, (e, _, w2t, start, n_e) in enumerate(hidden):
+                hidden[i] = (e, flat[at : at + n_e * sizes[e]].view(n_e, sizes[e]), w2t, start, n_e)
+                at += n_e * sizes[e]
         y = tokens.new_empty(n, c.out_bias.shape[1])  # (N, d_out) in expert order
-        for (w2t, at, start, n_e, m), (e, _) in zip(hidden, used, strict=True):
-            h = flat[at : at + n_e * m].view(n_e, m)
+        for e, h, w2t, start, n_e in hidden:
             torch.addmm(c.out_bias[e], h, w2t, out=y[start : start + n_e])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n, device=order.device)

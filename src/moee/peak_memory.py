@@ -28,6 +28,7 @@ def _status_kib(field: str) -> int:
 
 
 def _load(which: str, checkpoint: str):
+    """'dense': the embedded default; 'moe': a saved MoE checkpoint of an HF image model."""
     if which == "dense":
         from moee.default_model import load_default_model
 
@@ -65,8 +66,10 @@ def _child(which: str, checkpoint: str, batch: int) -> None:
     from moee.bench_suite import test_images
 
     model = _load(which, checkpoint)
-    images = test_images()
-    x = torch.randn(batch, 1, 28, 28) if images is None else images[:batch].clone()
+    config = model.config  # HF ViT: the input size and channels
+    shape = (config.num_channels, config.image_size, config.image_size)
+    images = test_images() if shape == (1, 28, 28) else None  # real images for the default
+    x = torch.randn(batch, *shape) if images is None else images[:batch].clone()
     with torch.inference_mode():
         model(x[:1])  # libraries and caches initialised before the mark is reset
         (_PROC / "clear_refs").write_text("5")  # reset VmHWM to the current RSS
