@@ -16,6 +16,22 @@ def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     return ViTForImageClassification(config).eval()
 
 
+def tiny_moe_model(seed: int = 1):
+    """tiny_vit with every MLP split into 2 random experts of 6 of its 48 neurons."""
+    import numpy as np
+
+    import moee
+    from moee.build import LayerPlan, apply_plans
+
+    model = tiny_vit()
+    sites = moee.find_mlp_sites(model)
+    rng = np.random.default_rng(seed)
+    plans = [LayerPlan(s.name, [rng.choice(48, 6, replace=False) for _ in range(2)],
+                       rng.normal(size=(2, 16))) for s in sites]
+    apply_plans(sites, plans)
+    return moee.MoEModel(model, plans)
+
+
 def tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

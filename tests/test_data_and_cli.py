@@ -54,3 +54,18 @@ def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys):
     code = main(["evaluate", str(tmp_path / "missing"), "--data-dir", str(tmp_path)])
     assert code == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_cli_calibrate_force_sets_every_layer_and_saves(tmp_path, capsys):
+    from conftest import tiny_moe_model
+
+    import moee
+
+    tiny_moe_model().save_pretrained(tmp_path / "moe")
+    assert main(["calibrate", str(tmp_path / "moe"), "--force", "masked",
+                 "--out", str(tmp_path / "forced")]) == 0
+    assert {m.execution for m in moee.load(tmp_path / "forced").moe_layers().values()} == {
+        "masked"}
+    # Timing needs real inputs: the CLI has Fashion-MNIST only, and says so for other shapes.
+    assert main(["calibrate", str(tmp_path / "moe"), "--out", str(tmp_path / "c")]) == 2
+    assert "calibrate_execution" in capsys.readouterr().err

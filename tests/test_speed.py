@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import tiny_moe_model, tiny_vit
 
 import moee
 from moee.bench import loop_style, mask_style, random_moe_block
@@ -58,18 +58,6 @@ def test_calibration_records_choice_and_survives_save_load(tmp_path):
         assert torch.equal(moe_model(x).logits, again(x).logits)
 
 
-def _tiny_moe_model():
-    import numpy as np
-
-    model = tiny_vit()
-    sites = moee.find_mlp_sites(model)
-    rng = np.random.default_rng(1)
-    plans = [LayerPlan(s.name, [rng.choice(48, 6, replace=False) for _ in range(2)],
-                       rng.normal(size=(2, 16))) for s in sites]
-    apply_plans(sites, plans)
-    return moee.MoEModel(model, plans)
-
-
 def test_whole_model_bench_reports_both_ideals():
     from moee.bench import bench_model, without_mlps
 
@@ -80,7 +68,7 @@ def test_whole_model_bench_reports_both_ideals():
         assert rest(x).logits.shape == dense(x).logits.shape
     with pytest.raises(moee.NoMLPBlocksError):
         moee.find_mlp_sites(rest)  # every MLP block was swapped out
-    row = bench_model(dense, _tiny_moe_model(), x, torch.device("cpu"))
+    row = bench_model(dense, tiny_moe_model(), x, torch.device("cpu"))
     assert row["ideal"] > 1 and row["amdahl_ideal"] > 1  # 12 of 48 neurons per token
     assert row["non_mlp_ms"] > 0
     assert row["amdahl_efficiency"] == pytest.approx(row["speedup"] / row["amdahl_ideal"])
@@ -89,7 +77,7 @@ def test_whole_model_bench_reports_both_ideals():
 def test_peak_forward_memory_in_a_fresh_process(tmp_path):
     from moee.peak_memory import cpu_peak_bytes
 
-    moe_model = _tiny_moe_model()
+    moe_model = tiny_moe_model()
     moe_model.save_pretrained(tmp_path)
     got = cpu_peak_bytes("moe", str(tmp_path), 4)
     if got is None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from moee.moe import EXECUTIONS
+
 DEFAULT_DEMO_OUT = "runs/demo"
 
 
@@ -221,6 +223,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import moee
+    from moee.data import load_fashion_mnist, normalize_images
+    from moee.speed import calibrate_execution, set_execution
+
+    moe_model = moee.load(args.checkpoint)
+    if args.force:
+        set_execution(moe_model, args.force)
+        print(f"every MoE layer set to execution={args.force!r}")
+    else:
+        config = moe_model.config
+        shape = (config.num_channels, config.image_size, config.image_size)
+        if shape != (1, 28, 28):
+            raise ValueError(f"this checkpoint takes {shape} images; the CLI calibrates on "
+                             "Fashion-MNIST only. Use moee.speed.calibrate_execution(model, "
+                             "your_batch) from Python.")
+        images = normalize_images(load_fashion_mnist("test", args.data_dir, args.download)[0])
+        rows = calibrate_execution(moe_model, images[: args.batch])
+        print(f"{'layer':<22}{'tokens':>7}{'experts ms':>12}{'union ms':>10}{'kept':>9}"
+              f"{'masked up to':>14}")
+        for r in rows:
+            print(f"{r['site']:<22}{r['tokens']:>7}{r['experts_ms']:>12.3f}{r['union_ms']:>10.3f}"
+                  f"{r['execution']:>9}{r['small_batch_tokens']:>11} tok")
+    print(f"Saved to {moe_model.save_pretrained(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moee", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the results here")
     _add_data_args(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "
+                                           "and keep the fastest (saved with the checkpoint)")
+    cal.add_argument("checkpoint")
+    cal.add_argument("--batch", type=int, default=64, help="images per batch you will serve")
+    cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")
+    cal.add_argument("--out", required=True)
+    _add_data_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
     # Listed for --help; main() hands `moee bench ...` to moee.bench_suite directly.
     sub.add_parser("bench", help="dense vs MoE speed side by side (moee bench --help)")
     return parser
