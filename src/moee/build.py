@@ -22,7 +22,7 @@ class LayerPlan:
     metric: str = "cosine"
     expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
     execution: str = "experts"  # see moee.moe.EXECUTIONS; "union" is the speed fallback
-    small_batch_tokens: int | None = None  # None: MoEMLP's default (16 tokens per expert)
+    small_batch_tokens: int | None = None  # None: moe.default_small_batch_tokens
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""

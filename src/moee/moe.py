@@ -27,7 +27,9 @@ from moee.config import ROUTER_METRICS
 #   "union":   the pruned union of all experts' neurons run densely for every token, without
 #              routing: the per-layer fallback when routing would make the layer slower.
 EXECUTIONS = ("experts", "masked", "grouped", "union")
-TOKENS_PER_EXPERT_BELOW_WHICH_MASKED = 16  # default small_batch_tokens = this x num_experts
+# Tokens per expert at which a small CPU GEMM runs at about half its large-batch speed
+# (measured on this project's benchmarks); drives the default `small_batch_tokens`.
+HALF_SPEED_TOKENS_PER_EXPERT = 32
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 
 
@@ -43,6 +45,19 @@ def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, to
     return centres.contiguous(), -0.5 * (centres * centres).sum(-1)
 
 
+def default_small_batch_tokens(union: int, sizes: list[int]) -> int:
+    """Token count up to which "masked" is expected to beat the expert loop, before any
+    calibration. Model: with n tokens per expert a GEMM runs at n / (n + n_half) of full speed,
+    so the loop costs N·m·(1 + n_half·k/N) against N·U for masked (m mean expert size, U union,
+    k experts); masked wins while N < n_half·k / (U/m - 1). One expert: the loop is always a
+    plain MLP on its neurons, never worse."""
+    k = len(sizes)
+    if k == 1:
+        return 0
+    spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
+    return int(HALF_SPEED_TOKENS_PER_EXPERT * k / max(spread, 0.125))
+
+
 def _pad8(n: int) -> int:
     return -(-n // 8) * 8  # grouped_mm wants row strides that are multiples of 16 bytes
 
@@ -52,15 +67,17 @@ class InferenceWeights:
     """Everything inference reads, derived once from the parameters (see `MoEMLP._weights`).
 
     Plain references, so the hot path avoids `nn.Module.__getattr__` (microseconds per lookup,
-    which adds up at one-image batch sizes). `experts[e]` = (W1_e^T (d, m_e), b1_e (m_e,),
-    W2_e^T (m_e, d_out)) as contiguous copies, or None when `MoEMLP.presliced` is off (then
-    they are gathered from the union each call).
+    which adds up at one-image batch sizes). `experts[e]` = (W1_e (m_e, d), b1_e (m_e,),
+    W2_e (d_out, m_e)) as contiguous copies in nn.Linear's (out, in) layout, or None when
+    `MoEMLP.presliced` is off (then they are gathered from the union each call). The matmuls
+    read them transposed, as F.linear does: in bfloat16 on CPU that layout measured 5-15x
+    faster than (in, out) copies (fp32: equal).
     """
 
     key: tuple
     w1: torch.Tensor  # (U, d) union weights, shared with the parameters
     b1: torch.Tensor | None
-    w2t: torch.Tensor  # (U, d_out) view of fc2.weight
+    w2t: torch.Tensor  # (U, d_out) transposed view of fc2.weight
     activation: nn.Module
     sizes: list[int]
     router: tuple[torch.Tensor, torch.Tensor | None]
@@ -110,7 +127,7 @@ class MoEMLP(nn.Module):
         bias = torch.zeros(len(experts), fc2.out_features) if expert_bias is None else expert_bias
         self.register_buffer("expert_bias", bias.float().clone())
         self.execution = "experts"
-        self.small_batch_tokens = TOKENS_PER_EXPERT_BELOW_WHICH_MASKED * len(experts)
+        self.small_batch_tokens = default_small_batch_tokens(union, [len(e) for e in experts])
         # Pre-sliced per-expert weight copies (fast; costs sum(m_e)/U more weight memory) or
         # index-gather from the shared union weights on every call (no extra memory).
         self.presliced = True
@@ -175,7 +192,7 @@ class MoEMLP(nn.Module):
         i = self.expert_index(e)
         w1, b1 = self.fc1.weight, self.fc1.bias
         b1e = b1[i] if b1 is not None else w1.new_zeros(len(i))
-        return w1[i].T.contiguous(), b1e.contiguous(), self.fc2.weight[:, i].T.contiguous()
+        return w1[i].contiguous(), b1e.contiguous(), self.fc2.weight[:, i].contiguous()
 
     def _masks(self, cache: InferenceWeights) -> torch.Tensor:
         if cache.masks is None:
@@ -187,22 +204,23 @@ class MoEMLP(nn.Module):
         return cache.masks
 
     def _padded(self, cache: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k, d_pad, m_max) W1, (k, m_max) b1, (k, m_max, d_out_pad) W2, zero-padded: padded
-        neurons have zero fc2 rows, so they add nothing whatever act(0) is."""
+        """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded (padded
+        neurons have zero fc2 rows, so they add nothing whatever act(0) is); the two weights
+        are transposed views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
         if cache.padded is None:
             w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
             k, d, d_out = self.num_experts, self.fc1.in_features, self.fc2.out_features
             m_max = _pad8(max(self.expert_sizes()))
-            pw1 = w1.new_zeros(k, _pad8(d), m_max)
+            pw1 = w1.new_zeros(k, m_max, _pad8(d))
             pb1 = w1.new_zeros(k, m_max)
-            pw2 = w1.new_zeros(k, m_max, _pad8(d_out))
+            pw2 = w1.new_zeros(k, _pad8(d_out), m_max)
             for e in range(k):
                 i = self.expert_index(e)
-                pw1[e, :d, : len(i)] = w1[i].T
+                pw1[e, : len(i), :d] = w1[i]
                 if b1 is not None:
                     pb1[e, : len(i)] = b1[i]
-                pw2[e, : len(i), :d_out] = w2[:, i].T
-            cache.padded = (pw1, pb1, pw2)
+                pw2[e, :d_out, : len(i)] = w2[:, i]
+            cache.padded = (pw1.transpose(1, 2), pb1, pw2.transpose(1, 2))
         return cache.padded
 
     # ---- routing -----------------------------------------------------------------------
@@ -235,8 +253,8 @@ class MoEMLP(nn.Module):
         weights = c.experts or [None] * len(sizes)
         if max(counts) == n:  # one expert takes every token: no sort, no scatter
             e = counts.index(n)
-            w1t, b1, w2t = weights[e] or self._gather_expert(e)
-            return torch.addmm(c.out_bias[e], act(torch.addmm(b1, tokens, w1t)), w2t)
+            w1e, b1, w2e = weights[e] or self._gather_expert(e)
+            return torch.addmm(c.out_bias[e], act(torch.addmm(b1, tokens, w1e.T)), w2e.T)
         order = torch.argsort(expert)
         grouped = tokens.index_select(0, order)  # (N, d) grouped by expert
         used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
@@ -247,10 +265,10 @@ class MoEMLP(nn.Module):
         flat = tokens.new_empty(total)  # every expert's hidden values, expert after expert
         hidden, start, at = [], 0, 0
         for e, n_e in used:
-            w1t, b1, w2t = weights[e] or self._gather_expert(e)
+            w1e, b1, w2e = weights[e] or self._gather_expert(e)
             h = flat[at : at + n_e * sizes[e]].view(n_e, sizes[e])
-            torch.addmm(b1, grouped[start : start + n_e], w1t, out=h)
-            hidden.append((e, h if flat_act else act(h), w2t, start, n_e))
+            torch.addmm(b1, grouped[start : start + n_e], w1e.T, out=h)
+            hidden.append((e, h if flat_act else act(h), w2e.T, start, n_e))
             start, at = start + n_e, at + n_e * sizes[e]
         if flat_act:
             flat, at = act(flat), 0
