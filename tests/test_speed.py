@@ -41,8 +41,10 @@ def test_calibration_records_choice_and_survives_save_load(tmp_path):
                        rng.normal(size=(3, 16))) for s in sites]
     apply_plans(sites, plans)
     moe_model = moee.MoEModel(model, plans)
-    rows = calibrate_execution(moe_model, torch.randn(2, 1, 8, 8), repeats=3)
-    assert {r["execution"] for r in rows} <= {"experts", "union"}
+    rows = calibrate_execution(moe_model, torch.randn(2, 1, 8, 8), repeats=3,
+                               routed=("experts", "grouped"))
+    assert {r["execution"] for r in rows} <= {"experts", "grouped", "union"}
+    assert all(r["grouped_ms"] > 0 and r["union_ms"] > 0 for r in rows)
     for row, layer in zip(rows, moe_model.moe_layers().values(), strict=True):
         assert layer.small_batch_tokens == row["small_batch_tokens"] <= row["tokens"]
         assert row["masked_sweep"][0]["tokens"] == min(16, row["tokens"])

@@ -27,9 +27,11 @@ from moee.config import ROUTER_METRICS
 #   "union":   the pruned union of all experts' neurons run densely for every token, without
 #              routing: the per-layer fallback when routing would make the layer slower.
 EXECUTIONS = ("experts", "masked", "grouped", "union")
-# Tokens per expert at which a small CPU GEMM runs at about half its large-batch speed
-# (measured on this project's benchmarks); drives the default `small_batch_tokens`.
-HALF_SPEED_TOKENS_PER_EXPERT = 32
+# Tokens per expert at which a small GEMM runs at about half its large-batch speed, by dtype
+# (fp32 on CPU is overhead-bound longer than the slower, compute-bound bf16/fp16 kernels; from
+# this project's CPU benchmarks); drives the default `small_batch_tokens`.
+HALF_SPEED_TOKENS_PER_EXPERT = {torch.float32: 32}
+HALF_SPEED_TOKENS_PER_EXPERT_OTHER_DTYPES = 8
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 
 
@@ -45,7 +47,8 @@ def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, to
     return centres.contiguous(), -0.5 * (centres * centres).sum(-1)
 
 
-def default_small_batch_tokens(union: int, sizes: list[int]) -> int:
+def default_small_batch_tokens(union: int, sizes: list[int],
+                               dtype: torch.dtype = torch.float32) -> int:
     """Token count up to which "masked" is expected to beat the expert loop, before any
     calibration. Model: with n tokens per expert a GEMM runs at n / (n + n_half) of full speed,
     so the loop costs N·m·(1 + n_half·k/N) against N·U for masked (m mean expert size, U union,
@@ -55,7 +58,8 @@ def default_small_batch_tokens(union: int, sizes: list[int]) -> int:
     if k == 1:
         return 0
     spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
-    return int(HALF_SPEED_TOKENS_PER_EXPERT * k / max(spread, 0.125))
+    n_half = HALF_SPEED_TOKENS_PER_EXPERT.get(dtype, HALF_SPEED_TOKENS_PER_EXPERT_OTHER_DTYPES)
+    return int(n_half * k / max(spread, 0.125))
 
 
 def _pad8(n: int) -> int:
@@ -84,6 +88,7 @@ class InferenceWeights:
     out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
     experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     elementwise_activation: bool  # act may run once over all experts' hidden values
+    default_small_batch_tokens: int  # for these weights' dtype (MoEMLP.small_batch_tokens=None)
     masks: torch.Tensor | None = None  # (k, U) 0/1, built on first "masked" call
     padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for "grouped"
 
@@ -127,7 +132,8 @@ class MoEMLP(nn.Module):
         bias = torch.zeros(len(experts), fc2.out_features) if expert_bias is None else expert_bias
         self.register_buffer("expert_bias", bias.float().clone())
         self.execution = "experts"
-        self.small_batch_tokens = default_small_batch_tokens(union, [len(e) for e in experts])
+        # None: `default_small_batch_tokens` for the weights' dtype; an int once calibrated.
+        self.small_batch_tokens: int | None = None
         # Pre-sliced per-expert weight copies (fast; costs sum(m_e)/U more weight memory) or
         # index-gather from the shared union weights on every call (no extra memory).
         self.presliced = True
@@ -184,8 +190,10 @@ class MoEMLP(nn.Module):
             elementwise = bool(torch.equal(self.activation(probe).reshape(-1),
                                            self.activation(probe.reshape(-1))))
             router = router_weights(self.router_centres.to(w1.dtype), self.metric)
-        self._cache = InferenceWeights(key, w1, b1, w2.T, self.activation, self.expert_sizes(),
-                                       router, out_bias.contiguous(), experts, elementwise)
+        sizes = self.expert_sizes()
+        self._cache = InferenceWeights(
+            key, w1, b1, w2.T, self.activation, sizes, router, out_bias.contiguous(), experts,
+            elementwise, default_small_batch_tokens(w1.shape[0], sizes, w1.dtype))
         return self._cache
 
     def _gather_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,7 +344,10 @@ class MoEMLP(nn.Module):
         else:
             cache = self._weights()
             mode = self.execution
-            if mode == "experts" and tokens.shape[0] <= self.small_batch_tokens:
+            threshold = self.small_batch_tokens
+            if threshold is None:
+                threshold = cache.default_small_batch_tokens
+            if mode == "experts" and tokens.shape[0] <= threshold:
                 mode = "masked"
             run = {"experts": self._forward_experts, "masked": self._forward_masked,
                    "grouped": self._forward_grouped}[mode]

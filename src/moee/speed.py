@@ -46,11 +46,12 @@ def masked_threshold(layer: MoEMLP, tokens: torch.Tensor, repeats: int = 10,
 
 @torch.inference_mode()
 def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
-                        margin: float = 0.02) -> list[dict]:
+                        margin: float = 0.02, routed: tuple[str, ...] | None = None) -> list[dict]:
     """Run `example` (one batch at the size you will serve) once to capture each MoE layer's
-    input, then per layer (1) measure `small_batch_tokens` and (2) keep "experts" unless the
-    union is faster by more than `margin`. Records both in `moe_model.plans` (saved with the
-    checkpoint) and returns one row of timings per layer."""
+    input, then per layer (1) measure `small_batch_tokens`, (2) time the `routed` executions
+    (default "experts", plus "grouped" on CUDA) and "union", and keep the fastest routed one
+    unless the union beats it by more than `margin`. Records the choice in `moe_model.plans`
+    (saved with the checkpoint) and returns one row of timings per layer."""
     layers = moe_model.moe_layers()
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
@@ -67,14 +68,17 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
         x = captured[name]
         tokens = x.reshape(-1, x.shape[-1])
         threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
-        t = _timed(layer, x, {"experts": {"execution": "experts", "small_batch_tokens": threshold},
-                              "union": {"execution": "union"}}, repeats)
-        best = "union" if t["union"] * (1 + margin) < t["experts"] else "experts"
+        candidates = routed or (("experts", "grouped") if x.is_cuda else ("experts",))
+        modes = {m: {"execution": m, "small_batch_tokens": threshold} for m in candidates}
+        t = _timed(layer, x, {**modes, "union": {"execution": "union"}}, repeats)
+        best = min(candidates, key=t.__getitem__)
+        if t["union"] * (1 + margin) < t[best]:
+            best = "union"
         layer.execution, layer.small_batch_tokens = best, threshold
         if name in plans:
             plans[name].execution, plans[name].small_batch_tokens = best, threshold
-        rows.append({"site": name, "tokens": len(tokens), "experts_ms": t["experts"] * 1e3,
-                     "union_ms": t["union"] * 1e3, "execution": best,
+        rows.append({"site": name, "tokens": len(tokens), "execution": best,
+                     **{f"{m}_ms": v * 1e3 for m, v in t.items()},
                      "small_batch_tokens": threshold, "masked_sweep": sweep})
     return rows
 
