@@ -20,3 +20,19 @@ def test_macs_equal_analytic_count_for_known_routing():
     assert count_macs(dense, x) == 7 * 2 * d * h
     # weights + router centres (k, d) + per-expert output offsets (k, d)
     assert count_params(moe) == (d * 30 + 30) + (30 * d + d) + 2 * d + 2 * d
+
+
+def test_side_by_side_latency_fills_every_row():
+    import math
+
+    from conftest import tiny_moe_model, tiny_vit
+
+    from moee.evaluate import comparison_table, measure, time_side_by_side
+
+    images, labels = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
+    models = {"dense": tiny_vit(), "moe": tiny_moe_model()}
+    rows = {n: measure(m, images, labels, latency=False) for n, m in models.items()}
+    assert all(math.isnan(r.latency_ms) for r in rows.values())
+    time_side_by_side(models, rows, images, latency_batch=8, repeats=3)
+    assert all(r.latency_ms > 0 and r.latency_batch == 8 for r in rows.values())
+    assert "round-robin" in comparison_table(rows)

@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from moee.data import image_batches, load_fashion_mnist
     from moee.default_model import default_model_card, load_default_model
-    from moee.evaluate import accuracy, comparison_table, measure
+    from moee.evaluate import accuracy, comparison_table, measure, time_side_by_side
     from moee.speed import calibrate_execution
 
     t0 = time.perf_counter()
@@ -129,8 +129,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     before = accuracy(moe_model, test_x, test_y)
     print(f"MoE top-1 before fine-tuning: {before:.2%}")
     _run_distill(moe_model, dense, train_x, args)
-    rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
-            "moe (after KD)": measure(moe_model, test_x, test_y, args.latency_batch)}
+    rows = {"dense": measure(dense, test_x, test_y, latency=False),
+            "moe (after KD)": measure(moe_model, test_x, test_y, latency=False)}
     with moe_model.track_routing():
         accuracy(moe_model, test_x, test_y, limit=2000)
     routing = moe_model.routing_report()
@@ -140,7 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                                 args.latency_batch))[0])
     n_union = sum(c["execution"] == "union" for c in choice)
     rows[f"moe calibrated ({n_union} union)"] = measure(calibrated, test_x, test_y,
-                                                       args.latency_batch)
+                                                       latency=False)
+    time_side_by_side(dict(zip(rows, (dense, moe_model, calibrated), strict=True)), rows,
+                      test_x, args.latency_batch)
     print("\nDense vs MoE on the Fashion-MNIST test set (10,000 images):")
     print(comparison_table(rows))
     moe_model.save_pretrained(out / "moe")
@@ -202,12 +204,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import moee
     from moee.data import load_fashion_mnist
-    from moee.evaluate import comparison_table, measure
+    from moee.evaluate import comparison_table, measure, time_side_by_side
 
     test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
-    moe_model = moee.load(args.checkpoint)
-    rows = {"dense": measure(_load_dense(args.dense), test_x, test_y, args.latency_batch),
-            "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
+    moe_model, dense = moee.load(args.checkpoint), _load_dense(args.dense)
+    rows = {"dense": measure(dense, test_x, test_y, latency=False),
+            "moe": measure(moe_model, test_x, test_y, latency=False)}
+    time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)
     print(comparison_table(rows))
     from moee.evaluate import accuracy
 

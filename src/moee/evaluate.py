@@ -99,17 +99,33 @@ class ModelMeasurement:
 def measure(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     latency_batch: int = 64, mac_images: int = 256, accuracy_limit: int | None = None,
+    latency: bool = True,
 ) -> ModelMeasurement:
-    """Every number of the dense-vs-MoE table for one model, on the same data."""
+    """Every number of the dense-vs-MoE table for one model, on the same data (latency NaN
+    with `latency=False`, for callers that time several models side by side afterwards)."""
     x_macs = next(image_batches(images, None, mac_images))[0]
     x_lat = next(image_batches(images, None, latency_batch))[0]
     return ModelMeasurement(
         top1=accuracy(model, images, labels, limit=accuracy_limit),
         macs_per_image=count_macs(model, x_macs) // x_macs.shape[0],
         params=count_params(model),
-        latency_ms=latency_ms(model, x_lat),
+        latency_ms=latency_ms(model, x_lat) if latency else float("nan"),
         latency_batch=latency_batch,
     )
+
+
+def time_side_by_side(models: dict[str, nn.Module], rows: dict[str, ModelMeasurement],
+                      images: torch.Tensor, latency_batch: int = 64, repeats: int = 20) -> None:
+    """Re-time every model's latency round-robin in one loop and store it in `rows`, so the
+    speedup column compares models under the same load (timed one after another on a shared
+    machine, the ratio drifts with the load)."""
+    x = next(image_batches(images, None, latency_batch))[0]
+    for m in models.values():
+        m.eval()
+    secs = time_interleaved({name: (lambda m=m: model_logits(m, x)) for name, m in models.items()},
+                            x.device, repeats)
+    for name, t in secs.items():
+        rows[name].latency_ms, rows[name].latency_batch = t * 1e3, latency_batch
 
 
 def comparison_table(rows: dict[str, ModelMeasurement], baseline: str = "dense") -> str:
@@ -123,6 +139,6 @@ def comparison_table(rows: dict[str, ModelMeasurement], baseline: str = "dense")
             f"{m.macs_per_image / 1e6:>11.2f}M{m.macs_per_image / base.macs_per_image - 1:>+9.1%}"
             f"{m.params / 1e6:>10.3f}M{m.params / base.params - 1:>+10.1%}"
             f"{m.latency_ms:>8.1f}ms{base.latency_ms / m.latency_ms:>8.2f}x")
-    lines.append(f"(latency: median forward of a batch of {base.latency_batch} images, "
-                 f"{torch.get_num_threads()} threads, {torch.device('cpu')})")
+    lines.append(f"(latency: median forward of a batch of {base.latency_batch} images, models "
+                 f"timed round-robin, {torch.get_num_threads()} threads, cpu)")
     return "\n".join(lines)
