@@ -33,6 +33,9 @@ def test_side_by_side_latency_fills_every_row():
     models = {"dense": tiny_vit(), "moe": tiny_moe_model()}
     rows = {n: measure(m, images, labels, latency=False) for n, m in models.items()}
     assert all(math.isnan(r.latency_ms) for r in rows.values())
+    grad_modes = []
+    models["moe"].register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
     time_side_by_side(models, rows, images, latency_batch=8, repeats=3)
+    assert grad_modes and not any(grad_modes)  # timed as inference, not as training
     assert all(r.latency_ms > 0 and r.latency_batch == 8 for r in rows.values())
     assert "round-robin" in comparison_table(rows)

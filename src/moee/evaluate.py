@@ -114,6 +114,7 @@ def measure(
     )
 
 
+@torch.inference_mode()
 def time_side_by_side(models: dict[str, nn.Module], rows: dict[str, ModelMeasurement],
                       images: torch.Tensor, latency_batch: int = 64, repeats: int = 20) -> None:
     """Re-time every model's latency round-robin in one loop and store it in `rows`, so the
