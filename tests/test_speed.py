@@ -86,3 +86,14 @@ def test_peak_forward_memory_in_a_fresh_process(tmp_path):
         pytest.skip("no /proc/self/clear_refs on this system")
     assert got["peak"] >= got["resident"] > 0
     assert got["forward"] == got["peak"] - got["resident"]
+
+
+def test_masked_threshold_sweep_leaves_the_layer_as_it_was():
+    from moee.speed import masked_threshold
+
+    _, moe = random_moe_block(16, 64, 4, 0.3)
+    moe.execution, moe.small_batch_tokens = "grouped", 7
+    with torch.inference_mode():
+        threshold, rows = masked_threshold(moe, torch.randn(40, 16), repeats=2)
+    assert (moe.execution, moe.small_batch_tokens) == ("grouped", 7)
+    assert [r["tokens"] for r in rows][:1] == [16] and 0 <= threshold <= 40

@@ -18,13 +18,21 @@ from moee.timing import time_interleaved
 
 
 def _timed(layer: MoEMLP, x: torch.Tensor, modes: dict[str, dict], repeats: int) -> dict:
+    """Median seconds of `layer(x)` under each named setting of its attributes; the layer's
+    own settings are restored afterwards."""
+    saved = {"execution": layer.execution, "small_batch_tokens": layer.small_batch_tokens}
+
     def run(settings: dict) -> None:
         for attr, value in settings.items():
             setattr(layer, attr, value)
         layer(x)
 
-    return time_interleaved({m: (lambda s=s: run(s)) for m, s in modes.items()}, x.device,
-                            repeats, min_seconds=0.03)
+    try:
+        return time_interleaved({m: (lambda s=s: run(s)) for m, s in modes.items()}, x.device,
+                                repeats, min_seconds=0.03)
+    finally:
+        for attr, value in saved.items():
+            setattr(layer, attr, value)
 
 
 def masked_threshold(layer: MoEMLP, tokens: torch.Tensor, repeats: int = 10,
