@@ -139,9 +139,11 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
     t_d, t_m, t_r = secs["dense"], secs["moe"], secs["rest"]
     macs_d, macs_m, macs_r = count_macs(dense, x), count_macs(moe_model, x), count_macs(rest, x)
     mlp_ratio = (macs_m - macs_r) / (macs_d - macs_r)
-    amdahl = t_d / (t_r + max(t_d - t_r, 0.0) * mlp_ratio)
+    mlp_share = min(max((t_d - t_r) / t_d, 0.0), 1.0)  # noise can put t_r above t_d
+    amdahl = 1 / ((1 - mlp_share) + mlp_share * mlp_ratio)
     return {"batch": x.shape[0], "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
-            "non_mlp_ms": t_r * 1e3, "speedup": t_d / t_m, "ideal": macs_d / macs_m,
+            "non_mlp_ms": t_r * 1e3, "mlp_time_share": mlp_share, "mlp_mac_ratio": mlp_ratio,
+            "speedup": t_d / t_m, "ideal": macs_d / macs_m,
             "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,
             "amdahl_efficiency": t_d / t_m / amdahl}
 
