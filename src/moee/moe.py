@@ -251,8 +251,9 @@ class MoEMLP(nn.Module):
 
     def _forward_experts(self, tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
         """No autograd. Tokens sorted by expert; each expert's first matmul (bias fused by
-        addmm) writes into one flat hidden buffer, the activation runs once over all of it,
-        each second matmul writes into one output buffer; one gather restores token order."""
+        addmm) writes into one flat hidden buffer, the activation runs once over all of it (per
+        expert when the buffer is large), each second matmul writes into one output buffer in
+        expert order; one gather restores token order."""
         expert = F.linear(tokens, *c.router).argmax(-1)
         counts_t = torch.bincount(expert, minlength=len(c.sizes))
         self._track(counts_t)
@@ -271,21 +272,22 @@ class MoEMLP(nn.Module):
         # hidden values that extra pass over memory costs more than the calls it saves.
         flat_act = c.elementwise_activation and total <= FLAT_ACTIVATION_MAX_ELEMENTS
         flat = tokens.new_empty(total)  # every expert's hidden values, expert after expert
-        hidden, start, at = [], 0, 0
+        spans, activated, start, at = [], [], 0, 0  # span: (expert, W2_e, first token, at)
         for e, n_e in used:
             w1e, b1, w2e = weights[e] or self._gather_expert(e)
             h = flat[at : at + n_e * sizes[e]].view(n_e, sizes[e])
             torch.addmm(b1, grouped[start : start + n_e], w1e.T, out=h)
-            hidden.append((e, h if flat_act else act(h), w2e.T, start, n_e))
+            if not flat_act:
+                activated.append(act(h))
+            spans.append((e, w2e, start, at))
             start, at = start + n_e, at + n_e * sizes[e]
         if flat_act:
-            flat, at = act(flat), 0
-            for i, (e, _, w2t, start, n_e) in enumerate(hidden):
-                hidden[i] = (e, flat[at : at + n_e * sizes[e]].view(n_e, sizes[e]), w2t, start, n_e)
-                at += n_e * sizes[e]
+            flat = act(flat)
+            activated = [flat[at : at + counts[e] * sizes[e]].view(counts[e], sizes[e])
+                         for e, _, _, at in spans]
         y = tokens.new_empty(n, c.out_bias.shape[1])  # (N, d_out) in expert order
-        for e, h, w2t, start, n_e in hidden:
-            torch.addmm(c.out_bias[e], h, w2t, out=y[start : start + n_e])
+        for (e, w2e, start, _), h in zip(spans, activated, strict=True):
+            torch.addmm(c.out_bias[e], h, w2e.T, out=y[start : start + counts[e]])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n, device=order.device)
         return y.index_select(0, inverse)
