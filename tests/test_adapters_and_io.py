@@ -141,3 +141,19 @@ def test_bad_execution_settings_in_config_are_clear_errors(tmp_path, field, valu
     (tmp_path / "moee_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         moee.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["hf-vit", "hf-bert"])
+def test_execution_set_on_the_modules_is_what_gets_saved(tmp_path, family):
+    make, inputs, _ = MODELS[family]
+    model = make()
+    sites = find_mlp_sites(model)
+    plans = full_expert_plans(sites, k=2)
+    apply_plans(sites, plans)
+    moe_model = MoEModel(model, plans)
+    layers = list(moe_model.moe_layers().values())  # BERT: inside the site, at .intermediate
+    layers[0].execution, layers[1].small_batch_tokens = "masked", 5
+    moe_model.save_pretrained(tmp_path)
+    again = list(moee.load(tmp_path).moe_layers().values())
+    assert [m.execution for m in again] == ["masked", "experts"]
+    assert [m.small_batch_tokens for m in again] == [None, 5]

@@ -51,6 +51,10 @@ def save_pretrained(moe_model: MoEModel, directory: str | Path) -> Path:
             state[k] = v.clone()
         seen[v.data_ptr()] = k
     save_file(state, str(out / WEIGHTS_NAME))
+    layers = moe_model.plan_layers()  # the modules' live execution settings are what is saved
+    for plan in moe_model.plans:
+        plan.execution = layers[plan.site].execution
+        plan.small_batch_tokens = layers[plan.site].small_batch_tokens
     config = {
         "format_version": FORMAT_VERSION,
         "moee_version": moee.__version__,

@@ -35,6 +35,15 @@ class MoEModel(nn.Module):
     def moe_layers(self) -> dict[str, MoEMLP]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, MoEMLP)}
 
+    def plan_layers(self) -> dict[str, MoEMLP]:
+        """Each plan's installed MoEMLP, by plan site. The site names the MLP block; the MoEMLP
+        is that module (ViT-style) or inside it (BERT-style: `<site>.intermediate`)."""
+        out = {}
+        for plan in self.plans:
+            block = self.model.get_submodule(plan.site)
+            out[plan.site] = next(m for m in block.modules() if isinstance(m, MoEMLP))
+        return out
+
     @contextmanager
     def track_routing(self) -> Iterator[None]:
         """Count tokens per expert in every MoE layer while the block runs."""

@@ -58,8 +58,8 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
     """Run `example` (one batch at the size you will serve) once to capture each MoE layer's
     input, then per layer (1) measure `small_batch_tokens`, (2) time the `routed` executions
     (default "experts", plus "grouped" on CUDA) and "union", and keep the fastest routed one
-    unless the union beats it by more than `margin`. Records the choice in `moe_model.plans`
-    (saved with the checkpoint) and returns one row of timings per layer."""
+    unless the union beats it by more than `margin`. Sets both on the layers (save_pretrained
+    writes them into the checkpoint) and returns one row of timings per layer."""
     layers = moe_model.moe_layers()
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
@@ -71,7 +71,6 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
         for h in hooks:
             h.remove()
     rows = []
-    plans = {p.site: p for p in moe_model.plans}
     for name, layer in layers.items():
         x = captured[name]
         tokens = x.reshape(-1, x.shape[-1])
@@ -83,8 +82,6 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
         if t["union"] * (1 + margin) < t[best]:
             best = "union"
         layer.execution, layer.small_batch_tokens = best, threshold
-        if name in plans:
-            plans[name].execution, plans[name].small_batch_tokens = best, threshold
         rows.append({"site": name, "tokens": len(tokens), "execution": best,
                      **{f"{m}_ms": v * 1e3 for m, v in t.items()},
                      "small_batch_tokens": threshold, "masked_sweep": sweep})
@@ -95,8 +92,5 @@ def set_execution(moe_model: MoEModel, execution: str) -> None:
     """Force one execution for every MoE layer (e.g. 'experts' to undo a calibration)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-    for name, layer in moe_model.moe_layers().items():
+    for layer in moe_model.moe_layers().values():
         layer.execution = execution
-        for p in moe_model.plans:
-            if p.site == name:
-                p.execution = execution
