@@ -22,6 +22,20 @@ def test_macs_equal_analytic_count_for_known_routing():
     assert count_params(moe) == (d * 30 + 30) + (30 * d + d) + 2 * d + 2 * d
 
 
+def test_macs_count_fused_cpu_attention_like_eager():
+    from conftest import tiny_vit
+
+    model, x = tiny_vit(), torch.randn(3, 1, 8, 8)
+    eager = count_macs(model, x)
+    model.set_attn_implementation("sdpa")
+    assert count_macs(model, x) == eager  # the fused kernel's two matmuls are counted
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as plain:  # torch alone misses them on CPU
+        model(x)
+    assert plain.get_total_flops() // 2 < eager
+
+
 def test_side_by_side_latency_fills_every_row():
     import math
 

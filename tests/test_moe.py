@@ -229,3 +229,11 @@ def test_default_small_batch_threshold_follows_the_cost_model():
         moe(torch.randn(2, D))
     assert moe._weights().default_small_batch_tokens == default_small_batch_tokens(
         H, moe.expert_sizes())
+
+
+def test_top1_matches_argmax_on_both_sides_of_its_switch_ties_included():
+    from moee.moe import top1
+
+    for rows, k in [(5, 3), (17, 29), (300, 29), (1000, 2)]:
+        scores = torch.randint(0, 3, (rows, k)).float()  # many ties
+        assert torch.equal(top1(scores), scores.argmax(-1))

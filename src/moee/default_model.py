@@ -36,8 +36,9 @@ def default_vit_config() -> ViTConfig:
         num_labels=len(FASHION_MNIST_CLASSES),
         id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
         label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
-        # eager attention: matmuls that torch.utils.flop_counter sees on every backend.
-        attn_implementation="eager",
+        # PyTorch's fused attention (transformers' default); moee.evaluate.count_macs counts
+        # its CPU kernel too.
+        attn_implementation="sdpa",
     )
 
 
@@ -47,7 +48,6 @@ def build_default_vit(seed: int | None = None) -> ViTForImageClassification:
         torch.manual_seed(seed)
     config = default_vit_config()
     model = ViTForImageClassification(config)
-    model.config._attn_implementation = "eager"
     return model
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from moee.data.tensors import image_batches
 from moee.moe import MoEMLP
@@ -39,6 +39,17 @@ def accuracy(
 
 
 @torch.inference_mode()
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the fused CPU attention kernel, which torch's flop counter does not list (it
+    lists the CUDA ones): the same two batched matmuls as the CUDA kernels' formula."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Fused attention kernels the flop counter would otherwise skip, so a model with SDPA
+# attention (transformers' default) counts what eager attention counts.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one real forward on `x`, counted by torch.utils.flop_counter.
 
@@ -55,7 +66,7 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     try:
         for m in routed:
             m.execution, m.small_batch_tokens = "experts", 0
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
             model_logits(model, x)
     finally:
         for m, (execution, threshold) in zip(routed, saved, strict=True):
