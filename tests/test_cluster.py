@@ -46,3 +46,25 @@ def test_max_tokens_subsamples_and_marks_rest_noise():
                            max_tokens=200, stability=False)
     result = cluster_layer(blobs(), config)
     assert (result.labels >= 0).sum() <= 200 and len(result.labels) == 450
+
+
+def test_max_clusters_merges_the_nearest_clusters_and_keeps_noise():
+    from moee.cluster import merge_clusters
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0], [1, 0], [20, 0], [21, 0], [0, 40]])  # pairs 0-1 and 2-3
+    truth = np.repeat(np.arange(5), 40)
+    z = centres[truth] + rng.normal(scale=0.1, size=(200, 2))
+    labels = truth.copy()
+    labels[::7] = -1  # noise
+    merged = merge_clusters(z, labels, 3)
+    assert np.array_equal(merged[labels < 0], labels[labels < 0])
+    assert sorted(np.unique(merged[merged >= 0])) == [0, 1, 2]
+    groups = {tuple(np.unique(truth[(merged == c)])) for c in range(3)}
+    assert groups == {(0, 1), (2, 3), (4,)}
+    assert np.array_equal(merge_clusters(z, labels, 5), labels)  # nothing to merge
+
+    config = ClusterConfig(algorithm="kmeans", n_clusters=5, max_clusters=3, reduce_dims=None,
+                           stability=False, min_cluster_fraction=0.05)
+    result = cluster_layer(z, config)
+    assert result.n_clusters == 3 and int(result.labels.max()) == 2

@@ -69,3 +69,14 @@ def test_cli_calibrate_force_sets_every_layer_and_saves(tmp_path, capsys):
     # Timing needs real inputs: the CLI has Fashion-MNIST only, and says so for other shapes.
     assert main(["calibrate", str(tmp_path / "moe"), "--out", str(tmp_path / "c")]) == 2
     assert "calibrate_execution" in capsys.readouterr().err
+
+
+def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():
+    from moee.cli import _extract_config, build_parser
+
+    parser = build_parser()
+    cluster = lambda *argv: _extract_config(parser.parse_args(list(argv))).cluster  # noqa: E731
+    assert cluster("demo").max_clusters == 8
+    assert cluster("demo", "--max-experts", "0").max_clusters is None
+    assert cluster("extract", "--out", "x").max_clusters is None
+    assert cluster("extract", "--out", "x", "--max-experts", "4").max_clusters == 4

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import DBSCAN, OPTICS, Birch, KMeans
+from sklearn.cluster import DBSCAN, OPTICS, AgglomerativeClustering, Birch, KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
@@ -70,6 +70,23 @@ def _fit_labels(z: np.ndarray, config: ClusterConfig) -> np.ndarray:
     return out
 
 
+def merge_clusters(z: np.ndarray, labels: np.ndarray, max_clusters: int) -> np.ndarray:
+    """Relabel so that at most `max_clusters` clusters remain: Ward agglomeration of the
+    clusters' centroids (in the space they were found in), each group becoming one cluster,
+    numbered by its smallest original id. Noise stays -1; fewer clusters come back unchanged."""
+    k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    if k <= max_clusters:
+        return labels
+    centroids = np.stack([z[labels == c].mean(0) for c in range(k)])
+    group = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(centroids).labels_
+    first = {g: c for c in range(k - 1, -1, -1) for g in [group[c]]}  # smallest id per group
+    order = sorted(first, key=first.get)
+    new_id = np.array([order.index(g) for g in group])
+    out = labels.copy()
+    out[labels >= 0] = new_id[labels[labels >= 0]]
+    return out
+
+
 def _nearest_centroid(z: np.ndarray, labels: np.ndarray, points: np.ndarray) -> np.ndarray:
     ids = [c for c in np.unique(labels) if c >= 0]
     centroids = np.stack([z[labels == c].mean(0) for c in ids])  # (k, D)
@@ -106,6 +123,8 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
     z = reduce(hidden[rows], config)
     labels = np.full(n, -1, dtype=np.int64)
     labels[rows] = _fit_labels(z, config)
+    if config.max_clusters is not None:
+        labels[rows] = merge_clusters(z, labels[rows], config.max_clusters)
     k = int(labels.max()) + 1 if (labels >= 0).any() else 0
     stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
     return LayerClustering(labels, k, float((labels[rows] < 0).mean()), stability,

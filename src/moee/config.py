@@ -40,6 +40,9 @@ class ClusterConfig:
     to an approximate path above ~30 dimensions, so 30 is the default.
     `min_cluster_fraction`: HDBSCAN min cluster size as a share of the layer's tokens (paper: 0.6%).
     `n_clusters` / `eps` are only read by the algorithms that need them (k-means, BIRCH / DBSCAN).
+    `max_clusters` (not in the paper; None = off): merge the closest clusters until at most this
+    many remain. Fewer, larger experts cost more active neurons per token but fewer kernel calls
+    and fewer overlapping weight copies, which is what small batches on a CPU pay for.
     """
 
     algorithm: str = "hdbscan"
@@ -51,6 +54,7 @@ class ClusterConfig:
     n_clusters: int = 8
     eps: float = 0.5
     seed: int = 0
+    max_clusters: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
@@ -65,6 +69,8 @@ class ClusterConfig:
                f"must be >= 2 or None, got {self.max_tokens}")
         _check(self.n_clusters >= 1, "cluster.n_clusters", f"must be >= 1, got {self.n_clusters}")
         _check(self.eps > 0, "cluster.eps", f"must be > 0, got {self.eps}")
+        _check(self.max_clusters is None or self.max_clusters >= 1, "cluster.max_clusters",
+               f"must be >= 1 or None, got {self.max_clusters}")
 
 
 @dataclass(frozen=True)
