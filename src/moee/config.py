@@ -41,8 +41,8 @@ class ClusterConfig:
     `min_cluster_fraction`: HDBSCAN min cluster size as a share of the layer's tokens (paper: 0.6%).
     `n_clusters` / `eps` are only read by the algorithms that need them (k-means, BIRCH / DBSCAN).
     `max_clusters` (not in the paper; None = off): merge the closest clusters until at most this
-    many remain. Fewer, larger experts cost more active neurons per token but fewer kernel calls
-    and fewer overlapping weight copies, which is what small batches on a CPU pay for.
+    many remain. Fewer, larger experts cost more active neurons per token but make fewer kernel
+    calls and fewer overlapping weight copies (a smaller model when experts overlap a lot).
     """
 
     algorithm: str = "hdbscan"
