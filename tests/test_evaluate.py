@@ -53,3 +53,13 @@ def test_side_by_side_latency_fills_every_row():
     assert grad_modes and not any(grad_modes)  # timed as inference, not as training
     assert all(r.latency_ms > 0 and r.latency_batch == 8 for r in rows.values())
     assert "round-robin" in comparison_table(rows)
+
+
+def test_macs_are_counted_as_inference_not_training():
+    from conftest import tiny_moe_model
+
+    moe = tiny_moe_model()
+    grad_modes = []
+    moe.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
+    count_macs(moe, torch.randn(2, 1, 8, 8))
+    assert grad_modes == [False]

@@ -38,7 +38,6 @@ def accuracy(
     return correct / total
 
 
-@torch.inference_mode()
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the fused CPU attention kernel, which torch's flop counter does not list (it
     lists the CUDA ones): the same two batched matmuls as the CUDA kernels' formula."""
@@ -50,6 +49,7 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
+@torch.inference_mode()
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one real forward on `x`, counted by torch.utils.flop_counter.
 
