@@ -215,14 +215,19 @@ def test_activation_per_expert_or_over_all_experts_gives_same_output(monkeypatch
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_default_small_batch_threshold_follows_the_cost_model():
+def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
+    import moee.moe
     from moee.moe import default_small_batch_tokens
 
     assert default_small_batch_tokens(48, [48]) == 0  # one expert: the loop is a plain MLP
     narrow = default_small_batch_tokens(400, [100] * 8)  # masked computes 4x the neurons
     wide = default_small_batch_tokens(400, [300] * 8)  # masked computes 1.33x
     assert 0 < narrow < wide
-    assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) < wide
+    monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: False)
+    assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) < wide  # slow bf16 kernels
+    monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: True)
+    assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) > wide  # AMX: call cost
+    assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16, "cuda") < wide
     moe = _random_moe()
     assert moe.small_batch_tokens is None  # resolved per dtype at inference
     with torch.no_grad():

@@ -6,6 +6,7 @@ each expert is an index set into that union, so overlapping experts share weight
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,15 @@ from moee.config import ROUTER_METRICS
 #   "union":   the pruned union of all experts' neurons run densely for every token, without
 #              routing: the per-layer fallback when routing would make the layer slower.
 EXECUTIONS = ("experts", "masked", "grouped", "union")
-# Tokens per expert at which a small GEMM runs at about half its large-batch speed, by dtype
-# (fp32 on CPU is overhead-bound longer than the slower, compute-bound bf16/fp16 kernels; from
-# this project's CPU benchmarks); drives the default `small_batch_tokens`.
-HALF_SPEED_TOKENS_PER_EXPERT = {torch.float32: 32}
-HALF_SPEED_TOKENS_PER_EXPERT_OTHER_DTYPES = 8
+# Tokens per expert at which a small GEMM (addmm) runs at about half its large-batch speed per
+# token, measured on this project's CPUs; drives the default `small_batch_tokens`.
+#   fp32: ~32 on AVX2 and on AVX-512 alike.
+#   bf16/fp16 through AMX tiles: ~128 at width 768, ~512 at width 192 — every call pays a fixed
+#     cost of tens of microseconds, so a few tokens per expert waste most of it.
+#   bf16/fp16 without AMX: ~8 (slow, compute-bound kernels).
+HALF_SPEED_TOKENS_FP32 = 32
+HALF_SPEED_TOKENS_AMX = 128
+HALF_SPEED_TOKENS_LOW_PRECISION = 8
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 
 
@@ -54,8 +59,25 @@ def top1(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(-1) if scores.numel() < 2048 else scores.max(-1).indices
 
 
+@functools.cache
+def cpu_has_amx(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bf16 / fp16) on AMX tiles."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get({torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype, "")))
+
+
+def half_speed_tokens(dtype: torch.dtype, device_type: str = "cpu") -> int:
+    """Tokens per expert at which a small GEMM runs at about half its large-batch speed."""
+    if dtype == torch.float32:
+        return HALF_SPEED_TOKENS_FP32
+    if device_type == "cpu" and cpu_has_amx(dtype):
+        return HALF_SPEED_TOKENS_AMX
+    return HALF_SPEED_TOKENS_LOW_PRECISION
+
+
 def default_small_batch_tokens(union: int, sizes: list[int],
-                               dtype: torch.dtype = torch.float32) -> int:
+                               dtype: torch.dtype = torch.float32,
+                               device_type: str = "cpu") -> int:
     """Token count up to which "masked" is expected to beat the expert loop, before any
     calibration. Model: with n tokens per expert a GEMM runs at n / (n + n_half) of full speed,
     so the loop costs N·m·(1 + n_half·k/N) against N·U for masked (m mean expert size, U union,
@@ -65,7 +87,7 @@ def default_small_batch_tokens(union: int, sizes: list[int],
     if k == 1:
         return 0
     spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
-    n_half = HALF_SPEED_TOKENS_PER_EXPERT.get(dtype, HALF_SPEED_TOKENS_PER_EXPERT_OTHER_DTYPES)
+    n_half = half_speed_tokens(dtype, device_type)
     return int(n_half * k / max(spread, 0.125))
 
 
@@ -200,7 +222,8 @@ class MoEMLP(nn.Module):
         sizes = self.expert_sizes()
         self._cache = InferenceWeights(
             key, w1, b1, w2.T, self.activation, sizes, router, out_bias.contiguous(), experts,
-            elementwise, default_small_batch_tokens(w1.shape[0], sizes, w1.dtype))
+            elementwise, default_small_batch_tokens(w1.shape[0], sizes, w1.dtype,
+                                                   w1.device.type))
         return self._cache
 
     def _gather_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
