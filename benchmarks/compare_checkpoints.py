@@ -1,10 +1,12 @@
 """Dense embedded default vs several saved MoE checkpoints, timed side by side.
 
     python benchmarks/compare_checkpoints.py runs/demo/moe runs/demo-k0/moe --batches 1,8,64,256
+    python benchmarks/compare_checkpoints.py runs/demo/moe --dtype bfloat16 --calibrate
 
 Every model runs on the same real Fashion-MNIST test images, round-robin in one process
 (`moee.timing.time_interleaved`), so a comparison of two extractions is not skewed by the
-machine's load drifting between separate runs. Prints each checkpoint's speedup over dense.
+machine's load drifting between separate runs. Prints each checkpoint's speedup over dense;
+`--calibrate` adds a copy of each checkpoint calibrated (`calibrate_execution`) at each batch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from moee.data.tensors import normalize_images
 from moee.default_model import load_default_model
 from moee.evaluate import model_logits
 from moee.io import load
+from moee.speed import calibrate_execution
 from moee.timing import time_interleaved
 
 
@@ -26,19 +29,27 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+", help="saved MoE checkpoints of the default model")
     ap.add_argument("--batches", default="1,8,64,128,256", help="images per forward")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also time each checkpoint calibrated at each batch size")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     images, _ = load_fashion_mnist("test")
-    models = {"dense": load_default_model()}
-    models.update({path: load(path).eval() for path in args.checkpoints})
-    print(f"{torch.get_num_threads()} threads; speedup over dense per checkpoint")
-    print(f"{'images':>6} {'dense ms':>9}  " + "  ".join(args.checkpoints))
+    models = {"dense": load_default_model().to(dtype)}
+    models.update({path: load(path).eval().to(dtype) for path in args.checkpoints})
+    names = [*args.checkpoints, *(f"{p} calibrated" for p in args.checkpoints if args.calibrate)]
+    print(f"{torch.get_num_threads()} threads, {args.dtype}; speedup over dense")
+    print(f"{'images':>6} {'dense ms':>9}  " + "  ".join(names))
     with torch.inference_mode():
         for n in map(int, args.batches.split(",")):
-            x = normalize_images(images[:n])
+            x = normalize_images(images[:n]).to(dtype)
+            for path in args.checkpoints if args.calibrate else []:
+                models[f"{path} calibrated"] = calibrated = load(path).eval().to(dtype)
+                calibrate_execution(calibrated, x)
             secs = time_interleaved(
                 {name: (lambda m=m, x=x: model_logits(m, x)) for name, m in models.items()},
                 torch.device("cpu"), args.repeats)
-            ratios = [f"{secs['dense'] / secs[p]:>{len(p)}.2f}" for p in args.checkpoints]
+            ratios = [f"{secs['dense'] / secs[p]:>{len(p)}.2f}" for p in names]
             print(f"{n:>6} {secs['dense'] * 1e3:>9.2f}  " + "  ".join(ratios))
 
 
