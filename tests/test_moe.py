@@ -242,3 +242,30 @@ def test_top1_matches_argmax_on_both_sides_of_its_switch_ties_included():
     for rows, k in [(5, 3), (17, 29), (300, 29), (1000, 2)]:
         scores = torch.randint(0, 3, (rows, k)).float()  # many ties
         assert torch.equal(top1(scores), scores.argmax(-1))
+
+
+def test_expert_loop_reuses_its_scratch_buffers_safely():
+    import moee.moe
+    from moee.moe import clear_workspace, workspace_bytes
+
+    clear_workspace()
+    moe, other = _random_moe(), _random_moe(metric="euclidean")
+    moe.small_batch_tokens = other.small_batch_tokens = 0
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        first = moe(x)
+        kept = workspace_bytes()
+        assert kept > 0  # buffers stay between calls...
+        other(torch.randn(30, D))  # ...and another layer reuses them
+        assert workspace_bytes() == kept
+        again = moe(x)
+    assert again.data_ptr() != first.data_ptr()  # outputs are fresh tensors
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(first, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # inference-mode buffers are kept apart from no_grad ones
+        torch.testing.assert_close(moe(x), first, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), first, rtol=0, atol=0)
+    clear_workspace()
+    assert workspace_bytes() == 0
+    assert moee.moe.scratch("t", 4, torch.zeros(1, device="meta")).device.type == "meta"
