@@ -172,13 +172,17 @@ def test_non_elementwise_activation_is_applied_per_expert():
     with torch.no_grad():
         out = moe(x)
         assert not moe._weights().elementwise_activation
+        assert moe._weights().widths == moe.expert_sizes()  # zero padding would shift rows
         torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_presliced_copies_cost_memory_and_gather_mode_does_not():
+    from moee.moe import expert_width
+
     moe = _random_moe()
-    sizes = sum(moe.expert_sizes())
-    assert moe.presliced_bytes() == sizes * (D + 1 + D) * 4
+    widths = sum(expert_width(m) for m in moe.expert_sizes())  # zero-padded copies
+    assert widths > sum(moe.expert_sizes())
+    assert moe.presliced_bytes() == widths * (D + 1 + D) * 4
     moe.presliced = False
     assert moe.presliced_bytes() == 0
     with torch.no_grad():
@@ -269,3 +273,21 @@ def test_expert_loop_reuses_its_scratch_buffers_safely():
     clear_workspace()
     assert workspace_bytes() == 0
     assert moee.moe.scratch("t", 4, torch.zeros(1, device="meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 16, 64])
+def test_zero_padded_expert_copies_change_nothing_and_macs_ignore_them(multiple):
+    from moee.evaluate import count_macs
+    from moee.moe import expert_width
+
+    moe = _random_moe(activation=nn.Sigmoid())  # act(0) != 0: the zero fc2 columns cancel it
+    moe.small_batch_tokens = 0
+    x = torch.randn(60, D)
+    macs = count_macs(moe, x)
+    moe.width_multiple = multiple
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+        assert moe._weights().widths == [expert_width(m, multiple) for m in moe.expert_sizes()]
+        moe.presliced = False  # the gather path pads the same way
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert count_macs(moe, x) == macs and moe.width_multiple == multiple

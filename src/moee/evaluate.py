@@ -56,21 +56,22 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     The flop counter sees the matmuls the routed MoE runs (each expert only on its own
     tokens), so the figure reflects routing, not a formula. FLOPs / 2 = MACs. Routed layers
     are counted on their expert loop whichever exact path would serve this batch (the masked
-    small-batch path computes the same function with more, cheaper-to-launch arithmetic);
-    layers calibrated to "union" are counted as the union they run.
+    small-batch path computes the same function with more, cheaper-to-launch arithmetic) and
+    without the zero neurons that pad expert weight copies for speed (the model's MACs, not
+    the engine's); layers calibrated to "union" are counted as the union they run.
     """
     routed = [m for m in model.modules() if isinstance(m, MoEMLP) and m.execution != "union"]
-    saved = [(m.execution, m.small_batch_tokens) for m in routed]
+    saved = [(m.execution, m.small_batch_tokens, m.width_multiple) for m in routed]
     was_training = model.training
     model.eval()
     try:
         for m in routed:
-            m.execution, m.small_batch_tokens = "experts", 0
+            m.execution, m.small_batch_tokens, m.width_multiple = "experts", 0, 1
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
             model_logits(model, x)
     finally:
-        for m, (execution, threshold) in zip(routed, saved, strict=True):
-            m.execution, m.small_batch_tokens = execution, threshold
+        for m, (execution, threshold, multiple) in zip(routed, saved, strict=True):
+            m.execution, m.small_batch_tokens, m.width_multiple = execution, threshold, multiple
         model.train(was_training)
     return counter.get_total_flops() // 2
 
