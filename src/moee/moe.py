@@ -41,7 +41,7 @@ HALF_SPEED_TOKENS_LOW_PRECISION = 8
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 # Expert weight copies are zero-padded to a multiple of this many neurons: a GEMM whose output
 # width is not a multiple of 16 ran 12-20% slower per neuron on CPU (544 tokens x 192 -> 239
-# vs 240 neurons), and the padded embedded default ran 5-6% faster end to end at 64-256 images.
+# vs 240 neurons), and the padded embedded default ran 4-6% faster end to end at 64-256 images.
 # Padded neurons have zero weights in and out, so they add nothing to the output.
 EXPERT_WIDTH_MULTIPLE = 16
 
@@ -211,7 +211,7 @@ class MoEMLP(nn.Module):
         self.execution = "experts"
         # None: `default_small_batch_tokens` for the weights' dtype; an int once calibrated.
         self.small_batch_tokens: int | None = None
-        # Pre-sliced per-expert weight copies (fast; costs sum(m_e)/U more weight memory) or
+        # Pre-sliced per-expert weight copies (fast; costs sum(w_e)/U more weight memory) or
         # index-gather from the shared union weights on every call (no extra memory).
         self.presliced = True
         # Expert copies padded with zero neurons to a multiple of this (1 = no padding; padding
@@ -276,9 +276,8 @@ class MoEMLP(nn.Module):
             router = router_weights(self.router_centres.to(w1.dtype), self.metric)
         self._cache = InferenceWeights(
             key, w1, b1, w2.T, self.activation, sizes, widths, router, out_bias.contiguous(),
-            experts,
-            elementwise, default_small_batch_tokens(w1.shape[0], sizes, w1.dtype,
-                                                   w1.device.type))
+            experts, elementwise,
+            default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type))
         return self._cache
 
     def _gather_expert(self, e: int, width: int) -> tuple[torch.Tensor, torch.Tensor,
