@@ -98,3 +98,39 @@ def test_masked_threshold_sweep_leaves_the_layer_as_it_was():
         threshold, rows = masked_threshold(moe, torch.randn(40, 16), repeats=2)
     assert (moe.execution, moe.small_batch_tokens) == ("grouped", 7)
     assert [r["tokens"] for r in rows][:1] == [16] and 0 <= threshold <= 40
+
+
+def test_calibration_skips_an_execution_the_device_cannot_run(monkeypatch):
+    from moee.moe import MoEMLP
+
+    def no_kernel(self, tokens, cache):
+        raise RuntimeError("Expected inputs of BF16 type but got float")
+
+    monkeypatch.setattr(MoEMLP, "_forward_grouped", no_kernel)
+    moe_model = tiny_moe_model()
+    rows = calibrate_execution(moe_model, torch.randn(4, 1, 8, 8), repeats=3,
+                               routed=("experts", "grouped"))
+    for row, layer in zip(rows, moe_model.moe_layers().values(), strict=True):
+        assert row["grouped_unsupported"].startswith("RuntimeError: Expected inputs of BF16")
+        assert "grouped_ms" not in row and row["execution"] in ("experts", "union")
+        assert layer.execution == row["execution"]
+    rows = calibrate_execution(moe_model, torch.randn(4, 1, 8, 8), repeats=3, routed=("grouped",))
+    assert all(r["execution"] in ("experts", "union") for r in rows)  # falls back to the loop
+
+
+def test_block_bench_reports_a_style_the_device_cannot_run_instead_of_failing(monkeypatch):
+    import math
+
+    from moee.bench import bench_block
+    from moee.moe import MoEMLP
+
+    def no_kernel(self, tokens, cache):
+        raise RuntimeError("Expected inputs of BF16 type but got float")
+
+    monkeypatch.setattr(MoEMLP, "_forward_grouped", no_kernel)
+    dense, moe = random_moe_block(16, 48, 4, 0.25)
+    row = bench_block(dense, moe, 40, torch.device("cpu"))
+    assert row["speedup"]["grouped"] is None and "grouped" not in row["ms"]
+    assert row["unsupported"]["grouped"].startswith("RuntimeError: Expected inputs of BF16")
+    others = [v for k, v in row["speedup"].items() if k != "grouped"]
+    assert all(math.isfinite(v) and v > 0 for v in others) and row["efficiency"] > 0

@@ -46,8 +46,12 @@ def part_blocks(device, dtypes, batches, token_counts, results):
                 results["blocks"].append(row)
                 s = row["speedup"]
                 print(f"{active:>7.0%}{row['dtype']:>9}{images or '-':>7}{tokens:>7}"
-                      f"{row['ms']['dense']:>10.2f}" + "".join(f"{s[k]:>7.2f}x" for k in styles)
+                      f"{row['ms']['dense']:>10.2f}"
+                      + "".join(f"{'n/a':>8}" if s[k] is None else f"{s[k]:>7.2f}x"
+                                for k in styles)
                       + f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+                for style, why in row["unsupported"].items():
+                    print(f"{'':>7}{style} cannot run here: {why}")
         print(f"{'':>7}pre-sliced expert copies: +{moe.presliced_bytes() / 2**20:.1f} MiB over the "
               f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none)")
 
@@ -149,7 +153,9 @@ def plot(results, path):
         rows = [r for r in results["blocks"]
                 if r["active"] == active and r["dtype"] == "float32" and r["images"]]
         for style in ("moee", "mask", "loop"):
-            ax.plot([r["images"] for r in rows], [r["speedup"][style] for r in rows],
+            ax.plot([r["images"] for r in rows],
+                    [float("nan") if r["speedup"][style] is None else r["speedup"][style]
+                     for r in rows],
                     marker="o", label=f"{style}, {active:.0%} active")
     ax.axhline(1, color="grey", lw=0.8)
     ax.set(xscale="log", xlabel="images per batch", ylabel="speedup over dense MLP",

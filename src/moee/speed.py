@@ -35,6 +35,21 @@ def _timed(layer: MoEMLP, x: torch.Tensor, modes: dict[str, dict], repeats: int)
             setattr(layer, attr, value)
 
 
+def _unsupported(layer: MoEMLP, x: torch.Tensor, execution: str) -> str | None:
+    """Why `execution` cannot run `x` on this layer (None if it can). Kernels such as
+    `grouped_mm` accept only some dtypes and devices (CUDA's wants bf16), so calibration tries
+    each candidate once instead of failing half-way through a model."""
+    saved = layer.execution
+    try:
+        layer.execution = execution
+        layer(x)
+    except (RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    finally:
+        layer.execution = saved
+    return None
+
+
 def masked_threshold(layer: MoEMLP, tokens: torch.Tensor, repeats: int = 10,
                      margin: float = 0.02) -> tuple[int, list[dict]]:
     """Largest token count (16, 32, 64, ... up to len(tokens)) at which the masked path is
@@ -58,8 +73,10 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
     """Run `example` (one batch at the size you will serve) once to capture each MoE layer's
     input, then per layer (1) measure `small_batch_tokens`, (2) time the `routed` executions
     (default "experts", plus "grouped" on CUDA) and "union", and keep the fastest routed one
-    unless the union beats it by more than `margin`. Sets both on the layers (save_pretrained
-    writes them into the checkpoint) and returns one row of timings per layer."""
+    unless the union beats it by more than `margin`; a routed execution this layer cannot run
+    (e.g. "grouped" on a dtype the device's kernel lacks) is skipped and its error reported in
+    the row. Sets both on the layers (save_pretrained writes them into the checkpoint) and
+    returns one row of timings per layer."""
     layers = moe_model.moe_layers()
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
@@ -76,6 +93,9 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
         tokens = x.reshape(-1, x.shape[-1])
         threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
         candidates = routed or (("experts", "grouped") if x.is_cuda else ("experts",))
+        skipped = {m: why for m in candidates if m != "experts"
+                   and (why := _unsupported(layer, x, m)) is not None}
+        candidates = tuple(m for m in candidates if m not in skipped) or ("experts",)
         modes = {m: {"execution": m, "small_batch_tokens": threshold} for m in candidates}
         t = _timed(layer, x, {**modes, "union": {"execution": "union"}}, repeats)
         best = min(candidates, key=t.__getitem__)
@@ -84,7 +104,8 @@ def calibrate_execution(moe_model: MoEModel, example, repeats: int = 20,
         layer.execution, layer.small_batch_tokens = best, threshold
         rows.append({"site": name, "tokens": len(tokens), "execution": best,
                      **{f"{m}_ms": v * 1e3 for m, v in t.items()},
-                     "small_batch_tokens": threshold, "masked_sweep": sweep})
+                     "small_batch_tokens": threshold, "masked_sweep": sweep,
+                     **{f"{m}_unsupported": why for m, why in skipped.items()}})
     return rows
 
 
