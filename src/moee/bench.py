@@ -28,7 +28,7 @@ from torch import nn
 
 from moee.evaluate import count_macs
 from moee.moe import MoEMLP
-from moee.timing import time_interleaved
+from moee.timing import first_error, time_interleaved
 
 
 def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: int = 0,
@@ -95,13 +95,10 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     gather.presliced, grouped.execution = False, "grouped"
     styles = {"dense": dense, "moee": moe, "gather": gather, "grouped": grouped, "union": union,
               "mask": mask_style(moe), "loop": loop_style(moe)}
-    unsupported = {}  # e.g. grouped_mm on a dtype this device's kernel lacks: a gap, not a crash
-    for name in ("gather", "grouped", "union", "mask", "loop"):
-        try:
-            styles[name](x)
-        except (RuntimeError, NotImplementedError) as e:
-            unsupported[name] = f"{type(e).__name__}: {e}".splitlines()[0]
-            del styles[name]
+    unsupported = {name: why for name in ("gather", "grouped", "union", "mask", "loop")
+                   if (why := first_error(lambda f=styles[name]: f(x))) is not None}
+    for name in unsupported:
+        del styles[name]
     secs = time_interleaved({name: (lambda f=f: f(x)) for name, f in styles.items()}, device)
     ms = {name: t * 1e3 for name, t in secs.items()}
     ideal = count_macs(dense, x) / count_macs(moe, x)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from moee.data.tensors import image_batches
-from moee.moe import MoEMLP
+from moee.moe import MoEMLP, kept_settings
 from moee.timing import time_interleaved
 
 
@@ -61,17 +61,15 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     the engine's); layers calibrated to "union" are counted as the union they run.
     """
     routed = [m for m in model.modules() if isinstance(m, MoEMLP) and m.execution != "union"]
-    saved = [(m.execution, m.small_batch_tokens, m.width_multiple) for m in routed]
     was_training = model.training
     model.eval()
     try:
-        for m in routed:
-            m.execution, m.small_batch_tokens, m.width_multiple = "experts", 0, 1
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-            model_logits(model, x)
+        with kept_settings(routed, "execution", "small_batch_tokens", "width_multiple"):
+            for m in routed:
+                m.execution, m.small_batch_tokens, m.width_multiple = "experts", 0, 1
+            with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+                model_logits(model, x)
     finally:
-        for m, (execution, threshold, multiple) in zip(routed, saved, strict=True):
-            m.execution, m.small_batch_tokens, m.width_multiple = execution, threshold, multiple
         model.train(was_training)
     return counter.get_total_flops() // 2
 

@@ -6,8 +6,10 @@ each expert is an index set into that union, so overlapping experts share weight
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,13 +134,30 @@ def clear_workspace() -> None:
     _workspace.__dict__.pop("buffers", None)
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def expert_width(size: int, multiple: int = EXPERT_WIDTH_MULTIPLE) -> int:
     """Neurons an expert's weight copies hold: its size rounded up to `multiple`."""
-    return -(-size // multiple) * multiple
+    return round_up(size, multiple)
+
+
+@contextlib.contextmanager
+def kept_settings(layers: Iterable[MoEMLP], *names: str) -> Iterator[None]:
+    """Restore the named attributes (e.g. "execution", "small_batch_tokens") of every layer on
+    exit, whatever the body set them to: for measurements that try other settings."""
+    saved = [(layer, {n: getattr(layer, n) for n in names}) for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, values in saved:
+            for n, v in values.items():
+                setattr(layer, n, v)
 
 
 def _pad8(n: int) -> int:
-    return -(-n // 8) * 8  # grouped_mm wants row strides that are multiples of 16 bytes
+    return round_up(n, 8)  # grouped_mm wants row strides that are multiples of 16 bytes
 
 
 @dataclass

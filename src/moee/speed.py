@@ -12,42 +12,29 @@ from __future__ import annotations
 
 import torch
 
-from moee.moe import EXECUTIONS, MoEMLP
+from moee.moe import EXECUTIONS, MoEMLP, kept_settings
 from moee.moe_model import MoEModel
-from moee.timing import time_interleaved
+from moee.timing import first_error, time_interleaved
 
 
 def _timed(layer: MoEMLP, x: torch.Tensor, modes: dict[str, dict], repeats: int) -> dict:
     """Median seconds of `layer(x)` under each named setting of its attributes; the layer's
     own settings are restored afterwards."""
-    saved = {"execution": layer.execution, "small_batch_tokens": layer.small_batch_tokens}
-
     def run(settings: dict) -> None:
         for attr, value in settings.items():
             setattr(layer, attr, value)
         layer(x)
 
-    try:
+    with kept_settings([layer], "execution", "small_batch_tokens"):
         return time_interleaved({m: (lambda s=s: run(s)) for m, s in modes.items()}, x.device,
                                 repeats, min_seconds=0.03)
-    finally:
-        for attr, value in saved.items():
-            setattr(layer, attr, value)
 
 
 def _unsupported(layer: MoEMLP, x: torch.Tensor, execution: str) -> str | None:
-    """Why `execution` cannot run `x` on this layer (None if it can). Kernels such as
-    `grouped_mm` accept only some dtypes and devices (CUDA's wants bf16), so calibration tries
-    each candidate once instead of failing half-way through a model."""
-    saved = layer.execution
-    try:
+    """Why `execution` cannot run `x` on this layer (None if it can)."""
+    with kept_settings([layer], "execution"):
         layer.execution = execution
-        layer(x)
-    except (RuntimeError, NotImplementedError) as e:
-        return f"{type(e).__name__}: {e}".splitlines()[0]
-    finally:
-        layer.execution = saved
-    return None
+        return first_error(lambda: layer(x))
 
 
 def masked_threshold(layer: MoEMLP, tokens: torch.Tensor, repeats: int = 10,

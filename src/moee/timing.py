@@ -9,6 +9,17 @@ from collections.abc import Callable
 import torch
 
 
+def first_error(fn: Callable[[], object]) -> str | None:
+    """Run `fn` once: None if it works, else a one-line reason. Kernels exist only for some
+    dtypes and devices (CUDA's grouped_mm wants bf16), so callers try a contender once and
+    report the gap instead of failing half-way through a benchmark or a calibration."""
+    try:
+        fn()
+    except (RuntimeError, NotImplementedError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
                      repeats: int = 15, min_seconds: float = 0.5) -> dict[str, float]:
     """Median seconds of each callable, timed round-robin so that load from other processes
