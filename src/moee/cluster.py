@@ -79,9 +79,9 @@ def merge_clusters(z: np.ndarray, labels: np.ndarray, max_clusters: int) -> np.n
         return labels
     centroids = np.stack([z[labels == c].mean(0) for c in range(k)])
     group = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(centroids).labels_
-    first = {g: c for c in range(k - 1, -1, -1) for g in [group[c]]}  # smallest id per group
-    order = sorted(first, key=first.get)
-    new_id = np.array([order.index(g) for g in group])
+    # groups numbered in order of their smallest original cluster id
+    number = {g: i for i, g in enumerate(dict.fromkeys(group.tolist()))}
+    new_id = np.array([number[g] for g in group.tolist()])
     out = labels.copy()
     out[labels >= 0] = new_id[labels[labels >= 0]]
     return out
