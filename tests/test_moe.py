@@ -291,3 +291,48 @@ def test_zero_padded_expert_copies_change_nothing_and_macs_ignore_them(multiple)
         moe.presliced = False  # the gather path pads the same way
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
     assert count_macs(moe, x) == macs and moe.width_multiple == multiple
+
+
+def _gelu_activation():
+    from transformers.activations import GELUActivation
+    return GELUActivation()
+
+
+@pytest.mark.parametrize("make_act", [nn.ReLU, nn.SiLU, nn.GELU, lambda: nn.GELU("tanh"),
+                                      _gelu_activation])
+def test_inplace_activation_is_exact_and_every_execution_uses_it_correctly(make_act):
+    from moee.moe import inplace_activation
+    act = make_act()
+    fn = inplace_activation(act)
+    assert fn is not None
+    h = torch.randn(7, 9)
+    expected = act(h)
+    out = fn(h)
+    assert out.data_ptr() == h.data_ptr()  # really in place
+    assert torch.equal(out, expected)
+    moe = _random_moe(activation=act)
+    x = torch.randn(3, 17, D)
+    with torch.no_grad():
+        ref = moe.forward_reference(x)
+        for execution in ("experts", "masked", "grouped"):
+            moe.execution, moe.small_batch_tokens = execution, 0
+            torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
+        moe.execution = "union"
+        dense = moe.fc2(act(moe.fc1(x)))
+        torch.testing.assert_close(moe(x), dense, rtol=0, atol=0)
+
+
+def test_unknown_or_altered_activation_runs_out_of_place():
+    from moee.moe import inplace_activation
+
+    class ScaledGELU(nn.GELU):  # a subclass that changes the function must not be replaced
+        def forward(self, h):
+            return 2 * super().forward(h)
+
+    assert inplace_activation(nn.Tanh()) is None
+    assert inplace_activation(ScaledGELU()) is None
+    moe = _random_moe(activation=ScaledGELU())
+    moe.small_batch_tokens = 0
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

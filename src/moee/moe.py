@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,29 @@ def top1(scores: torch.Tensor) -> torch.Tensor:
     a short last dim is slow for many rows (1088 x 29 scores: 94 us vs 26 us for max().indices)
     while max() has a fixed ~4 us cost that argmax beats for a few scores."""
     return scores.argmax(-1) if scores.numel() < 2048 else scores.max(-1).indices
+
+
+def inplace_activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An in-place function computing `act` exactly, or None when none is known.
+
+    Why: the expert loop applies the activation to a hidden buffer it owns; in place it skips
+    allocating (and page-faulting) a second buffer of the same size and one pass over memory:
+    10-15% faster per MoE layer of the embedded default at 64-256 images. Covers torch's ReLU,
+    SiLU and GELU (also transformers' GELUActivation, which wraps F.gelu); checked against the
+    module on a probe, so a subclass that changes the function falls back to out of place.
+    """
+    if isinstance(act, nn.ReLU):
+        fn = F.relu_
+    elif isinstance(act, nn.SiLU):
+        fn = functools.partial(F.silu, inplace=True)
+    elif isinstance(act, nn.GELU):
+        fn = functools.partial(torch._C._nn.gelu_, approximate=act.approximate)
+    elif getattr(act, "act", None) is F.gelu:  # transformers.activations.GELUActivation
+        fn = torch._C._nn.gelu_
+    else:
+        return None
+    probe = torch.randn(4, 8)
+    return fn if torch.equal(fn(probe.clone()), act(probe)) else None
 
 
 @functools.cache
@@ -184,6 +207,7 @@ class InferenceWeights:
     out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
     experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     elementwise_activation: bool  # act may run once over all experts' hidden values
+    activation_: Callable[[torch.Tensor], torch.Tensor] | None  # in-place act, if one is known
     default_small_batch_tokens: int  # for these weights' dtype (MoEMLP.small_batch_tokens=None)
     masks: torch.Tensor | None = None  # (k, U) 0/1, built on first "masked" call
     padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for "grouped"
@@ -295,7 +319,7 @@ class MoEMLP(nn.Module):
             router = router_weights(self.router_centres.to(w1.dtype), self.metric)
         self._cache = InferenceWeights(
             key, w1, b1, w2.T, self.activation, sizes, widths, router, out_bias.contiguous(),
-            experts, elementwise,
+            experts, elementwise, inplace_activation(self.activation),
             default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type))
         return self._cache
 
@@ -341,6 +365,14 @@ class MoEMLP(nn.Module):
             cache.padded = (pw1.transpose(1, 2), pb1, pw2.transpose(1, 2))
         return cache.padded
 
+    def _inplace_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`inplace_activation(self.activation)` or the module itself, remembered per module
+        (without building the expert copies a "union" layer does not use)."""
+        act = self.activation
+        if getattr(self, "_act_inplace", (None,))[0] is not act:
+            self._act_inplace = (act, inplace_activation(act) or act)
+        return self._act_inplace[1]
+
     # ---- routing -----------------------------------------------------------------------
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
@@ -368,7 +400,8 @@ class MoEMLP(nn.Module):
         counts_t = torch.bincount(expert, minlength=len(c.sizes))
         self._track(counts_t)
         counts = counts_t.tolist()
-        n, widths, act = tokens.shape[0], c.widths, c.activation
+        n, widths = tokens.shape[0], c.widths
+        act = c.activation_ or c.activation  # in place where possible: the buffers are ours
         weights = c.experts or [None] * len(widths)
         if max(counts) == n:  # one expert takes every token: no sort, no scatter
             e = counts.index(n)
@@ -399,15 +432,16 @@ class MoEMLP(nn.Module):
         y = scratch("output", n * c.out_bias.shape[1], tokens).view(n, -1)  # in expert order
         for (e, w2e, start, _), h in zip(spans, activated, strict=True):
             torch.addmm(c.out_bias[e], h, w2e.T, out=y[start : start + counts[e]])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n, device=order.device)
+        # Back to token order through the inverse permutation, built by one scatter (index_put
+        # was slower); gathering rows measured 2x faster than scattering them (index_copy_).
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
         return y.index_select(0, inverse)
 
     def _forward_masked(self, tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
         expert = top1(F.linear(tokens, *c.router))
         if self.track_load:
             self._track(torch.bincount(expert, minlength=len(c.sizes)))
-        h = c.activation(F.linear(tokens, c.w1, c.b1)).mul_(
+        h = (c.activation_ or c.activation)(F.linear(tokens, c.w1, c.b1)).mul_(
             self._masks(c).index_select(0, expert))
         return torch.addmm(c.out_bias.index_select(0, expert), h, c.w2t)
 
@@ -422,7 +456,8 @@ class MoEMLP(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         x = tokens.new_zeros(n, pw1.shape[1])
         x[:, :d] = tokens.index_select(0, order)
-        h = self.activation(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
+        act = cache.activation_ or self.activation
+        h = act(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
         y = F.grouped_mm(h, pw2, offs=offs)[:, :d_out] + cache.out_bias.index_select(
             0, sorted_expert)
         return torch.empty_like(y).index_copy_(0, order, y)
@@ -446,7 +481,9 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "union":
-            return self.fc2(self.activation(self.fc1(x)))
+            if torch.is_grad_enabled():
+                return self.fc2(self.activation(self.fc1(x)))
+            return self.fc2(self._inplace_activation()(self.fc1(x)))
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         lead, d = x.shape[:-1], x.shape[-1]
