@@ -230,14 +230,18 @@ def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
     monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: False)
     assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) < wide  # slow bf16 kernels
     monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: True)
-    assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) > wide  # AMX: call cost
+    amx = default_small_batch_tokens(400, [300] * 8, torch.bfloat16)
+    assert amx > wide  # AMX: a fixed cost per call
+    narrow_model = default_small_batch_tokens(400, [300] * 8, torch.bfloat16, width=192)
+    assert narrow_model == 4 * amx  # the fixed cost weighs more against narrower GEMMs
+    assert default_small_batch_tokens(400, [300] * 8, width=192) == wide  # fp32: no such cost
     assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16, "cuda") < wide
     moe = _random_moe()
     assert moe.small_batch_tokens is None  # resolved per dtype at inference
     with torch.no_grad():
         moe(torch.randn(2, D))
     assert moe._weights().default_small_batch_tokens == default_small_batch_tokens(
-        H, moe.expert_sizes())
+        H, moe.expert_sizes(), width=D)
 
 
 def test_top1_matches_argmax_on_both_sides_of_its_switch_ties_included():

@@ -34,11 +34,14 @@ EXECUTIONS = ("experts", "masked", "grouped", "union")
 # Tokens per expert at which a small GEMM (addmm) runs at about half its large-batch speed per
 # token, measured on this project's CPUs; drives the default `small_batch_tokens`.
 #   fp32: ~32 on AVX2 and on AVX-512 alike.
-#   bf16/fp16 through AMX tiles: ~128 at width 768, ~512 at width 192 — every call pays a fixed
-#     cost of tens of microseconds, so a few tokens per expert waste most of it.
+#   bf16/fp16 through AMX tiles: every call pays a fixed cost of tens of microseconds, so the
+#     half-speed point scales with 1/width: ~128 tokens at width 768, ~512 at width 192
+#     (HALF_SPEED_TOKENS_AMX at AMX_REFERENCE_WIDTH). On the embedded default (width 192) in
+#     bf16 the masked path beat the loop by 15-40% per layer at 64 images, the loop won at 256.
 #   bf16/fp16 without AMX: ~8 (slow, compute-bound kernels).
 HALF_SPEED_TOKENS_FP32 = 32
 HALF_SPEED_TOKENS_AMX = 128
+AMX_REFERENCE_WIDTH = 768
 HALF_SPEED_TOKENS_LOW_PRECISION = 8
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 # Expert weight copies are zero-padded to a multiple of this many neurons: a GEMM whose output
@@ -97,18 +100,21 @@ def cpu_has_amx(dtype: torch.dtype) -> bool:
     return bool(caps.get({torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype, "")))
 
 
-def half_speed_tokens(dtype: torch.dtype, device_type: str = "cpu") -> int:
-    """Tokens per expert at which a small GEMM runs at about half its large-batch speed."""
+def half_speed_tokens(dtype: torch.dtype, device_type: str = "cpu",
+                      width: int = AMX_REFERENCE_WIDTH) -> int:
+    """Tokens per expert at which a small GEMM of input width `width` runs at about half its
+    large-batch speed."""
     if dtype == torch.float32:
         return HALF_SPEED_TOKENS_FP32
     if device_type == "cpu" and cpu_has_amx(dtype):
-        return HALF_SPEED_TOKENS_AMX
+        return max(HALF_SPEED_TOKENS_FP32, HALF_SPEED_TOKENS_AMX * AMX_REFERENCE_WIDTH // width)
     return HALF_SPEED_TOKENS_LOW_PRECISION
 
 
 def default_small_batch_tokens(union: int, sizes: list[int],
                                dtype: torch.dtype = torch.float32,
-                               device_type: str = "cpu") -> int:
+                               device_type: str = "cpu",
+                               width: int = AMX_REFERENCE_WIDTH) -> int:
     """Token count up to which "masked" is expected to beat the expert loop, before any
     calibration. Model: with n tokens per expert a GEMM runs at n / (n + n_half) of full speed,
     so the loop costs N·m·(1 + n_half·k/N) against N·U for masked (m mean expert size, U union,
@@ -118,7 +124,7 @@ def default_small_batch_tokens(union: int, sizes: list[int],
     if k == 1:
         return 0
     spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
-    n_half = half_speed_tokens(dtype, device_type)
+    n_half = half_speed_tokens(dtype, device_type, width)
     return int(n_half * k / max(spread, 0.125))
 
 
@@ -320,7 +326,8 @@ class MoEMLP(nn.Module):
         self._cache = InferenceWeights(
             key, w1, b1, w2.T, self.activation, sizes, widths, router, out_bias.contiguous(),
             experts, elementwise, inplace_activation(self.activation),
-            default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type))
+            default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type,
+                                       w1.shape[1]))
         return self._cache
 
     def _gather_expert(self, e: int, width: int) -> tuple[torch.Tensor, torch.Tensor,
