@@ -90,9 +90,8 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     """Time every style on one (tokens, d) input; returns ms per style and ratios."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, moe.fc1.in_features, generator=g).to(device, dtype)
-    union = lambda t: moe.fc2(moe.activation(moe.fc1(t)))  # noqa: E731
-    gather, grouped = copy.deepcopy(moe), copy.deepcopy(moe)
-    gather.presliced, grouped.execution = False, "grouped"
+    gather, grouped, union = (copy.deepcopy(moe) for _ in range(3))
+    gather.presliced, grouped.execution, union.execution = False, "grouped", "union"
     styles = {"dense": dense, "moee": moe, "gather": gather, "grouped": grouped, "union": union,
               "mask": mask_style(moe), "loop": loop_style(moe)}
     unsupported = {name: why for name in ("gather", "grouped", "union", "mask", "loop")

@@ -206,14 +206,13 @@ class InferenceWeights:
     w1: torch.Tensor  # (U, d) union weights, shared with the parameters
     b1: torch.Tensor | None
     w2t: torch.Tensor  # (U, d_out) transposed view of fc2.weight
-    activation: nn.Module
     sizes: list[int]
     widths: list[int]  # neurons in each expert's (zero-padded) weight copies
     router: tuple[torch.Tensor, torch.Tensor | None]
     out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
     experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None
     elementwise_activation: bool  # act may run once over all experts' hidden values
-    activation_: Callable[[torch.Tensor], torch.Tensor] | None  # in-place act, if one is known
+    activation_: Callable[[torch.Tensor], torch.Tensor]  # act, in place where it can be
     default_small_batch_tokens: int  # for these weights' dtype (MoEMLP.small_batch_tokens=None)
     masks: torch.Tensor | None = None  # (k, U) 0/1, built on first "masked" call
     padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # for "grouped"
@@ -324,8 +323,8 @@ class MoEMLP(nn.Module):
                 experts = [self._gather_expert(e, widths[e]) for e in range(self.num_experts)]
             router = router_weights(self.router_centres.to(w1.dtype), self.metric)
         self._cache = InferenceWeights(
-            key, w1, b1, w2.T, self.activation, sizes, widths, router, out_bias.contiguous(),
-            experts, elementwise, inplace_activation(self.activation),
+            key, w1, b1, w2.T, sizes, widths, router, out_bias.contiguous(),
+            experts, elementwise, self._inplace_activation(),
             default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type,
                                        w1.shape[1]))
         return self._cache
@@ -408,7 +407,7 @@ class MoEMLP(nn.Module):
         self._track(counts_t)
         counts = counts_t.tolist()
         n, widths = tokens.shape[0], c.widths
-        act = c.activation_ or c.activation  # in place where possible: the buffers are ours
+        act = c.activation_  # in place where it can be: the buffers are ours
         weights = c.experts or [None] * len(widths)
         if max(counts) == n:  # one expert takes every token: no sort, no scatter
             e = counts.index(n)
@@ -448,7 +447,7 @@ class MoEMLP(nn.Module):
         expert = top1(F.linear(tokens, *c.router))
         if self.track_load:
             self._track(torch.bincount(expert, minlength=len(c.sizes)))
-        h = (c.activation_ or c.activation)(F.linear(tokens, c.w1, c.b1)).mul_(
+        h = c.activation_(F.linear(tokens, c.w1, c.b1)).mul_(
             self._masks(c).index_select(0, expert))
         return torch.addmm(c.out_bias.index_select(0, expert), h, c.w2t)
 
@@ -463,8 +462,7 @@ class MoEMLP(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         x = tokens.new_zeros(n, pw1.shape[1])
         x[:, :d] = tokens.index_select(0, order)
-        act = cache.activation_ or self.activation
-        h = act(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
+        h = cache.activation_(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
         y = F.grouped_mm(h, pw2, offs=offs)[:, :d_out] + cache.out_bias.index_select(
             0, sorted_expert)
         return torch.empty_like(y).index_copy_(0, order, y)
