@@ -340,3 +340,28 @@ def test_unknown_or_altered_activation_runs_out_of_place():
     x = torch.randn(40, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("execution", ["experts", "masked", "grouped"])
+def test_bf16_model_routes_in_fp32_like_extraction(execution):
+    """Two centres 0.1% apart: their bf16 scores tie (bf16 steps by 0.8% near 1), so a bf16
+    router would send every token to expert 0; in fp32 the tokens leaning to expert 1 go there,
+    as `route_tokens` (extraction's fp32 routing) sends them."""
+    from moee.api import route_tokens
+
+    centres = torch.zeros(2, D)
+    centres[0, 0] = centres[1, 0] = 1.0
+    centres[1, 1] = 1e-3
+    moe = make_moe([[0, 1], [2, 3]], centres).to(torch.bfloat16)
+    x = torch.zeros(6, D, dtype=torch.bfloat16)
+    x[:, 0] = 1.0
+    x[:, 1] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    expected = route_tokens(x.float().numpy(), moe.router_centres.float().numpy(), "cosine")
+    assert expected.tolist() == [1, 0, 1, 0, 1, 0]
+    moe.execution, moe.small_batch_tokens, moe.track_load = execution, 0, True
+    with torch.no_grad():
+        assert moe.route(x).tolist() == expected.tolist()
+        out = moe(x)  # every inference path routes on the same fp32 scores
+        torch.testing.assert_close(out.float(), moe.forward_reference(x).float(),
+                                   rtol=2e-2, atol=2e-2)
+    assert moe.load_counts.tolist() == [3, 3]

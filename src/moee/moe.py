@@ -63,6 +63,17 @@ def router_weights(centres: torch.Tensor, metric: str) -> tuple[torch.Tensor, to
     return centres.contiguous(), -0.5 * (centres * centres).sum(-1)
 
 
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routing runs in at least fp32, whatever the model's dtype.
+
+    Why: a bf16 score has 8 bits of mantissa, so near-ties between experts flip with the
+    rounding and the route drifts from the fp32 one extraction measured (`api.route_tokens`).
+    It is also faster on CPU: for the embedded default in bf16, the (N, 192) x (192, k) scores
+    in fp32 took 11-23 us against 26-34 us in bf16 (1-8 images; AMX's per-call cost).
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def top1(scores: torch.Tensor) -> torch.Tensor:
     """Index of each row's largest score (first one on ties, like argmax). On CPU, argmax over
     a short last dim is slow for many rows (1088 x 29 scores: 94 us vs 26 us for max().indices)
@@ -321,7 +332,7 @@ class MoEMLP(nn.Module):
             experts = None
             if self.presliced:
                 experts = [self._gather_expert(e, widths[e]) for e in range(self.num_experts)]
-            router = router_weights(self.router_centres.to(w1.dtype), self.metric)
+            router = router_weights(self.router_centres.to(routing_dtype(w1.dtype)), self.metric)
         self._cache = InferenceWeights(
             key, w1, b1, w2.T, sizes, widths, router, out_bias.contiguous(),
             experts, elementwise, self._inplace_activation(),
@@ -382,13 +393,21 @@ class MoEMLP(nn.Module):
     # ---- routing -----------------------------------------------------------------------
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N,) expert id: one (N, d) x (d, k) matmul (see `router_weights`)."""
+        """(N, d) -> (N,) expert id: one (N, d) x (d, k) matmul (see `router_weights`), in
+        `routing_dtype` (fp32 for bf16/fp16 models)."""
         if not torch.is_grad_enabled():
             cache = self._weights()
             if x.dtype == cache.w1.dtype:
-                return top1(F.linear(x, *cache.router))
-        weight, offset = router_weights(self.router_centres.to(x.dtype), self.metric)
-        return top1(F.linear(x, weight, offset))
+                return self._route(x, cache)
+        dtype = routing_dtype(x.dtype)
+        weight, offset = router_weights(self.router_centres.to(dtype), self.metric)
+        return top1(F.linear(x.to(dtype), weight, offset))
+
+    @staticmethod
+    def _route(tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
+        """Inference routing on the cached router (a no-op cast for fp32 tokens)."""
+        weight, offset = c.router
+        return top1(F.linear(tokens.to(weight.dtype), weight, offset))
 
     def _track(self, counts: torch.Tensor) -> None:
         if self.track_load:
@@ -402,7 +421,7 @@ class MoEMLP(nn.Module):
         addmm) writes into one flat hidden buffer, the activation runs once over all of it (per
         expert when the buffer is large), each second matmul writes into one output buffer in
         expert order; one gather restores token order."""
-        expert = top1(F.linear(tokens, *c.router))
+        expert = self._route(tokens, c)
         counts_t = torch.bincount(expert, minlength=len(c.sizes))
         self._track(counts_t)
         counts = counts_t.tolist()
@@ -444,7 +463,7 @@ class MoEMLP(nn.Module):
         return y.index_select(0, inverse)
 
     def _forward_masked(self, tokens: torch.Tensor, c: InferenceWeights) -> torch.Tensor:
-        expert = top1(F.linear(tokens, *c.router))
+        expert = self._route(tokens, c)
         if self.track_load:
             self._track(torch.bincount(expert, minlength=len(c.sizes)))
         h = c.activation_(F.linear(tokens, c.w1, c.b1)).mul_(
@@ -454,7 +473,7 @@ class MoEMLP(nn.Module):
     def _forward_grouped(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
         pw1, pb1, pw2 = self._padded(cache)
         n, d, d_out = tokens.shape[0], self.fc1.in_features, self.fc2.out_features
-        expert = top1(F.linear(tokens, *cache.router))
+        expert = self._route(tokens, cache)
         counts = torch.bincount(expert, minlength=self.num_experts)
         self._track(counts)
         order = torch.argsort(expert)
@@ -515,10 +534,12 @@ class MoEMLP(nn.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         out = []
         for t in x.reshape(-1, d):
+            r, centres = t.to(routing_dtype(t.dtype)), self.router_centres
+            centres = centres.to(r.dtype)
             if self.metric == "cosine":
-                sim = F.cosine_similarity(t[None], self.router_centres.to(t.dtype), dim=-1)
+                sim = F.cosine_similarity(r[None], centres, dim=-1)
             else:
-                sim = -((t[None] - self.router_centres.to(t.dtype)) ** 2).sum(-1)
+                sim = -((r[None] - centres) ** 2).sum(-1)
             e = int(sim.argmax())
             idx = self.expert_index(e)
             h = self.activation(self.fc1.weight[idx] @ t + self.fc1.bias[idx])
