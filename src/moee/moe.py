@@ -139,6 +139,19 @@ def default_small_batch_tokens(union: int, sizes: list[int],
     return int(n_half * k / max(spread, 0.125))
 
 
+COMPILE_NEEDS_EAGER_CALL = (
+    "MoEMLP under torch.compile reads inference weights built by an eager call: run the model "
+    "once (same execution, dtype and device) before compiling it, and compile again after "
+    "changing its weights")
+
+
+def _compiled_cache(value):
+    """What compiled code reads instead of (re)building a cache: the eager-built value."""
+    if value is None:
+        raise RuntimeError(COMPILE_NEEDS_EAGER_CALL)
+    return value
+
+
 _workspace = threading.local()  # per thread: scratch buffers reused across calls (see below)
 
 
@@ -316,7 +329,12 @@ class MoEMLP(nn.Module):
 
     def _weights(self) -> InferenceWeights:
         """Derived inference weights, cached; rebuilt when a parameter or buffer is replaced or
-        updated in place, or the device, dtype, `presliced` or `width_multiple` change."""
+        updated in place, or the device, dtype, `presliced` or `width_multiple` change.
+
+        Under `torch.compile` the cache is read as the last eager call left it: the staleness
+        check compares storage pointers, which Dynamo cannot trace (see `_compiled_cache`)."""
+        if torch.compiler.is_compiling():
+            return _compiled_cache(self._cache)
         key = self._cache_key()
         if self._cache is not None and self._cache.key == key:
             return self._cache
@@ -354,6 +372,8 @@ class MoEMLP(nn.Module):
         return w1e, b1e, w2e
 
     def _masks(self, cache: InferenceWeights) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _compiled_cache(cache.masks)
         if cache.masks is None:
             w = self.fc1.weight
             masks = w.new_zeros(self.num_experts, self.fc1.out_features)
@@ -366,6 +386,8 @@ class MoEMLP(nn.Module):
         """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded (padded
         neurons have zero fc2 rows, so they add nothing whatever act(0) is); the two weights
         are transposed views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
+        if torch.compiler.is_compiling():
+            return _compiled_cache(cache.padded)
         if cache.padded is None:
             w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
             k, d, d_out = self.num_experts, self.fc1.in_features, self.fc2.out_features
@@ -474,7 +496,9 @@ class MoEMLP(nn.Module):
         pw1, pb1, pw2 = self._padded(cache)
         n, d, d_out = tokens.shape[0], self.fc1.in_features, self.fc2.out_features
         expert = self._route(tokens, cache)
-        counts = torch.bincount(expert, minlength=self.num_experts)
+        # Counted into a fixed-size vector (bincount's output size depends on the data, which
+        # torch.compile cannot capture in one graph).
+        counts = expert.new_zeros(self.num_experts).index_add_(0, expert, torch.ones_like(expert))
         self._track(counts)
         order = torch.argsort(expert)
         sorted_expert = expert.index_select(0, order)
