@@ -163,9 +163,10 @@ def scratch(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
     buffers measured 12-19% faster on a DeiT-base-sized block (6,304-25,216 tokens). Kept per
     thread (two threads never share one) and per inference mode (an inference-mode tensor cannot
     be written outside it); grows to the largest call. CUDA's caching allocator already reuses
-    memory, so other devices get a fresh tensor. `clear_workspace()` frees the buffers.
+    memory, so other devices get a fresh tensor, as does code under torch.compile (inductor
+    plans its own buffers). `clear_workspace()` frees the buffers.
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor plans
         return like.new_empty(numel)
     buffers = _workspace.__dict__.setdefault("buffers", {})
     key = (name, like.dtype, torch.is_inference_mode_enabled())
