@@ -30,25 +30,28 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64,128,256", help="images per forward")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--calibrate", action="store_true",
                     help="also time each checkpoint calibrated at each batch size")
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     images, _ = load_fashion_mnist("test")
-    models = {"dense": load_default_model().to(dtype)}
-    models.update({path: load(path).eval().to(dtype) for path in args.checkpoints})
+    models = {"dense": load_default_model().to(device, dtype)}
+    models.update({path: load(path).eval().to(device, dtype) for path in args.checkpoints})
     names = [*args.checkpoints, *(f"{p} calibrated" for p in args.checkpoints if args.calibrate)]
-    print(f"{torch.get_num_threads()} threads, {args.dtype}; speedup over dense")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"{where}, {args.dtype}; speedup over dense")
     print(f"{'images':>6} {'dense ms':>9}  " + "  ".join(names))
     with torch.inference_mode():
         for n in map(int, args.batches.split(",")):
-            x = normalize_images(images[:n]).to(dtype)
+            x = normalize_images(images[:n]).to(device, dtype)
             for path in args.checkpoints if args.calibrate else []:
-                models[f"{path} calibrated"] = calibrated = load(path).eval().to(dtype)
+                models[f"{path} calibrated"] = calibrated = load(path).eval().to(device, dtype)
                 calibrate_execution(calibrated, x)
             secs = time_interleaved(
                 {name: (lambda m=m, x=x: model_logits(m, x)) for name, m in models.items()},
-                torch.device("cpu"), args.repeats)
+                device, args.repeats)
             ratios = [f"{secs['dense'] / secs[p]:>{len(p)}.2f}" for p in names]
             print(f"{n:>6} {secs['dense'] * 1e3:>9.2f}  " + "  ".join(ratios))
 

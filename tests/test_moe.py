@@ -1,5 +1,7 @@
 """MoEMLP numerics against exact references."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,3 +386,16 @@ def test_device_side_executions_compile_to_one_graph(execution, dtype):
             torch._dynamo.reset()
         eager = moe(x)
         torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+
+
+def test_copies_rebuild_the_inference_cache_instead_of_copying_it():
+    moe = _random_moe()
+    moe.presliced_bytes()  # builds the cache outside no_grad, from grad-tracking parameters
+    assert moe._cache is not None
+    twin = copy.deepcopy(moe)
+    assert twin._cache is None
+    x = torch.randn(30, D)
+    with torch.no_grad():
+        twin.fc1.weight.mul_(2)  # the copy's weights are its own
+        torch.testing.assert_close(twin(x), twin.forward_reference(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

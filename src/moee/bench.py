@@ -136,7 +136,7 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
     """Whole-model latency of dense vs MoE on one batch, with two ideal ratios: MACs, and
     Amdahl (the dense model's measured non-MLP time stays, its MLP time shrinks by the MLP
     MAC ratio)."""
-    x = batch.to(device)
+    x = batch.to(device, next(dense.parameters()).dtype)  # images in the models' dtype
     rest = without_mlps(dense)
     secs = time_interleaved({"dense": lambda: dense(x), "moe": lambda: moe_model(x),
                              "rest": lambda: rest(x)}, device)
@@ -145,7 +145,8 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
     mlp_ratio = (macs_m - macs_r) / (macs_d - macs_r)
     mlp_share = min(max((t_d - t_r) / t_d, 0.0), 1.0)  # noise can put t_r above t_d
     amdahl = 1 / ((1 - mlp_share) + mlp_share * mlp_ratio)
-    return {"batch": x.shape[0], "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
+    return {"batch": x.shape[0], "dtype": str(x.dtype).removeprefix("torch."),
+            "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
             "non_mlp_ms": t_r * 1e3, "mlp_time_share": mlp_share, "mlp_mac_ratio": mlp_ratio,
             "speedup": t_d / t_m, "ideal": macs_d / macs_m,
             "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,

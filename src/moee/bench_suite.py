@@ -56,7 +56,7 @@ def part_blocks(device, dtypes, batches, token_counts, results):
               f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none)")
 
 
-def part_default(device, checkpoint, batches, results):
+def part_default(device, dtypes, checkpoint, batches, results):
     import moee
     from moee.default_model import load_default_model
     from moee.speed import calibrate_execution
@@ -75,20 +75,23 @@ def part_default(device, checkpoint, batches, results):
                                        "moe": param_bytes(moe_model),
                                        "moe_presliced_extra": presliced}
     print("ideal: MAC ratio; amdahl: only the MLP share of dense time shrinks (by MLP MACs)")
-    print(f"{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}"
-          f"{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
-    for b in batches:
-        x = torch.randn(b, 1, 28, 28) if images is None else images[:b]
-        row = bench_model(dense, moe_model, x, device)
-        tuned = copy.deepcopy(moe_model)
-        choice = calibrate_execution(tuned, x.to(device))
-        row["calibrated"] = bench_model(dense, tuned, x, device)
-        row["union_layers"] = sum(c["execution"] == "union" for c in choice)
-        results["default"].append(row)
-        print(f"{b:>7}{row['dense_ms']:>10.2f}{row['non_mlp_ms']:>9.2f}{row['moe_ms']:>9.2f}"
-              f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
-              f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}"
-              f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>8}/{len(choice)}")
+    print(f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}"
+          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
+    for dtype in dtypes:
+        dense_t, moe_t = copy.deepcopy(dense).to(dtype), copy.deepcopy(moe_model).to(dtype)
+        for b in batches:
+            x = (torch.randn(b, 1, 28, 28) if images is None else images[:b]).to(device, dtype)
+            row = bench_model(dense_t, moe_t, x, device)
+            tuned = copy.deepcopy(moe_t)
+            choice = calibrate_execution(tuned, x)
+            row["calibrated"] = bench_model(dense_t, tuned, x, device)
+            row["union_layers"] = sum(c["execution"] == "union" for c in choice)
+            results["default"].append(row)
+            print(f"{row['dtype']:>9}{b:>7}{row['dense_ms']:>10.2f}{row['non_mlp_ms']:>9.2f}"
+                  f"{row['moe_ms']:>9.2f}{row['speedup']:>8.2f}x{row['ideal']:>7.2f}"
+                  f"{row['efficiency']:>6.0%}{row['amdahl_ideal']:>8.2f}"
+                  f"{row['amdahl_efficiency']:>6.0%}{row['calibrated']['speedup']:>11.2f}x"
+                  f"{row['union_layers']:>8}/{len(choice)}")
     memory_rows(device, dense, moe_model, checkpoint, images, results)
 
 
@@ -96,7 +99,8 @@ def memory_rows(device, dense, moe_model, checkpoint, images, results, batches=(
     """Peak memory of one forward, dense vs MoE (fresh process per model on CPU)."""
     from moee.peak_memory import cpu_peak_bytes, cuda_peak_bytes
 
-    print("\npeak memory of one forward (MiB): resident before it, and what the forward adds")
+    print("\npeak memory of one forward (MiB, float32): resident before it (CPU: the process;"
+          " CUDA: the model's tensors), and what the forward adds")
     print(f"{'images':>7}{'dense resident':>16}{'MoE resident':>14}{'dense forward':>15}"
           f"{'MoE forward':>13}")
     for b in batches:
@@ -123,19 +127,22 @@ def test_images() -> torch.Tensor | None:
         return None
 
 
-def part_deit_base(device, fractions, batches, results):
+def part_deit_base(device, dtypes, fractions, batches, results):
     print("\n(3) DeiT-base-sized whole model (random weights, expert sizes from the checkpoint)")
-    dense, moe_model = deit_base_sized_moe(fractions, device)
-    results["deit_base_params_bytes"] = {"dense": param_bytes(dense),
-                                         "moe": param_bytes(moe_model)}
-    print(f"{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}{'ideal':>7}"
-          f"{'eff.':>6}{'amdahl':>8}{'eff.':>6}")
-    for b in batches:
-        row = bench_model(dense, moe_model, torch.randn(b, 3, 224, 224), device)
-        results["deit_base"].append(row)
-        print(f"{b:>7}{row['dense_ms']:>10.1f}{row['non_mlp_ms']:>9.1f}{row['moe_ms']:>9.1f}"
-              f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
-              f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}")
+    print(f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}"
+          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}")
+    for dtype in dtypes:
+        dense, moe_model = deit_base_sized_moe(fractions, device, dtype)
+        results.setdefault("deit_base_params_bytes", {})[str(dtype).removeprefix("torch.")] = {
+            "dense": param_bytes(dense), "moe": param_bytes(moe_model)}
+        for b in batches:
+            row = bench_model(dense, moe_model, torch.randn(b, 3, 224, 224), device)
+            results["deit_base"].append(row)
+            print(f"{row['dtype']:>9}{b:>7}{row['dense_ms']:>10.1f}{row['non_mlp_ms']:>9.1f}"
+                  f"{row['moe_ms']:>9.1f}{row['speedup']:>8.2f}x{row['ideal']:>7.2f}"
+                  f"{row['efficiency']:>6.0%}{row['amdahl_ideal']:>8.2f}"
+                  f"{row['amdahl_efficiency']:>6.0%}")
+        del dense, moe_model
 
 
 def plot(results, path):
@@ -188,16 +195,19 @@ def main(argv: list[str] | None = None) -> None:
     results = {"machine": machine, "torch": torch.__version__, "blocks": [], "default": [],
                "default_memory": [], "deit_base": []}
     parts = args.parts.split(",")
-    if "blocks" in parts:
-        part_blocks(device, dtypes, ints(args.block_batches), ints(args.block_tokens), results)
-    if "default" in parts:
-        part_default(device, args.checkpoint, ints(args.default_batches), results)
-    if "deit" in parts:
-        part_deit_base(device, fractions_from_checkpoint(args.checkpoint),
-                       ints(args.deit_batches), results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    save = lambda: (out / "bench.json").write_text(json.dumps(results, indent=1))  # noqa: E731
+    if "blocks" in parts:
+        part_blocks(device, dtypes, ints(args.block_batches), ints(args.block_tokens), results)
+        save()  # after every part: a later part that fails or is killed loses nothing before
+    if "default" in parts:
+        part_default(device, dtypes, args.checkpoint, ints(args.default_batches), results)
+        save()
+    if "deit" in parts:
+        part_deit_base(device, dtypes, fractions_from_checkpoint(args.checkpoint),
+                       ints(args.deit_batches), results)
+    save()
     png = plot(results, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'}" + (f" and {png}" if png else ""))
 

@@ -295,6 +295,13 @@ class MoEMLP(nn.Module):
         self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
         self._cache: InferenceWeights | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the derived inference cache behind (rebuilt on first use):
+        it is megabytes of expert copies, and belongs to the original's tensors."""
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
     @property
     def num_experts(self) -> int:
         return self.router_centres.shape[0]
@@ -352,8 +359,9 @@ class MoEMLP(nn.Module):
             if self.presliced:
                 experts = [self._gather_expert(e, widths[e]) for e in range(self.num_experts)]
             router = router_weights(self.router_centres.to(routing_dtype(w1.dtype)), self.metric)
+            w2t = w2.T  # made under no_grad: no autograd view kept in the cache
         self._cache = InferenceWeights(
-            key, w1, b1, w2.T, sizes, widths, router, out_bias.contiguous(),
+            key, w1, b1, w2t, sizes, widths, router, out_bias.contiguous(),
             experts, elementwise, self._inplace_activation(),
             default_small_batch_tokens(w1.shape[0], sizes, w1.dtype, w1.device.type,
                                        w1.shape[1]))
@@ -494,6 +502,9 @@ class MoEMLP(nn.Module):
         return torch.addmm(c.out_bias.index_select(0, expert), h, c.w2t)
 
     def _forward_grouped(self, tokens: torch.Tensor, cache: InferenceWeights) -> torch.Tensor:
+        if not hasattr(F, "grouped_mm"):
+            raise NotImplementedError("'grouped' needs torch.nn.functional.grouped_mm "
+                                      f"(not in torch {torch.__version__})")
         pw1, pb1, pw2 = self._padded(cache)
         n, d, d_out = tokens.shape[0], self.fc1.in_features, self.fc2.out_features
         expert = self._route(tokens, cache)

@@ -52,6 +52,14 @@ def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
 
 
 def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """{'resident': the model's own tensors (parameters, buffers, pre-sliced expert copies),
+    'forward': what one forward adds on top of everything allocated before it, 'peak'}. A warm-up
+    on one image first builds the inference caches, so they count as resident, not forward."""
+    from moee.bench import param_bytes
+    from moee.moe import MoEMLP
+
+    with torch.inference_mode():
+        model(x[:1])
     torch.cuda.synchronize(x.device)
     before = torch.cuda.memory_allocated(x.device)
     torch.cuda.reset_peak_memory_stats(x.device)
@@ -59,7 +67,9 @@ def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
         model(x)
     torch.cuda.synchronize(x.device)
     peak = torch.cuda.max_memory_allocated(x.device)
-    return {"resident": before, "peak": peak, "forward": peak - before}
+    resident = param_bytes(model) + sum(m.presliced_bytes() for m in model.modules()
+                                        if isinstance(m, MoEMLP))
+    return {"resident": resident, "peak": peak, "forward": peak - before}
 
 
 def _child(which: str, checkpoint: str, batch: int) -> None:
