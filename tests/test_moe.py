@@ -200,8 +200,6 @@ def test_unknown_execution_is_a_clear_error():
 
 
 def test_module_copied_under_inference_mode_still_runs():
-    import copy
-
     moe = _random_moe()
     x = torch.randn(20, D)
     with torch.inference_mode():
