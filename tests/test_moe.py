@@ -397,3 +397,17 @@ def test_copies_rebuild_the_inference_cache_instead_of_copying_it():
         twin.fc1.weight.mul_(2)  # the copy's weights are its own
         torch.testing.assert_close(twin(x), twin.forward_reference(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_loop_runs_eagerly_inside_a_compiled_model():
+    moe = _random_moe()
+    moe.small_batch_tokens = 0  # the loop, not the masked path
+    x = torch.randn(60, D)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = moe(x)
+        compiled = torch.compile(moe, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
+    assert "ata dependent" not in breaks and "ynamic shape" not in breaks  # loop not traced
