@@ -157,3 +157,28 @@ def test_execution_set_on_the_modules_is_what_gets_saved(tmp_path, family):
     again = list(moee.load(tmp_path).moe_layers().values())
     assert [m.execution for m in again] == ["masked", "experts"]
     assert [m.small_batch_tokens for m in again] == [None, 5]
+
+
+def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path):
+    """A GPU or serving machine may have torch and transformers only: `moee.load`, inference and
+    the benchmark modules must import without scikit-learn, fast_hdbscan or matplotlib."""
+    import subprocess
+    import sys
+
+    model = _small_moe()
+    model.save_pretrained(tmp_path)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = _out(model, x)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys\n"
+        "for m in ('sklearn', 'fast_hdbscan', 'matplotlib', 'numba'): sys.modules[m] = None\n"
+        "import torch, moee, moee.cli, moee.bench_suite\n"
+        f"m = moee.load({str(tmp_path)!r}).eval()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    out = m(x)\n"
+        f"torch.save(getattr(out, 'logits', out), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)

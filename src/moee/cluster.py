@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import DBSCAN, OPTICS, AgglomerativeClustering, Birch, KMeans
-from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score
 
 from moee.config import ClusterConfig
+
+# scikit-learn and fast_hdbscan are imported where they are used: loading and running a saved
+# MoE (`moee.load`, `moee bench`) needs neither, e.g. on a GPU machine that has only torch.
 
 
 class TooFewTokensError(ValueError):
@@ -41,6 +41,8 @@ def make_clusterer(config: ClusterConfig, n_tokens: int):
         import fast_hdbscan  # imported here: numba compiles on first import
 
         return fast_hdbscan.HDBSCAN(min_cluster_size=size, min_samples=config.min_samples)
+    from sklearn.cluster import DBSCAN, OPTICS, Birch, KMeans
+
     if config.algorithm == "dbscan":
         return DBSCAN(eps=config.eps, min_samples=config.min_samples or size)
     if config.algorithm == "optics":
@@ -56,6 +58,8 @@ def reduce(features: np.ndarray, config: ClusterConfig) -> np.ndarray:
     x = np.asarray(features, dtype=np.float32)
     if config.reduce_dims is None or config.reduce_dims >= x.shape[1]:
         return x
+    from sklearn.decomposition import PCA
+
     pca = PCA(n_components=config.reduce_dims, svd_solver="randomized",
               random_state=config.seed)
     return pca.fit_transform(x).astype(np.float32)
@@ -78,6 +82,8 @@ def merge_clusters(z: np.ndarray, labels: np.ndarray, max_clusters: int) -> np.n
     if k <= max_clusters:
         return labels
     centroids = np.stack([z[labels == c].mean(0) for c in range(k)])
+    from sklearn.cluster import AgglomerativeClustering
+
     group = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(centroids).labels_
     # groups numbered in order of their smallest original cluster id
     number = {g: i for i, g in enumerate(dict.fromkeys(group.tolist()))}
@@ -105,6 +111,8 @@ def stability_score(z: np.ndarray, config: ClusterConfig) -> float:
     if not ka or not kb:
         return 1.0 if ka == kb else 0.0
     keep = lb >= 0
+    from sklearn.metrics import adjusted_rand_score
+
     return float(adjusted_rand_score(lb[keep], _nearest_centroid(a, la, b[keep])))
 
 
