@@ -411,3 +411,15 @@ def test_expert_loop_runs_eagerly_inside_a_compiled_model():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     breaks = " ".join(torch._dynamo.utils.counters["graph_break"])
     assert "ata dependent" not in breaks and "ynamic shape" not in breaks  # loop not traced
+
+
+def test_inference_draws_nothing_from_the_global_rng():
+    """Building the inference cache must not shift a seeded user's random stream."""
+    moe = _random_moe()
+    x = torch.randn(40, D)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        moe(x)
+    assert torch.equal(torch.rand(3), expected)
