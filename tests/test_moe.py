@@ -423,3 +423,15 @@ def test_inference_draws_nothing_from_the_global_rng():
     with torch.no_grad():
         moe(x)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("make_act,how", [(nn.GELU, "bias"), (nn.ReLU, "bias"),
+                                          (nn.SiLU, "bias"), (nn.Tanh, "mul")])
+def test_masked_path_silences_neurons_by_bias_where_the_activation_allows(make_act, how):
+    moe = _random_moe(activation=make_act())
+    moe.execution = "masked"
+    x = torch.randn(3, 11, D)
+    with torch.no_grad():
+        out = moe(x)
+        assert moe._masking(moe._weights())[0] == how  # tanh(-3e4) = -1: must multiply
+        torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
