@@ -6,7 +6,7 @@
 Parts: (1) DeiT-base-sized MLP blocks (768 -> 3072) at 25% / 50% active neurons per token,
 (2) the embedded default (a saved demo checkpoint) as a whole model, with and without the
 calibrated per-layer fallback, (3) a DeiT-base-sized whole model with expert sizes taken from
-the checkpoint's real extraction. Prints tables; writes bench.json (and bench.png if
+the checkpoint's real extraction, likewise with and without calibration. Prints tables; writes bench.json (and bench.png if
 matplotlib is installed).
 """
 
@@ -128,20 +128,29 @@ def test_images() -> torch.Tensor | None:
 
 
 def part_deit_base(device, dtypes, fractions, batches, results):
+    from moee.speed import calibrate_execution
+
     print("\n(3) DeiT-base-sized whole model (random weights, expert sizes from the checkpoint)")
     print(f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}"
-          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}")
+          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
     for dtype in dtypes:
         dense, moe_model = deit_base_sized_moe(fractions, device, dtype)
         results.setdefault("deit_base_params_bytes", {})[str(dtype).removeprefix("torch.")] = {
             "dense": param_bytes(dense), "moe": param_bytes(moe_model)}
         for b in batches:
-            row = bench_model(dense, moe_model, torch.randn(b, 3, 224, 224), device)
+            x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
+            row = bench_model(dense, moe_model, x, device)
+            tuned = copy.deepcopy(moe_model)
+            choice = calibrate_execution(tuned, x.to(device, dtype))
+            row["calibrated"] = bench_model(dense, tuned, x, device)
+            row["union_layers"] = sum(c["execution"] == "union" for c in choice)
             results["deit_base"].append(row)
             print(f"{row['dtype']:>9}{b:>7}{row['dense_ms']:>10.1f}{row['non_mlp_ms']:>9.1f}"
                   f"{row['moe_ms']:>9.1f}{row['speedup']:>8.2f}x{row['ideal']:>7.2f}"
                   f"{row['efficiency']:>6.0%}{row['amdahl_ideal']:>8.2f}"
-                  f"{row['amdahl_efficiency']:>6.0%}")
+                  f"{row['amdahl_efficiency']:>6.0%}{row['calibrated']['speedup']:>11.2f}x"
+                  f"{row['union_layers']:>8}/{len(choice)}")
+            del tuned
         del dense, moe_model
 
 
