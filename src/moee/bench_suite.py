@@ -6,8 +6,8 @@
 Parts: (1) DeiT-base-sized MLP blocks (768 -> 3072) at 25% / 50% active neurons per token,
 (2) the embedded default (a saved demo checkpoint) as a whole model, with and without the
 calibrated per-layer fallback, (3) a DeiT-base-sized whole model with expert sizes taken from
-the checkpoint's real extraction, likewise with and without calibration. Prints tables; writes bench.json (and bench.png if
-matplotlib is installed).
+the checkpoint's real extraction, likewise with and without calibration. Prints tables;
+writes bench.json (and bench.png if matplotlib is installed).
 """
 
 from __future__ import annotations
