@@ -233,7 +233,9 @@ def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
     amx = default_small_batch_tokens(400, [300] * 8, torch.bfloat16)
     assert amx > wide  # AMX: a fixed cost per call
     narrow_model = default_small_batch_tokens(400, [300] * 8, torch.bfloat16, width=192)
-    assert narrow_model == 4 * amx  # the fixed cost weighs more against narrower GEMMs
+    assert narrow_model == 8 * amx  # the fixed costs weigh more against narrower GEMMs
+    many_small = default_small_batch_tokens(4000, [300] * 8, torch.bfloat16)  # spread 12
+    assert many_small == 48 * 8 - 1  # AMX: the loop needs ~48 tokens per expert at least
     assert default_small_batch_tokens(400, [300] * 8, width=192) == wide  # fp32: no such cost
     assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16, "cuda") < wide
     moe = _random_moe()

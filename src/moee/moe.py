@@ -34,14 +34,21 @@ EXECUTIONS = ("experts", "masked", "grouped", "union")
 # Tokens per expert at which a small GEMM (addmm) runs at about half its large-batch speed per
 # token, measured on this project's CPUs; drives the default `small_batch_tokens`.
 #   fp32: ~32 on AVX2 and on AVX-512 alike.
-#   bf16/fp16 through AMX tiles: every call pays a fixed cost of tens of microseconds, so the
-#     half-speed point scales with 1/width: ~128 tokens at width 768, ~512 at width 192
-#     (HALF_SPEED_TOKENS_AMX at AMX_REFERENCE_WIDTH). On the embedded default (width 192) in
-#     bf16 the masked path beat the loop by 15-40% per layer at 64 images, the loop won at 256.
-#   bf16/fp16 without AMX: ~8 (slow, compute-bound kernels).
+#   bf16/fp16 through AMX tiles: every call pays a fixed cost of tens of microseconds, and the
+#     loop's other per-token work (routing, sort, gathers, bf16 elementwise) weighs more against
+#     narrow GEMMs: HALF_SPEED_TOKENS_AMX at AMX_REFERENCE_WIDTH, times (768 / width)^1.5, and
+#     the loop never below AMX_MIN_TOKENS_PER_EXPERT tokens per expert. An empirical fit to the
+#     loop-vs-masked choices measured in bf16 on machine C (the side that measured faster in
+#     every case): DeiT-base-sized (width 768) at 197 tokens, masked with 8 experts (whole-model
+#     layers and the 25% / 50% blocks), the loop with 2-4; embedded default (width 192), masked
+#     at 1,088 tokens (by 15-40%), the loop at 4,352. The earlier rule (128 tokens at 768,
+#     scaled by 1/width) sent the 2-4-expert DeiT layers to masked: side by side, the bf16
+#     DeiT-base-sized model ran 1.02x of dense at 1 image with it, 1.06x with this one.
 HALF_SPEED_TOKENS_FP32 = 32
-HALF_SPEED_TOKENS_AMX = 128
+HALF_SPEED_TOKENS_AMX = 64
 AMX_REFERENCE_WIDTH = 768
+AMX_WIDTH_EXPONENT = 1.5
+AMX_MIN_TOKENS_PER_EXPERT = 48
 HALF_SPEED_TOKENS_LOW_PRECISION = 8
 FLAT_ACTIVATION_MAX_ELEMENTS = 2**20  # above this, the activation runs per expert (see below)
 # Expert weight copies are zero-padded to a multiple of this many neurons: a GEMM whose output
@@ -119,7 +126,8 @@ def half_speed_tokens(dtype: torch.dtype, device_type: str = "cpu",
     if dtype == torch.float32:
         return HALF_SPEED_TOKENS_FP32
     if device_type == "cpu" and cpu_has_amx(dtype):
-        return max(HALF_SPEED_TOKENS_FP32, HALF_SPEED_TOKENS_AMX * AMX_REFERENCE_WIDTH // width)
+        scale = (AMX_REFERENCE_WIDTH / width) ** AMX_WIDTH_EXPONENT
+        return max(HALF_SPEED_TOKENS_FP32, round(HALF_SPEED_TOKENS_AMX * scale))
     return HALF_SPEED_TOKENS_LOW_PRECISION
 
 
@@ -130,14 +138,18 @@ def default_small_batch_tokens(union: int, sizes: list[int],
     """Token count up to which "masked" is expected to beat the expert loop, before any
     calibration. Model: with n tokens per expert a GEMM runs at n / (n + n_half) of full speed,
     so the loop costs N·m·(1 + n_half·k/N) against N·U for masked (m mean expert size, U union,
-    k experts); masked wins while N < n_half·k / (U/m - 1). One expert: the loop is always a
+    k experts); masked wins while N < n_half·k / (U/m - 1). On AMX also while experts would get
+    fewer than AMX_MIN_TOKENS_PER_EXPERT tokens on average. One expert: the loop is always a
     plain MLP on its neurons, never worse."""
     k = len(sizes)
     if k == 1:
         return 0
     spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
     n_half = half_speed_tokens(dtype, device_type, width)
-    return int(n_half * k / max(spread, 0.125))
+    threshold = int(n_half * k / max(spread, 0.125))
+    if dtype != torch.float32 and device_type == "cpu" and cpu_has_amx(dtype):
+        threshold = max(threshold, AMX_MIN_TOKENS_PER_EXPERT * k - 1)
+    return threshold
 
 
 # "masked" silences the neurons outside a token's expert by adding this to their fc1 bias: the
