@@ -56,10 +56,33 @@ def part_blocks(device, dtypes, batches, token_counts, results):
               f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none)")
 
 
+MODEL_HEADER = (f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}"
+                f"{'speedup':>9}{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}"
+                f"{'on union':>10}")
+
+
+def model_row(dense, moe_model, x, device, decimals: int) -> dict:
+    """Dense vs MoE on batch `x`, then vs a copy calibrated on it (`calibrate_execution`);
+    prints one row of MODEL_HEADER and returns the measurements."""
+    from moee.speed import calibrate_execution
+
+    row = bench_model(dense, moe_model, x, device)
+    tuned = copy.deepcopy(moe_model)
+    choice = calibrate_execution(tuned, x.to(device, next(moe_model.parameters()).dtype))
+    row["calibrated"] = bench_model(dense, tuned, x, device)
+    row["union_layers"] = sum(c["execution"] == "union" for c in choice)
+    ms = lambda v, width: f"{v:>{width}.{decimals}f}"  # noqa: E731
+    print(f"{row['dtype']:>9}{row['batch']:>7}{ms(row['dense_ms'], 10)}"
+          f"{ms(row['non_mlp_ms'], 9)}{ms(row['moe_ms'], 9)}"
+          f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
+          f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}"
+          f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>8}/{len(choice)}")
+    return row
+
+
 def part_default(device, dtypes, checkpoint, batches, results):
     import moee
     from moee.default_model import load_default_model
-    from moee.speed import calibrate_execution
 
     print(f"\n(2) Embedded default, whole model ({checkpoint}), 17 tokens/image")
     images = test_images()
@@ -75,23 +98,12 @@ def part_default(device, dtypes, checkpoint, batches, results):
                                        "moe": param_bytes(moe_model),
                                        "moe_presliced_extra": presliced}
     print("ideal: MAC ratio; amdahl: only the MLP share of dense time shrinks (by MLP MACs)")
-    print(f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}"
-          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
+    print(MODEL_HEADER)
     for dtype in dtypes:
         dense_t, moe_t = copy.deepcopy(dense).to(dtype), copy.deepcopy(moe_model).to(dtype)
         for b in batches:
             x = (torch.randn(b, 1, 28, 28) if images is None else images[:b]).to(device, dtype)
-            row = bench_model(dense_t, moe_t, x, device)
-            tuned = copy.deepcopy(moe_t)
-            choice = calibrate_execution(tuned, x)
-            row["calibrated"] = bench_model(dense_t, tuned, x, device)
-            row["union_layers"] = sum(c["execution"] == "union" for c in choice)
-            results["default"].append(row)
-            print(f"{row['dtype']:>9}{b:>7}{row['dense_ms']:>10.2f}{row['non_mlp_ms']:>9.2f}"
-                  f"{row['moe_ms']:>9.2f}{row['speedup']:>8.2f}x{row['ideal']:>7.2f}"
-                  f"{row['efficiency']:>6.0%}{row['amdahl_ideal']:>8.2f}"
-                  f"{row['amdahl_efficiency']:>6.0%}{row['calibrated']['speedup']:>11.2f}x"
-                  f"{row['union_layers']:>8}/{len(choice)}")
+            results["default"].append(model_row(dense_t, moe_t, x, device, decimals=2))
     memory_rows(device, dense, moe_model, checkpoint, images, results)
 
 
@@ -128,29 +140,15 @@ def test_images() -> torch.Tensor | None:
 
 
 def part_deit_base(device, dtypes, fractions, batches, results):
-    from moee.speed import calibrate_execution
-
     print("\n(3) DeiT-base-sized whole model (random weights, expert sizes from the checkpoint)")
-    print(f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}{'speedup':>9}"
-          f"{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}{'on union':>10}")
+    print(MODEL_HEADER)
     for dtype in dtypes:
         dense, moe_model = deit_base_sized_moe(fractions, device, dtype)
         results.setdefault("deit_base_params_bytes", {})[str(dtype).removeprefix("torch.")] = {
             "dense": param_bytes(dense), "moe": param_bytes(moe_model)}
         for b in batches:
             x = torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b))
-            row = bench_model(dense, moe_model, x, device)
-            tuned = copy.deepcopy(moe_model)
-            choice = calibrate_execution(tuned, x.to(device, dtype))
-            row["calibrated"] = bench_model(dense, tuned, x, device)
-            row["union_layers"] = sum(c["execution"] == "union" for c in choice)
-            results["deit_base"].append(row)
-            print(f"{row['dtype']:>9}{b:>7}{row['dense_ms']:>10.1f}{row['non_mlp_ms']:>9.1f}"
-                  f"{row['moe_ms']:>9.1f}{row['speedup']:>8.2f}x{row['ideal']:>7.2f}"
-                  f"{row['efficiency']:>6.0%}{row['amdahl_ideal']:>8.2f}"
-                  f"{row['amdahl_efficiency']:>6.0%}{row['calibrated']['speedup']:>11.2f}x"
-                  f"{row['union_layers']:>8}/{len(choice)}")
-            del tuned
+            results["deit_base"].append(model_row(dense, moe_model, x, device, decimals=1))
         del dense, moe_model
 
 
