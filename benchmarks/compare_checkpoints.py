@@ -12,6 +12,7 @@ machine's load drifting between separate runs. Prints each checkpoint's speedup 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -47,7 +48,7 @@ def main() -> None:
         for n in map(int, args.batches.split(",")):
             x = normalize_images(images[:n]).to(device, dtype)
             for path in args.checkpoints if args.calibrate else []:
-                models[f"{path} calibrated"] = calibrated = load(path).eval().to(device, dtype)
+                models[f"{path} calibrated"] = calibrated = copy.deepcopy(models[path])
                 calibrate_execution(calibrated, x)
             secs = time_interleaved(
                 {name: (lambda m=m, x=x: model_logits(m, x)) for name, m in models.items()},

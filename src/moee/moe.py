@@ -119,13 +119,18 @@ def cpu_has_amx(dtype: torch.dtype) -> bool:
     return bool(caps.get({torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype, "")))
 
 
+def on_amx(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether GEMMs of `dtype` on this device run on AMX tiles (CPU bf16 / fp16 only)."""
+    return device_type == "cpu" and dtype != torch.float32 and cpu_has_amx(dtype)
+
+
 def half_speed_tokens(dtype: torch.dtype, device_type: str = "cpu",
                       width: int = AMX_REFERENCE_WIDTH) -> int:
     """Tokens per expert at which a small GEMM of input width `width` runs at about half its
     large-batch speed."""
     if dtype == torch.float32:
         return HALF_SPEED_TOKENS_FP32
-    if device_type == "cpu" and cpu_has_amx(dtype):
+    if on_amx(dtype, device_type):
         scale = (AMX_REFERENCE_WIDTH / width) ** AMX_WIDTH_EXPONENT
         return max(HALF_SPEED_TOKENS_FP32, round(HALF_SPEED_TOKENS_AMX * scale))
     return HALF_SPEED_TOKENS_LOW_PRECISION
@@ -147,7 +152,7 @@ def default_small_batch_tokens(union: int, sizes: list[int],
     spread = union / (sum(sizes) / k) - 1  # how many more neurons masked computes per token
     n_half = half_speed_tokens(dtype, device_type, width)
     threshold = int(n_half * k / max(spread, 0.125))
-    if dtype != torch.float32 and device_type == "cpu" and cpu_has_amx(dtype):
+    if on_amx(dtype, device_type):
         threshold = max(threshold, AMX_MIN_TOKENS_PER_EXPERT * k - 1)
     return threshold
 
@@ -607,8 +612,8 @@ class MoEMLP(nn.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         out = []
         for t in x.reshape(-1, d):
-            r, centres = t.to(routing_dtype(t.dtype)), self.router_centres
-            centres = centres.to(r.dtype)
+            r = t.to(routing_dtype(t.dtype))
+            centres = self.router_centres.to(r.dtype)
             if self.metric == "cosine":
                 sim = F.cosine_similarity(r[None], centres, dim=-1)
             else:

@@ -15,7 +15,7 @@ def first_error(fn: Callable[[], object]) -> str | None:
     report the gap instead of failing half-way through a benchmark or a calibration."""
     try:
         fn()
-    except (RuntimeError, NotImplementedError, AttributeError) as e:  # attr: op missing
+    except (RuntimeError, NotImplementedError) as e:
         return f"{type(e).__name__}: {e}".splitlines()[0]
     return None
 
