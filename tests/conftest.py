@@ -29,7 +29,7 @@ def tiny_moe_model(seed: int = 1):
     plans = [LayerPlan(s.name, [rng.choice(48, 6, replace=False) for _ in range(2)],
                        rng.normal(size=(2, 16))) for s in sites]
     apply_plans(sites, plans)
-    return moee.MoEModel(model, plans)
+    return moee.MoEModel(model).eval()
 
 
 def tiny_bert(seed: int = 0) -> BertModel:

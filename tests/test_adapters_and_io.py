@@ -9,9 +9,9 @@ from conftest import TimmStyleNet, tiny_bert, tiny_vit
 from torch import nn
 
 import moee
-from moee.adapters import NoMLPBlocksError, find_mlp_sites
+from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
-from moee.io import CheckpointError
+from moee.errors import CheckpointError, NoMLPBlocksError
 from moee.moe_model import MoEModel
 
 
@@ -30,6 +30,8 @@ MODELS = {
     "hf-bert": (tiny_bert, lambda: torch.randint(0, 50, (2, 7)), "intermediate-output"),
     "timm-style": (TimmStyleNet, lambda: torch.randn(2, 5, 16), "fc1-act-fc2"),
 }
+# One tiny model per registered adapter: a new adapter without one fails the test below.
+BY_ADAPTER = {adapter: family for family, (_, _, adapter) in reversed(MODELS.items())}
 
 
 def _out(model, x):
@@ -44,8 +46,20 @@ def full_expert_plans(sites, k=1):
             for s in sites]
 
 
-def test_adapters_are_listed():
-    assert {"fc1-act-fc2", "intermediate-output"} <= set(moee.list_adapters())
+def test_every_registered_adapter_has_a_tiny_model():
+    assert set(moee.list_adapters()) == set(BY_ADAPTER)
+
+
+@pytest.mark.parametrize("adapter", moee.list_adapters())
+def test_each_adapter_finds_its_layout_and_full_experts_equal_dense(adapter):
+    make, inputs, _ = MODELS[BY_ADAPTER[adapter]]
+    dense, moe_model = make().eval(), make().eval()
+    x = inputs()
+    sites = find_mlp_sites(moe_model, adapter)
+    assert len(sites) == 2
+    apply_plans(sites, full_expert_plans(sites, k=2))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(moe_model, x), _out(dense, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -57,7 +71,7 @@ def test_full_experts_equal_dense_model(family):
     assert len(sites) == 2
     assert [s.name for s in find_mlp_sites(make(), adapter)] == [s.name for s in sites]
     apply_plans(sites, full_expert_plans(sites, k=3))
-    assert len(MoEModel(moe_model, []).moe_layers()) == 2
+    assert len(MoEModel(moe_model).moe_layers()) == 2
     with torch.no_grad():
         torch.testing.assert_close(_out(moe_model, x), _out(dense, x), rtol=1e-5, atol=1e-5)
 
@@ -74,12 +88,12 @@ def _small_moe(seed=0):
     plans = [LayerPlan(s.name, [rng.choice(48, 10, replace=False) for _ in range(3)],
                        rng.normal(size=(3, 16))) for s in sites]
     apply_plans(sites, plans)
-    return MoEModel(model, plans, {"note": "test"}, None)
+    return MoEModel(model, {"note": "test"}, None), plans
 
 
 def test_pruning_keeps_every_neuron_any_expert_uses():
-    model = _small_moe()
-    for plan, moe_layer in zip(model.plans, model.moe_layers().values(), strict=True):
+    model, plans = _small_moe()
+    for plan, moe_layer in zip(plans, model.moe_layers().values(), strict=True):
         kept = moe_layer.kept_neurons.tolist()
         assert set(kept) == set(np.concatenate(plan.experts).tolist())
         for e, neurons in enumerate(plan.experts):  # each expert maps back to its own neurons
@@ -88,20 +102,24 @@ def test_pruning_keeps_every_neuron_any_expert_uses():
 
 
 def test_save_load_reproduces_outputs_exactly(tmp_path):
-    model = _small_moe()
+    model, _ = _small_moe()
     x = torch.randn(4, 1, 8, 8)
     model.save_pretrained(tmp_path)
-    again = moee.load(tmp_path)
+    again = moee.MoEModel.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(_out(model, x), _out(again, x))
-    for saved, loaded in zip(model.plans, again.plans, strict=True):
-        np.testing.assert_allclose(loaded.centres, saved.centres, rtol=1e-6)
+    for saved, loaded in zip(model.moe_layers().values(), again.moe_layers().values(),
+                             strict=True):
+        assert torch.equal(loaded.router_centres, saved.router_centres)
+        assert loaded.dense_experts() == saved.dense_experts() and loaded.site == saved.site
+    assert not again.training and not any(m.training for m in again.modules())
+    assert all(t.device.type == "cpu" for t in again.state_dict().values())
     assert json.loads((tmp_path / "moee_config.json").read_text())["extract_config"] == {
         "note": "test"}
 
 
 def test_corrupt_and_truncated_weights_are_clear_errors(tmp_path):
-    _small_moe().save_pretrained(tmp_path)
+    _small_moe()[0].save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -113,7 +131,7 @@ def test_corrupt_and_truncated_weights_are_clear_errors(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_tensor(tmp_path):
-    _small_moe(seed=0).save_pretrained(tmp_path)
+    _small_moe(seed=0)[0].save_pretrained(tmp_path)
     config = json.loads((tmp_path / "moee_config.json").read_text())
     config["layers"][0]["experts"][0] = list(range(20))  # union grows: fc1 shape disagrees
     (tmp_path / "moee_config.json").write_text(json.dumps(config))
@@ -122,7 +140,7 @@ def test_mismatched_checkpoint_names_the_tensor(tmp_path):
 
 
 def test_bad_config_json_is_a_clear_error(tmp_path):
-    _small_moe().save_pretrained(tmp_path)
+    _small_moe()[0].save_pretrained(tmp_path)
     (tmp_path / "moee_config.json").write_text("{ truncated")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         moee.load(tmp_path)
@@ -131,11 +149,14 @@ def test_bad_config_json_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("execution", "fast", "execution 'fast'"),
-    ("small_batch_tokens", -3, "small_batch_tokens must be a non-negative integer"),
+    ("execution", "fast", "mlp: execution: must be one of"),
+    ("small_batch_tokens", -3, "small_batch_tokens: must be a non-negative integer"),
+    ("small_batch_tokens", 2.5, "small_batch_tokens: must be a non-negative integer"),
+    ("experts", [], "has an empty expert or neuron ids outside"),
+    ("experts", [[0, 99]], "has an empty expert or neuron ids outside"),
 ])
 def test_bad_execution_settings_in_config_are_clear_errors(tmp_path, field, value, message):
-    _small_moe().save_pretrained(tmp_path)
+    _small_moe()[0].save_pretrained(tmp_path)
     config = json.loads((tmp_path / "moee_config.json").read_text())
     config["layers"][0][field] = value
     (tmp_path / "moee_config.json").write_text(json.dumps(config))
@@ -150,13 +171,14 @@ def test_execution_set_on_the_modules_is_what_gets_saved(tmp_path, family):
     sites = find_mlp_sites(model)
     plans = full_expert_plans(sites, k=2)
     apply_plans(sites, plans)
-    moe_model = MoEModel(model, plans)
+    moe_model = MoEModel(model)
     layers = list(moe_model.moe_layers().values())  # BERT: inside the site, at .intermediate
-    layers[0].execution, layers[1].small_batch_tokens = "masked", 5
+    layers[0].configure(execution="masked", presliced=False)
+    layers[1].configure(small_batch_tokens=5, width_multiple=8)
     moe_model.save_pretrained(tmp_path)
     again = list(moee.load(tmp_path).moe_layers().values())
-    assert [m.execution for m in again] == ["masked", "experts"]
-    assert [m.small_batch_tokens for m in again] == [None, 5]
+    assert [m.execution_config for m in again] == [m.execution_config for m in layers]
+    assert [m.site for m in again] == [s.name for s in sites]
 
 
 def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path):
@@ -165,7 +187,7 @@ def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path
     import subprocess
     import sys
 
-    model = _small_moe()
+    model, _ = _small_moe()
     model.save_pretrained(tmp_path)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
@@ -174,7 +196,7 @@ def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path
     script = (
         "import sys\n"
         "for m in ('sklearn', 'fast_hdbscan', 'matplotlib', 'numba'): sys.modules[m] = None\n"
-        "import torch, moee, moee.cli, moee.bench_suite\n"
+        "import torch, moee, moee.cli, moee.bench.suite\n"
         f"m = moee.load({str(tmp_path)!r}).eval()\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
         "with torch.no_grad():\n"
@@ -182,3 +204,38 @@ def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path
         f"torch.save(getattr(out, 'logits', out), {str(tmp_path / 'y.pt')!r})\n")
     subprocess.run([sys.executable, "-c", script], check=True)
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_loading_builds_the_base_on_the_meta_device(tmp_path, monkeypatch):
+    """The base is rebuilt with its parameters on the meta device (nothing initialised only to
+    be overwritten); the loaded model has none left there."""
+    import moee.io
+
+    model, _ = _small_moe()
+    model.save_pretrained(tmp_path)
+    built = []
+    real = moee.io._rebuild_base
+    monkeypatch.setattr(moee.io, "_rebuild_base", lambda spec: built.append(real(spec)) or built[0])
+    seen_meta = []
+    real_apply = moee.io.apply_plans
+    monkeypatch.setattr(moee.io, "apply_plans", lambda sites, plans: seen_meta.append(
+        all(p.is_meta for p in built[0].parameters())) or real_apply(sites, plans))
+    again = moee.load(tmp_path)
+    assert seen_meta == [True]
+    assert not any(p.is_meta for p in again.parameters())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(_out(model, x), _out(again, x))
+
+
+def test_bert_reload_keeps_non_persistent_buffers(tmp_path):
+    model = tiny_bert()
+    sites = find_mlp_sites(model)
+    apply_plans(sites, full_expert_plans(sites, k=2))
+    moe_model = MoEModel(model).eval()
+    moe_model.save_pretrained(tmp_path)
+    again = moee.load(tmp_path)
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(_out(moe_model, x), _out(again, x))
+    assert all(not b.is_meta for b in again.buffers())

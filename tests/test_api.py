@@ -1,11 +1,9 @@
 """End to end on a tiny ViT, and the bad-input paths of moee.extract."""
 
-import numpy as np
 import pytest
 import torch
 
 import moee
-from moee.cluster import TooFewTokensError
 from moee.evaluate import count_macs
 
 
@@ -37,10 +35,41 @@ def test_extract_end_to_end(vit, images, tmp_path):
     assert not any(isinstance(m, moee.MoEMLP) for m in vit.modules())  # input model untouched
     for stage in ("activations/store.json", "layer_0.labels.npy", "report.json", "plans.json"):
         assert (tmp_path / stage).exists()
-    # A second call reuses the recorded activations (no data needed) and gives the same plan.
-    again, _ = moee.extract(vit, [], small_config(tmp_path))
-    for a, b in zip(moe_model.plans, again.plans, strict=True):
-        assert all(np.array_equal(x, y) for x, y in zip(a.experts, b.experts, strict=True))
+    assert not moe_model.training and report.activations.startswith("recorded")
+    # A second call with the same model and data reuses the recorded activations.
+    again, report2 = moee.extract(vit, batches, small_config(tmp_path))
+    assert report2.activations.startswith("reused")
+    for a, b in zip(moe_model.moe_layers().values(), again.moe_layers().values(), strict=True):
+        assert a.dense_experts() == b.dense_experts()
+
+
+def test_stale_activations_are_recorded_anew_and_the_reason_is_given(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    moee.extract(vit, batches, small_config(tmp_path))
+    other_data = [b.flip(-1) for b in batches]
+    _, report = moee.extract(vit, other_data, small_config(tmp_path))
+    assert report.activations == "recorded 1000 tokens (the calibration data changed)"
+    with torch.no_grad():
+        moee.find_mlp_sites(vit)[0].fc1.weight.mul_(1.01)  # as fine-tuning would
+    _, report = moee.extract(vit, other_data, small_config(tmp_path))
+    assert report.activations == "recorded 1000 tokens (the model's weights changed)"
+    config = small_config(tmp_path)
+    config = moee.ExtractConfig(**{**config.__dict__, "record": moee.RecordConfig(n_tokens=900)})
+    _, report = moee.extract(vit, other_data, config)
+    assert report.activations == "recorded 900 tokens (the record settings changed)"
+    _, report = moee.extract(vit, iter(other_data), config)  # a one-shot iterator works too
+    assert report.activations.startswith("reused 900")
+
+
+def test_without_work_dir_the_temporary_store_is_removed(vit, images, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    config = moee.ExtractConfig(**{**small_config(tmp_path).__dict__, "work_dir": None})
+    moe_model, report = moee.extract(vit, batches, config)
+    assert report.work_dir is None and len(moe_model.moe_layers()) == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_clusters_is_a_clear_error_that_keeps_the_store(vit, tmp_path):
@@ -53,15 +82,24 @@ def test_no_clusters_is_a_clear_error_that_keeps_the_store(vit, tmp_path):
 def test_data_smaller_than_min_cluster_size(vit, images, tmp_path):
     config = small_config(tmp_path, min_cluster_fraction=0.5)
     config = moee.ExtractConfig(**{**config.__dict__, "record": moee.RecordConfig(n_tokens=1)})
-    with pytest.raises(TooFewTokensError, match="minimum cluster size"):
+    with pytest.raises(moee.TooFewTokensError, match="minimum cluster size"):
         moee.extract(vit, [images[:1]], config)
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(moee.config.ConfigError, match="select.p"):
+    with pytest.raises(moee.ConfigError, match="select.p"):
         moee.SelectConfig(p=1.5)
-    with pytest.raises(moee.config.ConfigError, match="cluster.algorithm"):
+    with pytest.raises(moee.ConfigError, match="cluster.algorithm"):
         moee.ClusterConfig(algorithm="spectral")
+    for bad in (2.5, "100", True):
+        with pytest.raises(moee.ConfigError, match="record.n_tokens"):
+            moee.RecordConfig(n_tokens=bad)
+
+
+def test_every_deliberate_error_is_a_moee_error():
+    errors = [getattr(moee, n) for n in moee.__all__ if n.endswith("Error")]
+    assert len(errors) >= 8
+    assert all(issubclass(e, moee.MoeeError) for e in errors)
 
 
 @pytest.mark.parametrize("select", [moee.SelectConfig.paper(p=0.8),

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from moee.cli import main
-from moee.data import FashionMNISTNotFound, load_fashion_mnist
-from moee.data.fashion_mnist import read_idx
+from moee.demo import FashionMNISTNotFound, load_fashion_mnist
+from moee.demo.fashion_mnist import read_idx
 
 
 def write_idx(path, array, gz=False):
@@ -40,13 +40,16 @@ def test_truncated_idx_is_a_clear_error(tmp_path):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
-    import moee.data.fashion_mnist as fm
+    import moee.demo.fashion_mnist as fm
 
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "none2")
     monkeypatch.delenv("MOEE_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FashionMNISTNotFound, match="apt-get install dataset-fashion-mnist"):
         load_fashion_mnist("train", tmp_path / "empty")
+    with pytest.raises(FashionMNISTNotFound, match="does not exist"):
+        load_fashion_mnist("train", tmp_path / "nonexistent")
 
 
 def test_cli_reports_bad_checkpoint_without_traceback(tmp_path, capsys):
@@ -64,11 +67,11 @@ def test_cli_calibrate_force_sets_every_layer_and_saves(tmp_path, capsys):
     tiny_moe_model().save_pretrained(tmp_path / "moe")
     assert main(["calibrate", str(tmp_path / "moe"), "--force", "masked",
                  "--out", str(tmp_path / "forced")]) == 0
-    assert {m.execution for m in moee.load(tmp_path / "forced").moe_layers().values()} == {
-        "masked"}
+    layers = moee.load(tmp_path / "forced").moe_layers().values()
+    assert {m.execution_config.execution for m in layers} == {"masked"}
     # Timing needs real inputs: the CLI has Fashion-MNIST only, and says so for other shapes.
     assert main(["calibrate", str(tmp_path / "moe"), "--out", str(tmp_path / "c")]) == 2
-    assert "calibrate_execution" in capsys.readouterr().err
+    assert "moee.calibrate(model, your_batch)" in capsys.readouterr().err
 
 
 def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():

@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moee
+import moee.engine.cost_model as cost_model
+from moee.engine import ExecutionConfig
 from moee.moe import MoEMLP
 
 torch.manual_seed(0)
@@ -21,7 +24,7 @@ def dense_mlp() -> tuple[nn.Linear, nn.Linear]:
 def make_moe(experts, centres, metric="cosine") -> MoEMLP:
     fc1, fc2 = dense_mlp()
     return MoEMLP(fc1, fc2, nn.GELU(), [torch.tensor(e) for e in experts], centres,
-                  torch.arange(H), metric)
+                  torch.arange(H), metric).eval()
 
 
 def test_one_full_expert_equals_dense_mlp():
@@ -50,8 +53,8 @@ def test_forward_equals_per_token_reference(metric):
     moe = make_moe(experts, torch.randn(4, D, generator=g), metric)
     x = torch.randn(3, 11, D, generator=g)
     torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # cached pre-sliced inference weights give the same result
-        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
+    moe.train()  # the differentiable path computes the same function
+    torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_computes_only_its_neurons():
@@ -68,7 +71,9 @@ def test_expert_computes_only_its_neurons():
 def test_gradients_reach_shared_weights_and_cache_refreshes():
     moe = make_moe([[0, 1, 2], [2, 3]], torch.randn(2, D))
     x = torch.randn(64, D)
+    moe.train()  # train mode: the differentiable path
     moe(x).pow(2).sum().backward()
+    moe.eval()
     assert moe.fc1.weight.grad[:4].abs().sum() > 0
     assert moe.fc1.weight.grad[4:].abs().sum() == 0  # neurons in no expert get no gradient
     with torch.no_grad():
@@ -140,24 +145,25 @@ def _random_moe(metric="cosine", activation=None):
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_every_exact_execution_equals_per_token_reference(execution, presliced, metric):
     moe = _random_moe(metric)
-    moe.execution, moe.presliced = execution, presliced
-    moe.small_batch_tokens = 0  # "experts" really runs its grouped loop
+    moe.configure(execution=execution, presliced=presliced, small_batch_tokens=0)  # real loop
     x = torch.randn(4, 13, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_small_batches_switch_to_masked_path_with_same_output():
+def test_small_batches_switch_to_masked_path_with_same_output(monkeypatch):
+    import moee.moe
+
     moe = _random_moe()
     x = torch.randn(30, D)
     with torch.no_grad():
-        moe.small_batch_tokens = 0
+        moe.configure(small_batch_tokens=0)
         loop = moe(x)
-        moe.small_batch_tokens = 30
-        calls, masked_path = [], moe._forward_masked
-        moe._forward_masked = lambda *a: calls.append(1) or masked_path(*a)
+        moe.configure(small_batch_tokens=30)
+        calls, masked_path = [], moee.moe._RUN["masked"]
+        monkeypatch.setitem(moee.moe._RUN, "masked", lambda *a: calls.append(1) or masked_path(*a))
         masked = moe(x)
-        moe.small_batch_tokens = 29
+        moe.configure(small_batch_tokens=29)
         moe(x)
     assert calls == [1]
     torch.testing.assert_close(loop, masked, rtol=1e-5, atol=1e-5)
@@ -169,34 +175,36 @@ def test_non_elementwise_activation_is_applied_per_expert():
             return h - h.mean(-1, keepdim=True)
 
     moe = _random_moe(activation=RowCentred())
-    moe.small_batch_tokens = 0
+    moe.configure(small_batch_tokens=0)
     x = torch.randn(40, D)
     with torch.no_grad():
         out = moe(x)
-        assert not moe._weights().elementwise_activation
-        assert moe._weights().widths == moe.expert_sizes()  # zero padding would shift rows
+        assert not moe.inference_weights().elementwise_activation
+        assert moe.inference_weights().widths == moe.expert_sizes()  # zero padding would shift rows
         torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_presliced_copies_cost_memory_and_gather_mode_does_not():
-    from moee.moe import expert_width
+    from moee.engine.weights import round_up
 
     moe = _random_moe()
-    widths = sum(expert_width(m) for m in moe.expert_sizes())  # zero-padded copies
+    widths = sum(round_up(m, 16) for m in moe.expert_sizes())  # zero-padded copies
     assert widths > sum(moe.expert_sizes())
     assert moe.presliced_bytes() == widths * (D + 1 + D) * 4
-    moe.presliced = False
+    moe.configure(presliced=False)
     assert moe.presliced_bytes() == 0
     with torch.no_grad():
         moe(torch.randn(3, D))
-        assert moe._weights().experts is None
+        assert moe.inference_weights().experts is None
 
 
 def test_unknown_execution_is_a_clear_error():
     moe = _random_moe()
-    moe.execution = "fast"
-    with pytest.raises(ValueError, match="execution must be one of"), torch.no_grad():
-        moe(torch.randn(2, D))
+    with pytest.raises(moee.ConfigError, match="execution: must be one of"):
+        moe.configure(execution="fast")
+    with pytest.raises(moee.ConfigError, match="small_batch_tokens"):
+        ExecutionConfig(small_batch_tokens=2.5)
+    assert moe.execution_config == ExecutionConfig()  # a refused change leaves the layer as it was
 
 
 def test_module_copied_under_inference_mode_still_runs():
@@ -209,27 +217,37 @@ def test_module_copied_under_inference_mode_still_runs():
 
 @pytest.mark.parametrize("flat_limit", [0, 2**20])
 def test_activation_per_expert_or_over_all_experts_gives_same_output(monkeypatch, flat_limit):
-    import moee.moe
+    import dataclasses
 
-    monkeypatch.setattr(moee.moe, "FLAT_ACTIVATION_MAX_ELEMENTS", flat_limit)
+    import moee.engine.experts
+
+    monkeypatch.setattr(moee.engine.experts, "COSTS", dataclasses.replace(
+        cost_model.COSTS, flat_activation_max_elements=flat_limit))
     moe = _random_moe()
-    moe.small_batch_tokens = 0
+    moe.configure(small_batch_tokens=0)
     x = torch.randn(50, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
-    import moee.moe
-    from moee.moe import default_small_batch_tokens
+    from functools import partial
 
+    from moee.engine.cost_model import CostModel
+
+    # The formula on fixed constants (the machine-fitted ones are refitted per machine).
+    costs = CostModel(half_speed_tokens_fp32=32, half_speed_tokens_amx=64, amx_reference_width=768,
+                      amx_width_exponent=1.5, amx_min_tokens_per_expert=48,
+                      half_speed_tokens_low_precision=8, flat_activation_max_elements=2**20,
+                      expert_width_multiple=16)
+    default_small_batch_tokens = partial(cost_model.default_small_batch_tokens, costs=costs)
     assert default_small_batch_tokens(48, [48]) == 0  # one expert: the loop is a plain MLP
     narrow = default_small_batch_tokens(400, [100] * 8)  # masked computes 4x the neurons
     wide = default_small_batch_tokens(400, [300] * 8)  # masked computes 1.33x
     assert 0 < narrow < wide
-    monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: False)
+    monkeypatch.setattr(cost_model, "cpu_has_amx", lambda dtype: False)
     assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16) < wide  # slow bf16 kernels
-    monkeypatch.setattr(moee.moe, "cpu_has_amx", lambda dtype: True)
+    monkeypatch.setattr(cost_model, "cpu_has_amx", lambda dtype: True)
     amx = default_small_batch_tokens(400, [300] * 8, torch.bfloat16)
     assert amx > wide  # AMX: a fixed cost per call
     narrow_model = default_small_batch_tokens(400, [300] * 8, torch.bfloat16, width=192)
@@ -239,15 +257,15 @@ def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
     assert default_small_batch_tokens(400, [300] * 8, width=192) == wide  # fp32: no such cost
     assert default_small_batch_tokens(400, [300] * 8, torch.bfloat16, "cuda") < wide
     moe = _random_moe()
-    assert moe.small_batch_tokens is None  # resolved per dtype at inference
+    assert moe.execution_config.small_batch_tokens is None  # resolved per dtype at inference
     with torch.no_grad():
         moe(torch.randn(2, D))
-    assert moe._weights().default_small_batch_tokens == default_small_batch_tokens(
-        H, moe.expert_sizes(), width=D)
+    assert moe.inference_weights().default_small_batch_tokens == \
+        cost_model.default_small_batch_tokens(H, moe.expert_sizes(), width=D)
 
 
 def test_top1_matches_argmax_on_both_sides_of_its_switch_ties_included():
-    from moee.moe import top1
+    from moee.engine.routing import top1
 
     for rows, k in [(5, 3), (17, 29), (300, 29), (1000, 2)]:
         scores = torch.randint(0, 3, (rows, k)).float()  # many ties
@@ -255,12 +273,12 @@ def test_top1_matches_argmax_on_both_sides_of_its_switch_ties_included():
 
 
 def test_expert_loop_reuses_its_scratch_buffers_safely():
-    import moee.moe
-    from moee.moe import clear_workspace, workspace_bytes
+    from moee.engine.workspace import clear_workspace, scratch, workspace_bytes
 
     clear_workspace()
     moe, other = _random_moe(), _random_moe(metric="euclidean")
-    moe.small_batch_tokens = other.small_batch_tokens = 0
+    moe.configure(small_batch_tokens=0)
+    other.configure(small_batch_tokens=0)
     x = torch.randn(40, D)
     with torch.no_grad():
         first = moe(x)
@@ -278,25 +296,25 @@ def test_expert_loop_reuses_its_scratch_buffers_safely():
         torch.testing.assert_close(moe(x), first, rtol=0, atol=0)
     clear_workspace()
     assert workspace_bytes() == 0
-    assert moee.moe.scratch("t", 4, torch.zeros(1, device="meta")).device.type == "meta"
+    assert scratch("t", 4, torch.zeros(1, device="meta")).device.type == "meta"
 
 
 @pytest.mark.parametrize("multiple", [1, 8, 16, 64])
 def test_zero_padded_expert_copies_change_nothing_and_macs_ignore_them(multiple):
+    from moee.engine.weights import round_up
     from moee.evaluate import count_macs
-    from moee.moe import expert_width
 
     moe = _random_moe(activation=nn.Sigmoid())  # act(0) != 0: the zero fc2 columns cancel it
-    moe.small_batch_tokens = 0
+    moe.configure(small_batch_tokens=0)
     x = torch.randn(60, D)
     macs = count_macs(moe, x)
-    moe.width_multiple = multiple
+    moe.configure(width_multiple=multiple)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
-        assert moe._weights().widths == [expert_width(m, multiple) for m in moe.expert_sizes()]
-        moe.presliced = False  # the gather path pads the same way
+        assert moe.inference_weights().widths == [round_up(m, multiple) for m in moe.expert_sizes()]
+        moe.configure(presliced=False)  # the gather path pads the same way
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
-    assert count_macs(moe, x) == macs and moe.width_multiple == multiple
+    assert count_macs(moe, x) == macs and moe.execution_config.width_multiple == multiple
 
 
 def _gelu_activation():
@@ -307,7 +325,8 @@ def _gelu_activation():
 @pytest.mark.parametrize("make_act", [nn.ReLU, nn.SiLU, nn.GELU, lambda: nn.GELU("tanh"),
                                       _gelu_activation])
 def test_inplace_activation_is_exact_and_every_execution_uses_it_correctly(make_act):
-    from moee.moe import inplace_activation
+    from moee.engine.activation import inplace_activation
+
     act = make_act()
     fn = inplace_activation(act)
     assert fn is not None
@@ -321,15 +340,15 @@ def test_inplace_activation_is_exact_and_every_execution_uses_it_correctly(make_
     with torch.no_grad():
         ref = moe.forward_reference(x)
         for execution in ("experts", "masked", "grouped"):
-            moe.execution, moe.small_batch_tokens = execution, 0
+            moe.configure(execution=execution, small_batch_tokens=0)
             torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
-        moe.execution = "union"
+        moe.configure(execution="union")
         dense = moe.fc2(act(moe.fc1(x)))
         torch.testing.assert_close(moe(x), dense, rtol=0, atol=0)
 
 
 def test_unknown_or_altered_activation_runs_out_of_place():
-    from moee.moe import inplace_activation
+    from moee.engine.activation import inplace_activation
 
     class ScaledGELU(nn.GELU):  # a subclass that changes the function must not be replaced
         def forward(self, h):
@@ -338,7 +357,7 @@ def test_unknown_or_altered_activation_runs_out_of_place():
     assert inplace_activation(nn.Tanh()) is None
     assert inplace_activation(ScaledGELU()) is None
     moe = _random_moe(activation=ScaledGELU())
-    moe.small_batch_tokens = 0
+    moe.configure(small_batch_tokens=0)
     x = torch.randn(40, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
@@ -360,7 +379,8 @@ def test_bf16_model_routes_in_fp32_like_extraction(execution):
     x[:, 1] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     expected = route_tokens(x.float().numpy(), moe.router_centres.float().numpy(), "cosine")
     assert expected.tolist() == [1, 0, 1, 0, 1, 0]
-    moe.execution, moe.small_batch_tokens, moe.track_load = execution, 0, True
+    moe.configure(execution=execution, small_batch_tokens=0)
+    moe.track_load = True
     with torch.no_grad():
         assert moe.route(x).tolist() == expected.tolist()
         out = moe(x)  # every inference path routes on the same fp32 scores
@@ -375,7 +395,7 @@ def test_device_side_executions_compile_to_one_graph(execution, dtype):
     """No graph break, no host sync: what CUDA graphs and torch.compile need. (grouped_mm's
     shape check in torch 2.13 wants bf16, so "grouped" is traced in bf16.)"""
     moe = _random_moe().to(dtype)
-    moe.execution = execution
+    moe.configure(execution=execution)
     x = torch.randn(60, D, dtype=dtype)
     torch._dynamo.reset()
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
@@ -403,7 +423,7 @@ def test_copies_rebuild_the_inference_cache_instead_of_copying_it():
 
 def test_expert_loop_runs_eagerly_inside_a_compiled_model():
     moe = _random_moe()
-    moe.small_batch_tokens = 0  # the loop, not the masked path
+    moe.configure(small_batch_tokens=0)  # the loop, not the masked path
     x = torch.randn(60, D)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -431,9 +451,50 @@ def test_inference_draws_nothing_from_the_global_rng():
                                           (nn.SiLU, "bias"), (nn.Tanh, "mul")])
 def test_masked_path_silences_neurons_by_bias_where_the_activation_allows(make_act, how):
     moe = _random_moe(activation=make_act())
-    moe.execution = "masked"
+    moe.configure(execution="masked")
     x = torch.randn(3, 11, D)
     with torch.no_grad():
         out = moe(x)
-        assert moe._masking(moe._weights())[0] == how  # tanh(-3e4) = -1: must multiply
+        from moee.engine.weights import masking
+
+        assert masking(moe.inference_weights())[0] == how  # tanh(-3e4) = -1: must multiply
         torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_follows_the_training_flag_not_grad_mode():
+    """eval() runs the engine (no autograd, cache reused) even with grad mode on; train() runs
+    the differentiable path even under no_grad."""
+    moe = _random_moe()
+    x = torch.randn(40, D, requires_grad=True)
+    out = moe(x)  # grad mode on, eval mode
+    assert not out.requires_grad
+    cache = moe._cache
+    assert cache is not None
+    moe(x)
+    assert moe._cache is cache  # not rebuilt per call
+    moe.train()
+    assert moe(x).requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("execution", ["experts", "masked", "grouped", "train"])
+def test_bias_free_fc1_through_every_path_and_the_reference(execution):
+    g = torch.Generator().manual_seed(7)
+    experts = [torch.randperm(H, generator=g)[: 4 + 5 * i] for i in range(4)]
+    fc1, fc2 = nn.Linear(D, H, bias=False), nn.Linear(H, D)
+    moe = MoEMLP(fc1, fc2, nn.GELU(), experts, torch.randn(4, D, generator=g), torch.arange(H))
+    x = torch.randn(3, 9, D, generator=g)
+    expected = []  # independent of forward_reference: the dense MLP with the expert's mask
+    for t in x.reshape(-1, D):
+        e = int(F.cosine_similarity(t[None], moe.router_centres, dim=-1).argmax())
+        mask = torch.zeros(H)
+        mask[experts[e]] = 1
+        expected.append(fc2(F.gelu(fc1(t)) * mask))
+    expected = torch.stack(expected).reshape(3, 9, D).detach()
+    if execution == "train":
+        moe.train()
+    else:
+        moe.eval().configure(execution=execution, small_batch_tokens=0)
+    torch.testing.assert_close(moe(x).detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe.forward_reference(x), expected, rtol=1e-5, atol=1e-5)

@@ -5,9 +5,8 @@ import torch
 from conftest import tiny_moe_model, tiny_vit
 
 import moee
-from moee.bench import loop_style, mask_style, random_moe_block
+from moee.bench.blocks import loop_style, mask_style, random_moe_block
 from moee.build import LayerPlan, apply_plans
-from moee.speed import calibrate_execution, set_execution
 
 
 def test_baseline_styles_and_union_match_references():
@@ -18,14 +17,14 @@ def test_baseline_styles_and_union_match_references():
         torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mask_style(moe)(x), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loop_style(moe)(x), ref, rtol=1e-5, atol=1e-5)
-        moe.execution = "union"  # pruned union run densely == fc2(act(fc1)) over kept neurons
+        moe.configure(execution="union")  # the pruned union densely: fc2(act(fc1)), kept neurons
         union_ref = moe.fc2(torch.nn.functional.gelu(moe.fc1(x)))
         torch.testing.assert_close(moe(x), union_ref)
 
 
 def test_full_union_equals_dense_block():
     dense, moe = random_moe_block(16, 64, 3, 1.0)
-    moe.execution = "union"
+    moe.configure(execution="union")
     x = torch.randn(20, 16)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
@@ -40,28 +39,30 @@ def test_calibration_records_choice_and_survives_save_load(tmp_path):
     plans = [LayerPlan(s.name, [rng.choice(48, 12, replace=False) for _ in range(3)],
                        rng.normal(size=(3, 16))) for s in sites]
     apply_plans(sites, plans)
-    moe_model = moee.MoEModel(model, plans)
-    rows = calibrate_execution(moe_model, torch.randn(2, 1, 8, 8), repeats=3,
-                               routed=("experts", "grouped"))
-    assert {r["execution"] for r in rows} <= {"experts", "grouped", "union"}
+    moe_model = moee.MoEModel(model)
+    rows = moee.calibrate(moe_model, torch.randn(2, 1, 8, 8), repeats=3,
+                          routed=("experts", "grouped"))
     assert all(r["grouped_ms"] > 0 and r["union_ms"] > 0 for r in rows)
     for row, layer in zip(rows, moe_model.moe_layers().values(), strict=True):
-        assert layer.small_batch_tokens == row["small_batch_tokens"] <= row["tokens"]
+        assert layer.execution_config.execution == row["execution"]
+        assert layer.execution_config.small_batch_tokens == row["small_batch_tokens"]
+        assert row["small_batch_tokens"] <= row["tokens"]
         assert row["masked_sweep"][0]["tokens"] == min(16, row["tokens"])
     moe_model.save_pretrained(tmp_path / "calibrated")
-    thresholds = [p.small_batch_tokens for p in moee.load(tmp_path / "calibrated").plans]
-    assert thresholds == [r["small_batch_tokens"] for r in rows]
-    set_execution(moe_model, "union")
+    loaded = moee.load(tmp_path / "calibrated").moe_layers().values()
+    assert [m.execution_config for m in loaded] == [
+        m.execution_config for m in moe_model.moe_layers().values()]
+    moe_model.configure(execution="union")
     moe_model.save_pretrained(tmp_path)
     again = moee.load(tmp_path)
-    assert all(m.execution == "union" for m in again.moe_layers().values())
+    assert all(m.execution_config.execution == "union" for m in again.moe_layers().values())
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(moe_model(x).logits, again(x).logits)
 
 
 def test_whole_model_bench_reports_both_ideals():
-    from moee.bench import bench_model, without_mlps
+    from moee.bench.models import bench_model, without_mlps
 
     dense = tiny_vit()
     rest = without_mlps(dense)
@@ -78,7 +79,7 @@ def test_whole_model_bench_reports_both_ideals():
 
 
 def test_peak_forward_memory_in_a_fresh_process(tmp_path):
-    from moee.peak_memory import cpu_peak_bytes
+    from moee.bench.peak_memory import cpu_peak_bytes
 
     moe_model = tiny_moe_model()
     moe_model.save_pretrained(tmp_path)
@@ -90,44 +91,73 @@ def test_peak_forward_memory_in_a_fresh_process(tmp_path):
 
 
 def test_masked_threshold_sweep_leaves_the_layer_as_it_was():
-    from moee.speed import masked_threshold
+    from moee.engine.calibrate import masked_threshold
 
     _, moe = random_moe_block(16, 64, 4, 0.3)
-    moe.execution, moe.small_batch_tokens = "grouped", 7
+    moe.configure(execution="grouped", small_batch_tokens=7)
     with torch.inference_mode():
         threshold, rows = masked_threshold(moe, torch.randn(40, 16), repeats=2)
-    assert (moe.execution, moe.small_batch_tokens) == ("grouped", 7)
-    assert [r["tokens"] for r in rows][:1] == [16] and 0 <= threshold <= 40
+    assert moe.execution_config.execution == "grouped"
+    assert moe.execution_config.small_batch_tokens == 7
+    assert [r["tokens"] for r in rows] == [16, 32, 40][: len(rows)]
+    assert threshold == (rows[-2]["tokens"] if len(rows) > 1 else 0)
+
+
+def fake_timer(per_setting):
+    """A `time_interleaved` stand-in: seconds from the setting the layer runs under."""
+    def timer(fns, device, repeats, min_seconds=0.0):
+        return {name: per_setting(name) for name in fns}
+    return timer
+
+
+def test_calibration_picks_the_faster_path_from_fixed_timings(monkeypatch):
+    import moee.engine.calibrate
+    from moee.engine.calibrate import masked_threshold
+
+    _, moe = random_moe_block(16, 64, 4, 0.3)
+    tokens = torch.randn(100, 16)
+    # masked faster at 16 and 32 tokens, the loop from 64 on
+    sweep = iter([1, 2, 1, 2, 3, 2])  # (masked, loop) per size
+    threshold, rows = masked_threshold(moe, tokens, timer=lambda fns, *a, **k: {
+        name: next(sweep) for name in fns})
+    assert threshold == 32 and [r["tokens"] for r in rows] == [16, 32, 64]
+    model = tiny_moe_model()
+    for union_s, expected in ((0.5, "union"), (2.0, "experts")):
+        times = {"masked": 1.0, "loop": 0.5, "experts": 1.0, "union": union_s}
+        monkeypatch.setattr(moee.engine.calibrate, "time_interleaved", fake_timer(times.get))
+        rows = moee.calibrate(model, torch.randn(2, 1, 8, 8))
+        assert {r["execution"] for r in rows} == {expected}
+        assert all(r["small_batch_tokens"] == 0 for r in rows)  # the loop won at once
 
 
 def test_calibration_skips_an_execution_the_device_cannot_run(monkeypatch):
-    from moee.moe import MoEMLP
+    import moee.moe
 
-    def no_kernel(self, tokens, cache):
+    def no_kernel(tokens, expert, weights):
         raise RuntimeError("Expected inputs of BF16 type but got float")
 
-    monkeypatch.setattr(MoEMLP, "_forward_grouped", no_kernel)
+    monkeypatch.setitem(moee.moe._RUN, "grouped", no_kernel)
     moe_model = tiny_moe_model()
-    rows = calibrate_execution(moe_model, torch.randn(4, 1, 8, 8), repeats=3,
-                               routed=("experts", "grouped"))
+    rows = moee.calibrate(moe_model, torch.randn(4, 1, 8, 8), repeats=3,
+                          routed=("experts", "grouped"))
     for row, layer in zip(rows, moe_model.moe_layers().values(), strict=True):
         assert row["grouped_unsupported"].startswith("RuntimeError: Expected inputs of BF16")
-        assert "grouped_ms" not in row and row["execution"] in ("experts", "union")
-        assert layer.execution == row["execution"]
-    rows = calibrate_execution(moe_model, torch.randn(4, 1, 8, 8), repeats=3, routed=("grouped",))
-    assert all(r["execution"] in ("experts", "union") for r in rows)  # falls back to the loop
+        assert "grouped_ms" not in row and "experts_ms" in row
+        assert layer.execution_config.execution == row["execution"]
+    rows = moee.calibrate(moe_model, torch.randn(4, 1, 8, 8), repeats=3, routed=("grouped",))
+    assert all("experts_ms" in r and "grouped_ms" not in r for r in rows)  # falls back
 
 
 def test_block_bench_reports_a_style_the_device_cannot_run_instead_of_failing(monkeypatch):
     import math
 
-    from moee.bench import bench_block
-    from moee.moe import MoEMLP
+    import moee.moe
+    from moee.bench.blocks import bench_block
 
-    def no_kernel(self, tokens, cache):
+    def no_kernel(tokens, expert, weights):
         raise RuntimeError("Expected inputs of BF16 type but got float")
 
-    monkeypatch.setattr(MoEMLP, "_forward_grouped", no_kernel)
+    monkeypatch.setitem(moee.moe._RUN, "grouped", no_kernel)
     dense, moe = random_moe_block(16, 48, 4, 0.25)
     row = bench_block(dense, moe, 40, torch.device("cpu"))
     assert row["speedup"]["grouped"] is None and "grouped" not in row["ms"]

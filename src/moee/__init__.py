@@ -1,12 +1,14 @@
 """moee: turn a trained dense transformer into a faster, smaller Mixture-of-Experts model.
 
     moe_model, report = moee.extract(model, calibration_batches, moee.ExtractConfig())
+    moee.distill(moe_model, model, training_batches)
+    moee.calibrate(moe_model, example_batch)
+    moe_model.save_pretrained("my-moe"); moee.MoEModel.from_pretrained("my-moe")
 """
 
-__version__ = "0.1.0"
-
-from moee.adapters import NoMLPBlocksError, find_mlp_sites, list_adapters, register_adapter
-from moee.api import ExtractionReport, NoClustersError, extract
+from moee._version import __version__
+from moee.adapters import MLPSite, find_mlp_sites, list_adapters, register_adapter
+from moee.api import ExtractionReport, calibrate, extract
 from moee.config import (
     ClusterConfig,
     DistillConfig,
@@ -15,12 +17,28 @@ from moee.config import (
     RouterConfig,
     SelectConfig,
 )
-from moee.io import CheckpointError, load
+from moee.distill import distill
+from moee.engine import ExecutionConfig
+from moee.errors import (
+    CheckpointError,
+    ConfigError,
+    DataNotFoundError,
+    EmptyDataError,
+    MoeeError,
+    NoClustersError,
+    NoMLPBlocksError,
+    ResourceError,
+    TooFewTokensError,
+)
+from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
 from moee.moe import MoEMLP
-from moee.moe_model import MoEModel
+from moee.moe_model import MoEModel, load
 
 __all__ = [
-    "CheckpointError", "ClusterConfig", "DistillConfig", "ExtractConfig", "ExtractionReport",
-    "MoEMLP", "MoEModel", "NoClustersError", "NoMLPBlocksError", "RecordConfig", "RouterConfig",
-    "SelectConfig", "extract", "find_mlp_sites", "list_adapters", "load", "register_adapter",
+    "CheckpointError", "ClusterConfig", "ConfigError", "DataNotFoundError", "DistillConfig",
+    "EmptyDataError", "ExecutionConfig", "ExtractConfig", "ExtractionReport", "MLPSite",
+    "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "RecordConfig",
+    "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
+    "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",
+    "find_mlp_sites", "list_adapters", "load", "register_adapter", "top1_accuracy",
 ]

@@ -20,21 +20,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import find_mlp_sites
+from moee.batches import Batch
 from moee.build import LayerPlan, apply_plans, left_out_mean_output
 from moee.cluster import cluster_layer
 from moee.config import ExtractConfig
-from moee.moe import router_weights
+from moee.engine import route, router_weights
+from moee.engine.calibrate import calibrate_layers
+from moee.errors import ConfigError, NoClustersError, ResourceError
+from moee.fingerprint import model_fingerprint
 from moee.moe_model import MoEModel
-from moee.record import ActivationStore, record_activations
+from moee.record import ActivationStore, record_activations, reuse_or_why_not
 from moee.select import ClusterStats, cluster_stats, select_experts
-
-
-class NoClustersError(RuntimeError):
-    """Clustering found no cluster in any layer, so there is nothing to turn into experts."""
-
-
-class ResourceError(MemoryError):
-    """The requested work would not fit in this machine's disk or memory."""
 
 
 @dataclass
@@ -44,8 +40,9 @@ class ExtractionReport:
     layers: list[dict[str, Any]]
     n_tokens: int
     seconds: float
-    work_dir: str
+    work_dir: str | None  # None: a temporary store, removed once extraction finished
     config: dict[str, Any] = field(default_factory=dict)
+    activations: str = ""  # "recorded" or "reused", and why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,30 +86,34 @@ def _check_resources(n_tokens: int, sites, config: ExtractConfig, work: Path) ->
             f"{free_mem / 2**30:.1f} GiB is free: set cluster.max_tokens to subsample")
 
 
-def _open_or_record(model, sites, data, config: ExtractConfig, work: Path) -> ActivationStore:
-    """Reuse a store already in `work_dir` when it covers the same MLPs and enough tokens."""
+def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
+                    ) -> tuple[ActivationStore, str]:
+    """Reuse the store in `work` only when the model's weights, the calibration data and the
+    record settings all match what it was recorded from; else record anew and say why."""
     store_dir = work / "activations"
-    if (store_dir / "store.json").is_file():
-        store = ActivationStore.open(store_dir)
-        if store.site_names == [s.name for s in sites] and store.n_tokens >= config.record.n_tokens:
-            if config.progress:
-                print(f"moee: reusing {config.record.n_tokens} recorded tokens from {store_dir} "
-                      "(delete it to record the data anew)", file=sys.stderr)
-            store.n_tokens = config.record.n_tokens
-            return store
-    _check_resources(config.record.n_tokens, sites, config, work)
-    return record_activations(model, sites, data, config.record, store_dir, config.progress)
+    digest = model_fingerprint(model)
+    store, why, data = reuse_or_why_not(store_dir, sites, config.record, digest, data)
+    if store is not None:
+        note = f"reused {store.n_tokens} recorded tokens from {store_dir} ({why})"
+    else:
+        _check_resources(config.record.n_tokens, sites, config, work)
+        store = record_activations(model, sites, data, config.record, store_dir,
+                                   config.progress, digest)
+        note = f"recorded {store.n_tokens} tokens ({why})"
+    if config.progress:
+        print(f"moee: {note}", file=sys.stderr)
+    return store, note
 
 
 @torch.no_grad()
 def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
                  chunk: int = 65536) -> np.ndarray:
     """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
-    weight, offset = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
+    router = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
     out = []
     for start in range(0, len(inputs), chunk):
         x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
-        out.append(torch.nn.functional.linear(x, weight, offset).argmax(-1).numpy())
+        out.append(route(x, router).numpy())
     return np.concatenate(out)
 
 
@@ -123,18 +124,27 @@ def extract(
     """Turn `model`'s MLPs into data-driven MoE layers (MoEE). `model` is left untouched.
 
     `data` yields model inputs: tensors, (x, label) pairs or kwargs dicts. Returns the MoE
-    model and a report of experts, noise, stability and calibration routing per layer.
+    model (in eval mode) and a report of experts, noise, stability and calibration routing per
+    layer. Without `config.work_dir` the activation store lives in a temporary directory that
+    is removed before returning.
     """
     config = config or ExtractConfig()
-    t0 = time.perf_counter()
     sites = find_mlp_sites(model, adapter)
     chosen = list(range(len(sites))) if config.layers is None else list(config.layers)
     bad = [i for i in chosen if not 0 <= i < len(sites)]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {len(sites)} MLP blocks")
-    work = Path(config.work_dir or tempfile.mkdtemp(prefix="moee-"))
+        raise ConfigError(f"layers: {bad} out of range: the model has {len(sites)} MLP blocks")
+    if config.work_dir is not None:
+        return _extract(model, data, config, adapter, sites, chosen, Path(config.work_dir))
+    with tempfile.TemporaryDirectory(prefix="moee-") as tmp:
+        return _extract(model, data, config, adapter, sites, chosen, Path(tmp))
+
+
+def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[int],
+             work: Path) -> tuple[MoEModel, ExtractionReport]:
+    t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    store = _open_or_record(model, sites, data, config, work)
+    store, note = _open_or_record(model, sites, data, config, work)
 
     plans, rows = [], []
     for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):
@@ -174,14 +184,23 @@ def extract(
         raise NoClustersError(
             f"no clusters in any of layers {chosen} ({store.n_tokens} tokens): every layer would "
             "stay dense. Try a smaller cluster.min_cluster_fraction or cluster.min_samples, or "
-            f"more tokens. Recorded activations are kept in {store.root} and are reused when "
-            "you call extract again with the same work_dir.")
+            "more tokens."
+            + (f" Recorded activations are kept in {store.root} and are reused when you call "
+               "extract again with the same work_dir and data." if config.work_dir else ""))
 
     student = copy.deepcopy(model)
     apply_plans(find_mlp_sites(student, adapter), plans)
-    moe_model = MoEModel(student, plans, config.as_dict(), adapter)
-    report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0, str(work),
-                              config.as_dict())
+    moe_model = MoEModel(student, config.as_dict(), adapter).eval()
+    report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0,
+                              config.work_dir and str(work), config.as_dict(), note)
     (work / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
     (work / "plans.json").write_text(json.dumps([p.to_json() for p in plans]))
     return moe_model, report
+
+
+def calibrate(moe_model: MoEModel, example: Batch, repeats: int = 20, margin: float = 0.02,
+              routed: tuple[str, ...] | None = None) -> list[dict]:
+    """Time each MoE layer's executions on `example` (one batch at the size you will serve)
+    and keep the fastest on the layer; `save_pretrained` then writes the choice. Returns one
+    row of timings per layer (see `moee.engine.calibrate.calibrate_layers`)."""
+    return calibrate_layers(moe_model, moe_model.moe_layers(), example, repeats, margin, routed)

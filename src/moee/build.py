@@ -9,29 +9,30 @@ import torch
 from torch import nn
 
 from moee.adapters import MLPSite
+from moee.engine import ExecutionConfig
 from moee.moe import MoEMLP
 
 
 @dataclass
 class LayerPlan:
-    """What one MLP becomes: expert neuron sets (ids in the dense MLP) and router centres."""
+    """What one MLP becomes: expert neuron sets (ids in the dense MLP) and router centres.
+    Only a hand-over from extraction (or a checkpoint's JSON) to `build_moe_mlp`: once built,
+    the module is the one source of truth."""
 
     site: str
     experts: list[np.ndarray]
     centres: np.ndarray  # (k, d)
     metric: str = "cosine"
     expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
-    execution: str = "experts"  # see moee.moe.EXECUTIONS; "union" is the speed fallback
-    small_batch_tokens: int | None = None  # None: moe.default_small_batch_tokens
+    execution_config: ExecutionConfig | None = None
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""
         return np.unique(np.concatenate(self.experts))
 
     def to_json(self) -> dict:
-        return {"site": self.site, "metric": self.metric, "execution": self.execution,
-                "small_batch_tokens": self.small_batch_tokens,
-                "experts": [e.tolist() for e in self.experts]}
+        return {"site": self.site, "metric": self.metric,
+                "experts": [np.asarray(e).tolist() for e in self.experts]}
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -47,22 +48,19 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
     """Slice the dense MLP to the union of kept neurons and index each expert into it."""
     kept = torch.as_tensor(plan.kept_neurons(), dtype=torch.long)
-    position = {int(n): i for i, n in enumerate(kept.tolist())}  # dense id -> union position
-    experts = [torch.tensor([position[int(n)] for n in e], dtype=torch.long)
-               for e in plan.experts]
+    position = torch.full((site.fc1.out_features,), -1, dtype=torch.long)
+    position[kept] = torch.arange(len(kept))  # dense id -> union position
+    experts = [position[torch.as_tensor(np.asarray(e), dtype=torch.long)] for e in plan.experts]
     w1, b1 = site.fc1.weight.detach(), site.fc1.bias
-    fc1 = _linear_from(w1[kept], b1.detach()[kept] if b1 is not None else None)
-    b2 = site.fc2.bias
-    # W2 keeps its full bias: it is added once per token whatever the expert.
-    fc2 = _linear_from(site.fc2.weight.detach()[:, kept], b2.detach() if b2 is not None else None)
+    with torch.no_grad():
+        fc1 = _linear_from(w1[kept], b1[kept] if b1 is not None else None)
+        # fc2 keeps its full bias: it is added once per token whatever the expert.
+        fc2 = _linear_from(site.fc2.weight[:, kept], site.fc2.bias)
     centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
     bias = None if plan.expert_bias is None else torch.as_tensor(plan.expert_bias).float()
-    moe = MoEMLP(fc1, fc2, site.activation, experts, centres.to(w1.device), kept, plan.metric,
-                 bias)
-    moe.execution = plan.execution
-    if plan.small_batch_tokens is not None:
-        moe.small_batch_tokens = plan.small_batch_tokens
-    return moe
+    moe = MoEMLP(fc1, fc2, site.activation, experts, centres, kept, plan.metric, bias, site.name,
+                 plan.execution_config)
+    return moe.to(w1.device).train(site.fc1.training)  # buffers follow the weights' device
 
 
 def left_out_mean_output(site: MLPSite, experts: list[np.ndarray],

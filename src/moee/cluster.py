@@ -12,13 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from moee.config import ClusterConfig
+from moee.errors import TooFewTokensError
 
 # scikit-learn and fast_hdbscan are imported where they are used: loading and running a saved
 # MoE (`moee.load`, `moee bench`) needs neither, e.g. on a GPU machine that has only torch.
-
-
-class TooFewTokensError(ValueError):
-    """Fewer tokens than the minimum cluster size: nothing could ever form a cluster."""
 
 
 @dataclass

@@ -1,71 +1,96 @@
-"""Knowledge-distillation fine-tune of the MoE student from the dense teacher."""
+"""Knowledge-distillation fine-tune of a MoE student from its dense teacher, for any model whose
+batches `extract` accepts (tensors, (inputs, labels) pairs, keyword dicts)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from moee.batches import Batch, call_model, output_tensor, to_device, token_mask
 from moee.config import DistillConfig
-from moee.data.tensors import normalize_images
-from moee.evaluate import model_logits
-from moee.train_base import augment, cosine_with_warmup
+from moee.errors import EmptyDataError
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened distributions, scaled by t^2."""
-    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+    """KL(teacher || student) on temperature-softened distributions, scaled by t^2, averaged
+    over rows (examples, or tokens for sequence outputs)."""
+    s, te = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)  # (rows, classes)
+    return F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(te / t, -1),
                     log_target=True, reduction="batchmean") * t * t
 
 
-def image_training_batches(images: torch.Tensor, config: DistillConfig) -> tuple[Iterator, int]:
-    """Shuffled (optionally augmented) batches covering `config.epochs` epochs of `images`."""
-    gen = torch.Generator().manual_seed(config.seed)
-    steps = max(1, math.ceil(config.epochs * len(images) / config.batch_size))
-
-    def batches() -> Iterator[torch.Tensor]:
-        step = 0
-        while True:
-            for idx in torch.randperm(len(images), generator=gen).split(config.batch_size):
-                x = normalize_images(images[idx])
-                yield augment(x, 2, gen) if config.augment else x
-                step += 1
-                if step >= steps:
-                    return
-
-    return batches(), steps
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then a cosine decay to 0 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def distill(
-    student: nn.Module, teacher: nn.Module, batches: Iterator[torch.Tensor], steps: int,
-    config: DistillConfig, on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """AdamW (weight decay `config.weight_decay`) with a cosine schedule; returns the losses."""
+def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torch.Tensor:
+    s, t = output_tensor(student_out), output_tensor(teacher_out)
+    kind = config.loss
+    if kind == "auto":
+        hidden_only = getattr(teacher_out, "logits", None) is None and \
+            getattr(teacher_out, "last_hidden_state", None) is not None
+        kind = "mse" if hidden_only else "kl"
+    mask = token_mask(batch)
+    if mask is not None and tuple(s.shape[:2]) == tuple(mask.shape):
+        s, t = s[mask], t[mask]  # padding tokens carry no signal
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    return kd_loss(s, t, config.temperature)
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
+            config: DistillConfig | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Fine-tune every trainable parameter of `student` towards `teacher`'s outputs on `data`.
+
+    One epoch is one pass over `data` (an iterable without a length is read into memory once);
+    `config.epochs` epochs, fractions allowed. AdamW with a cosine schedule; the run's random
+    draws (dropout) come from `config.seed`. Returns the loss of every step; the student is
+    left in eval mode.
+    """
+    config = config or DistillConfig()
+    if not hasattr(data, "__len__"):
+        data = list(data)
+    if len(data) == 0:
+        raise EmptyDataError("distill() got no batches")
+    steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
     student.to(device).train()
     teacher.to(device).eval()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad],
-                            lr=config.lr, weight_decay=config.weight_decay)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, steps, config.warmup_steps))
-    losses = []
-    bar = tqdm(batches, total=steps, desc="distill", leave=False)
-    for step, x in enumerate(bar):
-        x = x.to(device)
-        with torch.no_grad():
-            target = model_logits(teacher, x)
-        loss = kd_loss(model_logits(student, x), target, config.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        if on_step:
-            on_step(step, losses[-1])
+    losses: list[float] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    bar = tqdm(total=steps, desc="distill", leave=False)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        while len(losses) < steps:
+            for batch in data:
+                batch = to_device(batch, device)
+                with torch.no_grad():
+                    target = call_model(teacher, batch)
+                loss = _loss(call_model(student, batch), target, batch, config)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+                if on_step:
+                    on_step(len(losses) - 1, losses[-1])
+                if len(losses) >= steps:
+                    break
+    bar.close()
     student.eval()
     return losses

@@ -1,41 +1,59 @@
-"""Side-by-side measurements: top-1, MACs on the real routed forward, parameters, latency."""
+"""Measurements any model gets: MACs (the model's and the engine's), parameters, latency, and a
+metric over batches. Each helper runs the model in eval mode and leaves every module's
+train/eval flag as it found it."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from moee.data.tensors import image_batches
-from moee.moe import MoEMLP, kept_settings
-from moee.timing import time_interleaved
+from moee.batches import Batch, call_model, output_tensor, to_device
+from moee.engine.timing import time_interleaved
+from moee.errors import EmptyDataError
+from moee.moe import moe_layers
+
+Metric = Callable[[torch.Tensor, Batch], tuple[float, int]]
 
 
-def model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of `model(x)`, whether it returns a HF output object or a tensor."""
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; each module's own flag restored on exit (a model whose
+    parts disagree keeps them disagreeing)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def top1_accuracy(output: torch.Tensor, batch: Batch) -> tuple[float, int]:
+    """(correct, count) of argmax predictions against the labels of an (inputs, labels) batch."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError("top1_accuracy needs (inputs, labels) batches")
+    labels = batch[1]
+    return float((output.argmax(-1).cpu() == labels.cpu()).sum()), len(labels)
 
 
 @torch.inference_mode()
-def accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-    batch_size: int = 500, device: str | torch.device = "cpu", limit: int | None = None,
-) -> float:
-    """Top-1 accuracy over (images, labels); restores the model's train/eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in image_batches(images, labels, batch_size, limit):
-        pred = model_logits(model, x.to(device)).argmax(-1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
-    model.train(was_training)
-    if total == 0:
-        raise ValueError("accuracy() got no images")
-    return correct / total
+def evaluate(model: nn.Module, data: Iterable[Batch], metric: Metric = top1_accuracy,
+             device: str | torch.device | None = None) -> float:
+    """Mean of `metric` over `data`: metric(output tensor, batch) -> (sum, count). The output
+    tensor is the model's logits (or last hidden state); preprocessing is the caller's."""
+    total = count = 0.0
+    with eval_mode(model):
+        for batch in data:
+            b = batch if device is None else to_device(batch, device)
+            s, n = metric(output_tensor(call_model(model, b)), b)
+            total, count = total + s, count + n
+    if count == 0:
+        raise EmptyDataError("evaluate() got no examples")
+    return total / count
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -50,27 +68,25 @@ _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_c
 
 
 @torch.inference_mode()
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one real forward on `x`, counted by torch.utils.flop_counter.
+def count_macs(model: nn.Module, batch: Batch, executed: bool = False) -> int:
+    """Multiply-accumulates of one real forward on `batch`, counted by torch.utils.flop_counter
+    (FLOPs / 2).
 
-    The flop counter sees the matmuls the routed MoE runs (each expert only on its own
-    tokens), so the figure reflects routing, not a formula. FLOPs / 2 = MACs. Routed layers
-    are counted on their expert loop whichever exact path would serve this batch (the masked
-    small-batch path computes the same function with more, cheaper-to-launch arithmetic) and
-    without the zero neurons that pad expert weight copies for speed (the model's MACs, not
-    the engine's); layers calibrated to "union" are counted as the union they run.
+    `executed=False`, the model's MACs: every routed layer counted on its expert loop without
+    the zero neurons that pad expert copies, so each token costs its expert's neurons only
+    (layers set to "union" count the union they run). `executed=True`: what the engine runs
+    at this batch with the layers' own settings (the small-batch masked path computes every
+    kept neuron; padding included).
     """
-    routed = [m for m in model.modules() if isinstance(m, MoEMLP) and m.execution != "union"]
-    was_training = model.training
-    model.eval()
-    try:
-        with kept_settings(routed, "execution", "small_batch_tokens", "width_multiple"):
+    routed = [m for m in moe_layers(model).values() if m.execution_config.execution != "union"]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        if not executed:
             for m in routed:
-                m.execution, m.small_batch_tokens, m.width_multiple = "experts", 0, 1
-            with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-                model_logits(model, x)
-    finally:
-        model.train(was_training)
+                stack.enter_context(m.configured(execution="experts", small_batch_tokens=0,
+                                                 width_multiple=1))
+        with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+            call_model(model, batch)
     return counter.get_total_flops() // 2
 
 
@@ -88,68 +104,14 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
-    """Median wall-clock milliseconds of one forward on `x`."""
-    model.eval()
-    return time_interleaved({"m": lambda: model_logits(model, x)}, x.device, repeats)["m"] * 1e3
-
-
-@dataclass
-class ModelMeasurement:
-    top1: float
-    macs_per_image: int
-    params: int
-    latency_ms: float
-    latency_batch: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def measure(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-    latency_batch: int = 64, mac_images: int = 256, accuracy_limit: int | None = None,
-    latency: bool = True,
-) -> ModelMeasurement:
-    """Every number of the dense-vs-MoE table for one model, on the same data (latency NaN
-    with `latency=False`, for callers that time several models side by side afterwards)."""
-    x_macs = next(image_batches(images, None, mac_images))[0]
-    x_lat = next(image_batches(images, None, latency_batch))[0]
-    return ModelMeasurement(
-        top1=accuracy(model, images, labels, limit=accuracy_limit),
-        macs_per_image=count_macs(model, x_macs) // x_macs.shape[0],
-        params=count_params(model),
-        latency_ms=latency_ms(model, x_lat) if latency else float("nan"),
-        latency_batch=latency_batch,
-    )
-
-
-@torch.inference_mode()
-def time_side_by_side(models: dict[str, nn.Module], rows: dict[str, ModelMeasurement],
-                      images: torch.Tensor, latency_batch: int = 64, repeats: int = 20) -> None:
-    """Re-time every model's latency round-robin in one loop and store it in `rows`, so the
-    speedup column compares models under the same load (timed one after another on a shared
-    machine, the ratio drifts with the load)."""
-    x = next(image_batches(images, None, latency_batch))[0]
-    for m in models.values():
-        m.eval()
-    secs = time_interleaved({name: (lambda m=m: model_logits(m, x)) for name, m in models.items()},
-                            x.device, repeats)
-    for name, t in secs.items():
-        rows[name].latency_ms, rows[name].latency_batch = t * 1e3, latency_batch
-
-
-def comparison_table(rows: dict[str, ModelMeasurement], baseline: str = "dense") -> str:
-    """Plain-text dense-vs-MoE table; relative columns are against `baseline`."""
-    base = rows[baseline]
-    lines = [f"{'model':<26}{'top-1':>8}{'Δ top-1':>9}{'MACs/img':>12}{'Δ MACs':>9}"
-             f"{'params':>11}{'Δ params':>10}{'latency':>10}{'speedup':>9}"]
-    for name, m in rows.items():
-        lines.append(
-            f"{name:<26}{m.top1:>8.2%}{(m.top1 - base.top1) * 100:>+8.2f}p"
-            f"{m.macs_per_image / 1e6:>11.2f}M{m.macs_per_image / base.macs_per_image - 1:>+9.1%}"
-            f"{m.params / 1e6:>10.3f}M{m.params / base.params - 1:>+10.1%}"
-            f"{m.latency_ms:>8.1f}ms{base.latency_ms / m.latency_ms:>8.2f}x")
-    lines.append(f"(latency: median forward of a batch of {base.latency_batch} images, models "
-                 f"timed round-robin, {torch.get_num_threads()} threads, cpu)")
-    return "\n".join(lines)
+def latency_ms(models: dict[str, nn.Module], batch: Batch, repeats: int = 20,
+               device: torch.device | None = None) -> dict[str, float]:
+    """Median wall-clock milliseconds of one forward on `batch` per model, timed round-robin
+    in one loop so that every model sees the same machine load."""
+    device = device or next(iter(models.values())).parameters().__next__().device
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(eval_mode(m))
+        secs = time_interleaved({name: (lambda m=m: call_model(m, batch))
+                                 for name, m in models.items()}, device, repeats)
+    return {name: t * 1e3 for name, t in secs.items()}

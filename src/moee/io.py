@@ -1,13 +1,18 @@
 """Checkpoints: `model.safetensors` (all weights) + `moee_config.json` (structure, settings).
 
-Loading rebuilds the base architecture from its config, swaps in MoE layers shaped from the
-JSON, then checks every tensor name and shape before loading, naming what disagrees.
+Loading rebuilds the base architecture from its config with its parameters on the meta device
+(nothing is initialised only to be overwritten), swaps in MoE layers shaped from the JSON,
+checks every tensor name and shape, then assigns the file's tensors on `map_location`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,19 +20,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import moee
+from moee._version import __version__
 from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
-from moee.moe import EXECUTIONS
-from moee.moe_model import MoEModel
+from moee.engine import ExecutionConfig
+from moee.errors import CheckpointError, ConfigError
+from moee.moe import MoEMLP
 
 CONFIG_NAME = "moee_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, truncated or does not match the model it describes."""
+_SETTINGS = [f.name for f in dataclasses.fields(ExecutionConfig)]
 
 
 def _base_spec(model: nn.Module) -> dict:
@@ -40,10 +43,12 @@ def _base_spec(model: nn.Module) -> dict:
     return {"library": None, "class": type(model).__name__}
 
 
-def save_pretrained(moe_model: MoEModel, directory: str | Path) -> Path:
+def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Path,
+                     adapter: str | None, extract_config: dict[str, Any]) -> Path:
+    """Save `model` (with its MoE `layers` installed); the JSON is read off the modules."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in moe_model.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # Tied/shared tensors would make safetensors refuse; clone so each name owns its storage.
     seen: dict[int, str] = {}
     for k, v in state.items():
@@ -51,17 +56,14 @@ def save_pretrained(moe_model: MoEModel, directory: str | Path) -> Path:
             state[k] = v.clone()
         seen[v.data_ptr()] = k
     save_file(state, str(out / WEIGHTS_NAME))
-    layers = moe_model.plan_layers()  # the modules' live execution settings are what is saved
-    for plan in moe_model.plans:
-        plan.execution = layers[plan.site].execution
-        plan.small_batch_tokens = layers[plan.site].small_batch_tokens
     config = {
         "format_version": FORMAT_VERSION,
-        "moee_version": moee.__version__,
-        "adapter": moe_model.adapter,
-        "base_model": _base_spec(moe_model.model),
-        "layers": [p.to_json() for p in moe_model.plans],
-        "extract_config": moe_model.extract_config,
+        "moee_version": __version__,
+        "adapter": adapter,
+        "base_model": _base_spec(model),
+        "layers": [{"site": m.site, "metric": m.metric, **m.execution_config.as_dict(),
+                    "experts": m.dense_experts()} for m in layers],
+        "extract_config": extract_config,
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     return out
@@ -79,16 +81,35 @@ def _read_config(path: Path) -> dict:
             raise CheckpointError(f"{path} lacks the field {key!r}")
     if config["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {config['format_version']}; this moee "
-                              f"({moee.__version__}) reads up to {FORMAT_VERSION}: upgrade moee")
+                              f"({__version__}) reads up to {FORMAT_VERSION}: upgrade moee")
     return config
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block moves to the meta device (buffers stay
+    real: non-persistent ones, e.g. position ids, are not in the checkpoint)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _rebuild_base(spec: dict) -> nn.Module:
     if spec.get("library") != "transformers":
         raise CheckpointError(
             f"the checkpoint's base model {spec.get('class')!r} is not a transformers model; "
-            "pass the dense model to rebuild onto: moee.load(directory, base_model=model)")
+            "pass the dense model to rebuild onto: MoEModel.from_pretrained(dir, base_model=m)")
     import transformers
+    from transformers.initialization import no_init_weights
 
     cls = getattr(transformers, spec["class"], None)
     if cls is None:
@@ -97,7 +118,8 @@ def _rebuild_base(spec: dict) -> nn.Module:
     config = cls.config_class.from_dict(spec["config"])
     if spec.get("attn_implementation"):
         config._attn_implementation = spec["attn_implementation"]
-    return cls(config)
+    with no_init_weights(), _parameters_on_meta():
+        return cls(config)
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -118,9 +140,32 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Pa
                               + " | ".join(problems))
 
 
-def load(directory: str | Path, base_model: nn.Module | None = None,
-         map_location: str | torch.device = "cpu") -> MoEModel:
-    """Rebuild a saved MoE model; outputs equal the saved model's exactly."""
+def _layer_plan(layer: Any, sites: dict) -> LayerPlan:
+    """One JSON layer entry, validated, as a plan with placeholder centres (the weights file
+    holds the real ones)."""
+    name = layer.get("site") if isinstance(layer, dict) else None
+    try:
+        site = sites[name]
+        experts = [np.asarray(e, dtype=np.int64) for e in layer["experts"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{CONFIG_NAME}: bad layer entry {str(layer)[:120]} "
+                              f"({type(e).__name__}: {e})") from e
+    if not experts or any(e.ndim != 1 or e.size == 0 or e.min() < 0
+                          or e.max() >= site.fc1.out_features for e in experts):
+        raise CheckpointError(f"{CONFIG_NAME}: layer {name} has an empty expert or neuron ids "
+                              f"outside 0..{site.fc1.out_features - 1}")
+    try:
+        settings = ExecutionConfig(**{k: layer[k] for k in _SETTINGS if k in layer})
+    except ConfigError as e:
+        raise CheckpointError(f"{CONFIG_NAME}: layer {name}: {e}") from e
+    centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
+    return LayerPlan(name, experts, centres, layer.get("metric", "cosine"),
+                     execution_config=settings)
+
+
+def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The saved model (in eval mode, on `map_location`) and its `moee_config.json`."""
     root = Path(directory)
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory")
@@ -132,34 +177,13 @@ def load(directory: str | Path, base_model: nn.Module | None = None,
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
-    model = base_model if base_model is not None else _rebuild_base(config["base_model"])
-    sites = find_mlp_sites(model, config.get("adapter"))
-    plans = []
-    for layer in config["layers"]:
-        try:
-            experts = [np.asarray(e, dtype=np.int64) for e in layer["experts"]]
-            site = next(s for s in sites if s.name == layer["site"])
-        except (KeyError, TypeError, StopIteration) as e:
-            raise CheckpointError(f"{CONFIG_NAME}: bad layer entry {str(layer)[:120]} "
-                                  f"({type(e).__name__}: {e})") from e
-        if any(e.size == 0 or e.min() < 0 or e.max() >= site.fc1.out_features for e in experts):
-            raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} has an expert with "
-                                  f"neuron ids outside 0..{site.fc1.out_features - 1}")
-        if layer.get("execution", "experts") not in EXECUTIONS:
-            raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} has execution "
-                                  f"{layer.get('execution')!r}; expected one of {EXECUTIONS}")
-        threshold = layer.get("small_batch_tokens")
-        if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
-            raise CheckpointError(f"{CONFIG_NAME}: layer {layer['site']} small_batch_tokens "
-                                  f"must be a non-negative integer, got {threshold!r}")
-        centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
-        plans.append(LayerPlan(layer["site"], experts, centres, layer.get("metric", "cosine"),
-                               execution=layer.get("execution", "experts"),
-                               small_batch_tokens=threshold))
-    installed = apply_plans(sites, plans)
+    skeleton = base_model is None
+    model = _rebuild_base(config["base_model"]) if skeleton else base_model
+    sites = {s.name: s for s in find_mlp_sites(model, config.get("adapter"))}
+    apply_plans(list(sites.values()), [_layer_plan(layer, sites) for layer in config["layers"]])
     _check_tensors(model, tensors, weights)
-    model.load_state_dict(tensors, strict=True)
-    for plan in plans:  # the plans' centres/offsets were placeholders until the weights loaded
-        plan.centres = installed[plan.site].router_centres.cpu().numpy().copy()
-        plan.expert_bias = installed[plan.site].expert_bias.cpu().numpy().copy()
-    return MoEModel(model.eval(), plans, config.get("extract_config"), config.get("adapter"))
+    model.load_state_dict(tensors, strict=True, assign=skeleton)
+    if skeleton and hasattr(model, "tie_weights"):
+        model.tie_weights()  # assigned tensors replace tied parameters one by one
+    model.to(map_location)  # buffers that are not in the file (e.g. position ids)
+    return model.eval(), config

@@ -7,22 +7,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from moee.build import LayerPlan
-from moee.moe import MoEMLP
+from moee.io import read_checkpoint, write_checkpoint
+from moee.moe import MoEMLP, moe_layers
 
 
 class MoEModel(nn.Module):
-    """Wraps the base model whose MLPs were swapped for `MoEMLP`s; forward is the base's."""
+    """Wraps the base model whose MLPs were swapped for `MoEMLP`s; forward is the base's.
 
-    def __init__(self, model: nn.Module, plans: list[LayerPlan],
-                 extract_config: dict[str, Any] | None = None, adapter: str | None = None):
+    The expert sets and execution settings live on the MoE layers themselves; `training`
+    is always the inner model's flag.
+    """
+
+    def __init__(self, model: nn.Module, extract_config: dict[str, Any] | None = None,
+                 adapter: str | None = None):
         super().__init__()
         self.model = model
-        self.plans = plans
         self.extract_config = extract_config or {}
         self.adapter = adapter
+
+    @property
+    def training(self) -> bool:  # the inner model's flag: the two can never disagree
+        model = self._modules.get("model") if "_modules" in self.__dict__ else None
+        return model.training if model is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:  # nn.Module.train() then recurses into the model
+        self.__dict__["_training"] = mode
 
     @property
     def config(self):
@@ -33,16 +46,13 @@ class MoEModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def moe_layers(self) -> dict[str, MoEMLP]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, MoEMLP)}
+        """Every MoE layer, by module path."""
+        return moe_layers(self.model)
 
-    def plan_layers(self) -> dict[str, MoEMLP]:
-        """Each plan's installed MoEMLP, by plan site. The site names the MLP block; the MoEMLP
-        is that module (ViT-style) or inside it (BERT-style: `<site>.intermediate`)."""
-        out = {}
-        for plan in self.plans:
-            block = self.model.get_submodule(plan.site)
-            out[plan.site] = next(m for m in block.modules() if isinstance(m, MoEMLP))
-        return out
+    def configure(self, **settings) -> None:
+        """Set execution settings on every MoE layer, e.g. `configure(execution="union")`."""
+        for m in self.moe_layers().values():
+            m.configure(**settings)
 
     @contextmanager
     def track_routing(self) -> Iterator[None]:
@@ -60,19 +70,33 @@ class MoEModel(nn.Module):
         """Per MoE layer: expert sizes, share of tokens per expert, active neurons per token
         (from the last `track_routing` block)."""
         rows = []
-        for name, m in self.moe_layers().items():
+        for m in self.moe_layers().values():
             sizes = m.expert_sizes()
-            row = {"site": name, "experts": m.num_experts, "expert_sizes": sizes,
+            row = {"site": m.site, "experts": m.num_experts, "expert_sizes": sizes,
                    "kept_neurons": m.fc1.out_features}
             if m.load_counts is not None and int(m.load_counts.sum()) > 0:
-                counts = m.load_counts.double()
-                share = counts / counts.sum()
+                share = m.load_counts.double() / m.load_counts.sum()
                 row["load_share"] = [round(float(s), 4) for s in share]
-                row["active_neurons_per_token"] = float((share * counts.new_tensor(sizes)).sum())
+                row["active_neurons_per_token"] = float((share * share.new_tensor(sizes)).sum())
             rows.append(row)
         return rows
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from moee.io import save_pretrained
+        """`model.safetensors` + `moee_config.json` in `directory` (created)."""
+        return write_checkpoint(self.model, list(self.moe_layers().values()), directory,
+                                self.adapter, self.extract_config)
 
-        return save_pretrained(self, directory)
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
+                        map_location: str | torch.device = "cpu") -> MoEModel:
+        """Rebuild a saved MoE model in eval mode on `map_location`; outputs equal the saved
+        model's exactly. `base_model`: the dense model to rebuild onto when the base is not a
+        transformers model (its weights are overwritten)."""
+        model, config = read_checkpoint(directory, base_model, map_location)
+        return cls(model, config.get("extract_config"), config.get("adapter"))
+
+
+def load(directory: str | Path, base_model: nn.Module | None = None,
+         map_location: str | torch.device = "cpu") -> MoEModel:
+    """`MoEModel.from_pretrained`."""
+    return MoEModel.from_pretrained(directory, base_model, map_location)

@@ -1,15 +1,19 @@
 """Record every MLP block's input and post-activation hidden vector per token, to disk.
 
 All layers are recorded in one pass over the data; each layer streams into its own .npy
-memmap, so memory stays bounded by one batch whatever `n_tokens` is.
+memmap, so memory stays bounded by one batch whatever `n_tokens` is. `store.json` says what
+the store came from (model and data digests, record settings), so a rerun reuses it only when
+all of them still match. Padding tokens (attention_mask == 0) are not recorded.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
+from moee.batches import call_model, token_mask
 from moee.config import RecordConfig
+from moee.errors import EmptyDataError
+from moee.fingerprint import new_digest, update_batch_digest
 
-
-class EmptyDataError(ValueError):
-    """The calibration data produced no tokens."""
+STORE_META = "store.json"
 
 
 @dataclass
@@ -31,6 +36,7 @@ class ActivationStore:
     root: Path
     site_names: list[str]
     n_tokens: int
+    origin: dict[str, Any]  # model / data digests, record settings, batches consumed
 
     def hidden(self, layer: int) -> np.ndarray:
         return np.load(self.root / f"layer_{layer}.hidden.npy", mmap_mode="r")[: self.n_tokens]
@@ -40,17 +46,41 @@ class ActivationStore:
 
     @classmethod
     def open(cls, root: str | Path) -> ActivationStore:
-        meta = json.loads((Path(root) / "store.json").read_text())
-        return cls(Path(root), meta["site_names"], meta["n_tokens"])
+        meta = json.loads((Path(root) / STORE_META).read_text())
+        return cls(Path(root), meta["site_names"], meta["n_tokens"], meta.get("origin", {}))
 
 
-def _forward(model: nn.Module, batch) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(batch[0])
-    else:
-        model(batch)
+def reuse_or_why_not(root: Path, sites: list[MLPSite], config: RecordConfig, model_digest: str,
+                     data: Iterable) -> tuple[ActivationStore | None, str, Iterable]:
+    """The store in `root` if it was recorded from this model, these sites and settings, and
+    the same leading batches of `data`; else None and why. Returns the data to record from
+    (batches read for the check are put back in front)."""
+    if not (root / STORE_META).is_file():
+        return None, "no recorded activations yet", data
+    try:
+        store = ActivationStore.open(root)
+    except (json.JSONDecodeError, KeyError, OSError):
+        return None, f"{root / STORE_META} is unreadable", data
+    origin = store.origin
+    if store.site_names != [s.name for s in sites]:
+        return None, "the model's MLP blocks differ", data
+    if origin.get("settings") != settings_of(config):
+        return None, "the record settings changed", data
+    if origin.get("model") != model_digest:
+        return None, "the model's weights changed", data
+    it: Iterator = iter(data)
+    head = list(itertools.islice(it, origin.get("batches", 0)))
+    digest = new_digest()
+    for batch in head:
+        update_batch_digest(digest, batch)
+    data = itertools.chain(head, it)
+    if len(head) < origin.get("batches", 0) or digest.hexdigest() != origin.get("data"):
+        return None, "the calibration data changed", data
+    return store, "same model, data and settings", data
+
+
+def settings_of(config: RecordConfig) -> dict[str, Any]:
+    return {"n_tokens": config.n_tokens, "dtype": config.dtype}
 
 
 @torch.inference_mode()
@@ -61,19 +91,26 @@ def record_activations(
     config: RecordConfig,
     store_dir: str | Path,
     progress: bool = True,
+    model_digest: str | None = None,
 ) -> ActivationStore:
     """Run `data` (tensors, (x, y) pairs or kwargs dicts) through `model` until
     `config.n_tokens` tokens have been seen; write every site's (input, hidden) rows."""
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
+    (root / STORE_META).unlink(missing_ok=True)  # no old description beside new arrays
     dtype = np.dtype(config.dtype)
     n = config.n_tokens
     arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     filled = [0] * len(sites)
+    mask: list[torch.Tensor | None] = [None]  # the current batch's real tokens
 
     def make_hook(i: int, site: MLPSite):
         def hook(_module, args, pre_activation):
-            x = args[0].reshape(-1, args[0].shape[-1])  # (T, d)
+            x, pre = args[0], pre_activation
+            m = mask[0]
+            if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
+                x, pre = x[m], pre[m]  # real tokens only
+            x = x.reshape(-1, x.shape[-1])  # (T, d)
             start = filled[i]
             take = min(n - start, x.shape[0])
             if take <= 0:
@@ -85,7 +122,7 @@ def record_activations(
                     np.lib.format.open_memmap(root / f"layer_{i}.hidden.npy", "w+", dtype,
                                               (n, site.fc1.out_features)),
                 )
-            hidden = site.activation(pre_activation.reshape(-1, pre_activation.shape[-1]))
+            hidden = site.activation(pre.reshape(-1, pre.shape[-1]))
             arrays[i][0][start : start + take] = x[:take].float().cpu().numpy()
             arrays[i][1][start : start + take] = hidden[:take].float().cpu().numpy()
             filled[i] = start + take
@@ -95,11 +132,15 @@ def record_activations(
     handles = [s.fc1.register_forward_hook(make_hook(i, s)) for i, s in enumerate(sites)]
     was_training = model.training
     model.eval()
+    digest, batches = new_digest(), 0
     bar = tqdm(total=n, desc="record tokens", unit="tok", disable=not progress, leave=False)
     try:
         for batch in data:
+            update_batch_digest(digest, batch)
+            batches += 1
             before = filled[0]
-            _forward(model, batch)
+            mask[0] = token_mask(batch)
+            call_model(model, batch)
             bar.update(filled[0] - before)
             if min(filled) >= n:
                 break
@@ -114,6 +155,9 @@ def record_activations(
     for inp, hid in arrays.values():
         inp.flush()
         hid.flush()
-    (root / "store.json").write_text(json.dumps(
-        {"site_names": [s.name for s in sites], "n_tokens": got, "dtype": config.dtype}))
-    return ActivationStore(root, [s.name for s in sites], got)
+    origin = {"model": model_digest, "data": digest.hexdigest(), "batches": batches,
+              "settings": settings_of(config)}
+    (root / STORE_META).write_text(json.dumps(
+        {"site_names": [s.name for s in sites], "n_tokens": got, "dtype": config.dtype,
+         "origin": origin}))
+    return ActivationStore(root, [s.name for s in sites], got, origin)

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-
-class NoMLPBlocksError(ValueError):
-    """The model has no MLP block that any registered adapter recognises."""
+from moee.errors import ConfigError, NoMLPBlocksError
 
 
 @dataclass
@@ -52,7 +50,7 @@ def find_mlp_sites(model: nn.Module, adapter: str | None = None) -> list[MLPSite
     """MLP blocks of `model` in forward order; raises NoMLPBlocksError when there are none."""
     if adapter is not None:
         if adapter not in _ADAPTERS:
-            raise ValueError(f"unknown adapter {adapter!r}; registered: {list_adapters()}")
+            raise ConfigError(f"adapter: unknown {adapter!r}; registered: {list_adapters()}")
         finders = {adapter: _ADAPTERS[adapter]}
     else:
         finders = _ADAPTERS

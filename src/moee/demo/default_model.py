@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification
 
-from moee.data.fashion_mnist import FASHION_MNIST_CLASSES
+from moee.demo.fashion_mnist import FASHION_MNIST_CLASSES
 
 ASSET_WEIGHTS = "fmnist_vit.safetensors"
 ASSET_META = "fmnist_vit.json"
@@ -36,8 +36,7 @@ def default_vit_config() -> ViTConfig:
         num_labels=len(FASHION_MNIST_CLASSES),
         id2label=dict(enumerate(FASHION_MNIST_CLASSES)),
         label2id={c: i for i, c in enumerate(FASHION_MNIST_CLASSES)},
-        # PyTorch's fused attention (transformers' default); moee.evaluate.count_macs counts
-        # its CPU kernel too.
+        # PyTorch's fused attention (transformers' default); count_macs counts its CPU kernel.
         attn_implementation="sdpa",
     )
 
@@ -52,7 +51,7 @@ def build_default_vit(seed: int | None = None) -> ViTForImageClassification:
 
 
 def default_asset_dir() -> Path:
-    return Path(str(resources.files("moee") / "assets"))
+    return Path(str(resources.files("moee.demo") / "assets"))
 
 
 def load_default_model(path: str | Path | None = None) -> ViTForImageClassification:

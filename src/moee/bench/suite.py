@@ -20,14 +20,17 @@ from pathlib import Path
 
 import torch
 
-from moee.bench import (
-    bench_block,
+from moee.api import calibrate
+from moee.bench.blocks import bench_block, random_moe_block
+from moee.bench.models import (
     bench_model,
     deit_base_sized_moe,
     fractions_from_checkpoint,
     param_bytes,
-    random_moe_block,
 )
+from moee.bench.peak_memory import cpu_peak_bytes, cuda_peak_bytes, test_images
+from moee.demo.default_model import load_default_model
+from moee.moe_model import load
 
 
 def part_blocks(device, dtypes, batches, token_counts, results):
@@ -64,11 +67,9 @@ MODEL_HEADER = (f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE m
 def model_row(dense, moe_model, x, device, decimals: int) -> dict:
     """Dense vs MoE on batch `x`, then vs a copy calibrated on it (`calibrate_execution`);
     prints one row of MODEL_HEADER and returns the measurements."""
-    from moee.speed import calibrate_execution
-
     row = bench_model(dense, moe_model, x, device)
     tuned = copy.deepcopy(moe_model)
-    choice = calibrate_execution(tuned, x.to(device, next(moe_model.parameters()).dtype))
+    choice = calibrate(tuned, x.to(device, next(moe_model.parameters()).dtype))
     row["calibrated"] = bench_model(dense, tuned, x, device)
     row["union_layers"] = sum(c["execution"] == "union" for c in choice)
     ms = lambda v, width: f"{v:>{width}.{decimals}f}"  # noqa: E731
@@ -81,15 +82,12 @@ def model_row(dense, moe_model, x, device, decimals: int) -> dict:
 
 
 def part_default(device, dtypes, checkpoint, batches, results):
-    import moee
-    from moee.default_model import load_default_model
-
     print(f"\n(2) Embedded default, whole model ({checkpoint}), 17 tokens/image")
     images = test_images()
     print("input: " + ("Fashion-MNIST test images (real routing)" if images is not None
                        else "random images: Fashion-MNIST not found, routing is not realistic"))
     dense = load_default_model().to(device)
-    moe_model = moee.load(checkpoint).to(device)
+    moe_model = load(checkpoint).to(device)
     presliced = sum(m.presliced_bytes() for m in moe_model.moe_layers().values())
     print(f"params: dense {param_bytes(dense) / 2**20:.2f} MiB, "
           f"MoE {param_bytes(moe_model) / 2**20:.2f} MiB (+{presliced / 2**20:.2f} MiB of "
@@ -109,8 +107,6 @@ def part_default(device, dtypes, checkpoint, batches, results):
 
 def memory_rows(device, dense, moe_model, checkpoint, images, results, batches=(1, 64, 256)):
     """Peak memory of one forward, dense vs MoE (fresh process per model on CPU)."""
-    from moee.peak_memory import cpu_peak_bytes, cuda_peak_bytes
-
     print("\npeak memory of one forward (MiB, float32): resident before it (CPU: the process;"
           " CUDA: the model's tensors), and what the forward adds")
     print(f"{'images':>7}{'dense resident':>16}{'MoE resident':>14}{'dense forward':>15}"
@@ -128,15 +124,6 @@ def memory_rows(device, dense, moe_model, checkpoint, images, results, batches=(
         mib = lambda v: v / 2**20  # noqa: E731
         print(f"{b:>7}{mib(d['resident']):>16.1f}{mib(m['resident']):>14.1f}"
               f"{mib(d['forward']):>15.2f}{mib(m['forward']):>13.2f}")
-
-
-def test_images() -> torch.Tensor | None:
-    from moee.data import FashionMNISTNotFound, load_fashion_mnist, normalize_images
-
-    try:
-        return normalize_images(load_fashion_mnist("test")[0][:512])
-    except FashionMNISTNotFound:
-        return None
 
 
 def part_deit_base(device, dtypes, fractions, batches, results):

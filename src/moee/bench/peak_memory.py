@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 
+from moee.bench.models import param_bytes
+from moee.demo.default_model import load_default_model
+from moee.demo.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+from moee.demo.images import normalize_images
+from moee.moe import MoEMLP
+from moee.moe_model import load
+
 _PROC = Path("/proc/self")
 
 
@@ -30,12 +37,8 @@ def _status_kib(field: str) -> int:
 def _load(which: str, checkpoint: str):
     """'dense': the embedded default; 'moe': a saved MoE checkpoint of an HF image model."""
     if which == "dense":
-        from moee.default_model import load_default_model
-
         return load_default_model().eval()
-    import moee
-
-    return moee.load(checkpoint).eval()
+    return load(checkpoint).eval()
 
 
 def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
@@ -46,7 +49,7 @@ def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
     if not (_PROC / "clear_refs").exists():
         return None
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-m", "moee.peak_memory", which, checkpoint,
+    out = subprocess.run([sys.executable, "-m", "moee.bench.peak_memory", which, checkpoint,
                           str(batch)], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -55,9 +58,6 @@ def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
     """{'resident': the model's own tensors (parameters, buffers, pre-sliced expert copies),
     'forward': what one forward adds on top of everything allocated before it, 'peak'}. A warm-up
     on one image first builds the inference caches, so they count as resident, not forward."""
-    from moee.bench import param_bytes
-    from moee.moe import MoEMLP
-
     with torch.inference_mode():
         model(x[:1])
     torch.cuda.synchronize(x.device)
@@ -72,9 +72,15 @@ def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
     return {"resident": resident, "peak": peak, "forward": peak - before}
 
 
-def _child(which: str, checkpoint: str, batch: int) -> None:
-    from moee.bench_suite import test_images
+def test_images() -> torch.Tensor | None:
+    """512 normalised Fashion-MNIST test images, or None where the dataset is missing."""
+    try:
+        return normalize_images(load_fashion_mnist("test")[0][:512])
+    except FashionMNISTNotFound:
+        return None
 
+
+def _child(which: str, checkpoint: str, batch: int) -> None:
     model = _load(which, checkpoint)
     config = model.config  # HF ViT: the input size and channels
     shape = (config.num_channels, config.image_size, config.image_size)

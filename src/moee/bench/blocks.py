@@ -1,4 +1,4 @@
-"""Side-by-side speed of dense vs MoE execution styles (`moee bench`, benchmarks/).
+"""Dense vs MoE execution styles on one MLP block, side by side (`moee bench`, part 1).
 
 Styles timed in one run on the same weights and the same routing:
   dense       the original MLP
@@ -12,9 +12,6 @@ Styles timed in one run on the same weights and the same routing:
   loop        CMoE-style: Python loop over every expert, tokens picked by boolean mask,
               weights indexed from the shared matrices on every call
 Ideal speedup = dense MACs / MoE MACs (torch.utils.flop_counter); efficiency = speedup / ideal.
-For whole models the MAC ideal also credits attention time the MoE does not touch, so a second
-ideal follows Amdahl: only the MLP share of the dense model's measured time shrinks, by the
-MLP MAC ratio.
 """
 
 from __future__ import annotations
@@ -26,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moee.engine.timing import first_error, time_interleaved
 from moee.evaluate import count_macs
 from moee.moe import MoEMLP
-from moee.timing import first_error, time_interleaved
 
 
 def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: int = 0,
@@ -50,7 +47,7 @@ def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: i
         fc2.weight.copy_(dense[2].weight[:, kept])
         fc2.bias.copy_(dense[2].bias)
     moe = MoEMLP(fc1, fc2, nn.GELU(), [pos[e] for e in experts],
-                 torch.randn(n_experts, d, generator=g), kept)
+                 torch.randn(n_experts, d, generator=g), kept, site="block")
     return dense.to(device, dtype).eval(), moe.to(device, dtype).eval()
 
 
@@ -91,7 +88,9 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, moe.fc1.in_features, generator=g).to(device, dtype)
     gather, grouped, union = (copy.deepcopy(moe) for _ in range(3))
-    gather.presliced, grouped.execution, union.execution = False, "grouped", "union"
+    gather.configure(presliced=False)
+    grouped.configure(execution="grouped")
+    union.configure(execution="union")
     styles = {"dense": dense, "moee": moe, "gather": gather, "grouped": grouped, "union": union,
               "mask": mask_style(moe), "loop": loop_style(moe)}
     unsupported = {name: why for name in ("gather", "grouped", "union", "mask", "loop")
@@ -109,93 +108,3 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     return row
 
 
-class _NoMLP(nn.Module):
-    """Stands in for an MLP block when timing the rest of a model: returns zeros."""
-
-    def __init__(self, d_out: int) -> None:
-        super().__init__()
-        self.d_out = d_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.d_out)
-
-
-def without_mlps(dense: nn.Module) -> nn.Module:
-    """A copy of `dense` whose MLP blocks do nothing: what neither model can speed up."""
-    from moee.adapters import find_mlp_sites
-
-    rest = copy.deepcopy(dense)
-    for site in find_mlp_sites(rest):
-        site.install(_NoMLP(site.fc2.out_features))
-    return rest
-
-
-@torch.inference_mode()
-def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
-                device: torch.device) -> dict:
-    """Whole-model latency of dense vs MoE on one batch, with two ideal ratios: MACs, and
-    Amdahl (the dense model's measured non-MLP time stays, its MLP time shrinks by the MLP
-    MAC ratio)."""
-    x = batch.to(device, next(dense.parameters()).dtype)  # images in the models' dtype
-    rest = without_mlps(dense)
-    secs = time_interleaved({"dense": lambda: dense(x), "moe": lambda: moe_model(x),
-                             "rest": lambda: rest(x)}, device)
-    t_d, t_m, t_r = secs["dense"], secs["moe"], secs["rest"]
-    macs_d, macs_m, macs_r = count_macs(dense, x), count_macs(moe_model, x), count_macs(rest, x)
-    mlp_ratio = (macs_m - macs_r) / (macs_d - macs_r)
-    mlp_share = min(max((t_d - t_r) / t_d, 0.0), 1.0)  # noise can put t_r above t_d
-    amdahl = 1 / ((1 - mlp_share) + mlp_share * mlp_ratio)
-    return {"batch": x.shape[0], "dtype": str(x.dtype).removeprefix("torch."),
-            "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
-            "non_mlp_ms": t_r * 1e3, "mlp_time_share": mlp_share, "mlp_mac_ratio": mlp_ratio,
-            "speedup": t_d / t_m, "ideal": macs_d / macs_m,
-            "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,
-            "amdahl_efficiency": t_d / t_m / amdahl}
-
-
-def param_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def deit_base_sized_moe(fractions: list[list[float]], device, dtype=torch.float32,
-                        seed: int = 0):
-    """A DeiT-base-sized HF ViT (random weights) and a MoE copy whose layer i has experts of
-    the given neuron fractions (e.g. taken from a real extraction's expert sizes)."""
-    import numpy as np
-    from transformers import ViTConfig, ViTForImageClassification
-
-    from moee.adapters import find_mlp_sites
-    from moee.build import LayerPlan, apply_plans
-    from moee.moe_model import MoEModel
-
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                       intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000,
-                       attn_implementation="sdpa")
-    dense = ViTForImageClassification(config).eval()
-    student = copy.deepcopy(dense)
-    sites = find_mlp_sites(student)
-    rng = np.random.default_rng(seed)
-    plans = []
-    for i, site in enumerate(sites):
-        fr = fractions[i * len(fractions) // len(sites)]
-        experts = [np.sort(rng.choice(3072, max(1, round(f * 3072)), replace=False)) for f in fr]
-        plans.append(LayerPlan(site.name, experts, rng.normal(size=(len(fr), 768))))
-    apply_plans(sites, plans)
-    moe = MoEModel(student, plans)
-    return dense.to(device, dtype), moe.to(device, dtype).eval()
-
-
-def fractions_from_checkpoint(path) -> list[list[float]]:
-    """Per-layer expert sizes as fractions of the dense hidden width, from moee_config.json."""
-    import json
-    from pathlib import Path
-
-    cfg = json.loads((Path(path) / "moee_config.json").read_text())
-    hidden = cfg["base_model"]["config"]["intermediate_size"]
-    return [[len(e) / hidden for e in layer["experts"]] for layer in cfg["layers"]]

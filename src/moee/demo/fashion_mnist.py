@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moee.errors import DataNotFoundError
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -36,7 +38,7 @@ HOW_TO_GET = (
 )
 
 
-class FashionMNISTNotFound(FileNotFoundError):
+class FashionMNISTNotFound(DataNotFoundError):
     """Raised with instructions when no copy of the dataset can be found."""
 
 
@@ -97,6 +99,8 @@ def load_fashion_mnist(
     """Return (images uint8 (N, 28, 28), labels int64 (N,)) for ``split`` in {train, test}."""
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if data_dir is not None and not download and not Path(data_dir).is_dir():
+        raise FashionMNISTNotFound(f"the data folder {data_dir} does not exist")
     folder = find_fashion_mnist(data_dir)
     if folder is None:
         if not download:

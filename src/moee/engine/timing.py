@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by evaluation, calibration and benchmarks."""
+"""Wall-clock timing shared by calibration, evaluation and the benchmarks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,58 @@
+"""The batch kinds moee accepts everywhere: a tensor, an (inputs, labels) pair, or a dict of
+keyword inputs (e.g. `input_ids` + `attention_mask` for BERT or LLaMA)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = Any  # torch.Tensor | tuple | list | dict[str, Any]
+
+
+def model_inputs(batch: Batch) -> Batch:
+    """What goes into the model: the tensor, the pair's first element, or the dict."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise TypeError("an empty tuple is not a batch: pass a tensor, (inputs, labels) "
+                            "or a dict of keyword inputs")
+        return batch[0]
+    return batch
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """`model(**batch)` for dicts, else `model(inputs)`."""
+    inputs = model_inputs(batch)
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model output: `logits` if it has them, else `last_hidden_state`
+    (encoders such as BERT), else the output itself."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """The same batch with its tensors on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """(B, T) bool mask of real tokens when the batch carries an `attention_mask`."""
+    inputs = model_inputs(batch)
+    if isinstance(inputs, dict) and inputs.get("attention_mask") is not None:
+        return inputs["attention_mask"].bool()
+    return None

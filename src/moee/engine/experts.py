@@ -1,0 +1,55 @@
+"""The "experts" execution: tokens sorted by expert, two matmuls per expert on its neurons."""
+
+from __future__ import annotations
+
+import torch
+
+from moee.engine.cost_model import COSTS
+from moee.engine.weights import InferenceWeights
+from moee.engine.workspace import scratch
+
+
+@torch.compiler.disable  # routing-dependent shapes: traced, it would recompile per expert
+def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
+    """(N, d) tokens, (N,) expert ids -> (N, d_out). No autograd.
+
+    Each expert's first matmul (bias fused by addmm) writes into one flat hidden buffer, the
+    activation runs once over all of it (per expert when the buffer is large), each second
+    matmul writes into one output buffer in expert order; one gather restores token order.
+    """
+    counts = torch.bincount(expert, minlength=len(w.indices)).tolist()
+    n, widths = tokens.shape[0], w.widths
+    act = w.activation_  # in place where it can be: the buffers are ours
+    if max(counts) == n:  # one expert takes every token: no sort, no scatter
+        e = counts.index(n)
+        w1e, b1e, w2e = w.expert(e)
+        return torch.addmm(w.out_bias[e], act(torch.addmm(b1e, tokens, w1e.T)), w2e.T)
+    order = torch.argsort(expert)
+    grouped = scratch("grouped", tokens.numel(), tokens).view(n, -1)  # (N, d) sorted by expert
+    torch.index_select(tokens, 0, order, out=grouped)
+    used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
+    total = sum(n_e * widths[e] for e, n_e in used)
+    # One activation call over all experts saves a call per expert; past a few MiB of hidden
+    # values that extra pass over memory costs more than the calls it saves.
+    flat_act = w.elementwise_activation and total <= COSTS.flat_activation_max_elements
+    flat = scratch("hidden", total, tokens)  # every expert's hidden values, in expert order
+    spans, activated, start, at = [], [], 0, 0  # span: (expert, W2_e, first token, at)
+    for e, n_e in used:
+        w1e, b1e, w2e = w.expert(e)
+        h = flat[at : at + n_e * widths[e]].view(n_e, widths[e])  # (n_e, w_e)
+        torch.addmm(b1e, grouped[start : start + n_e], w1e.T, out=h)
+        if not flat_act:
+            activated.append(act(h))
+        spans.append((e, w2e, start, at))
+        start, at = start + n_e, at + n_e * widths[e]
+    if flat_act:
+        flat = act(flat)
+        activated = [flat[at : at + counts[e] * widths[e]].view(counts[e], widths[e])
+                     for e, _, _, at in spans]
+    y = scratch("output", n * w.out_bias.shape[1], tokens).view(n, -1)  # (N, d_out) expert order
+    for (e, w2e, start, _), h in zip(spans, activated, strict=True):
+        torch.addmm(w.out_bias[e], h, w2e.T, out=y[start : start + counts[e]])
+    # Back to token order through the inverse permutation, built by one scatter; gathering
+    # rows measured 2x faster than scattering them.
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    return y.index_select(0, inverse)

@@ -1,0 +1,155 @@
+"""What inference reads, derived once from a MoE layer's parameters: the inference-weight cache.
+
+`slice_expert` is the one place expert weights are cut out of the union; the expert loop's
+copies, the gather mode, the grouped path's padded stack and the differentiable training path
+all go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moee.engine.activation import (
+    MASK_OFFSET,
+    inplace_activation,
+    is_elementwise,
+    silenced_by_offset,
+)
+from moee.engine.cost_model import default_small_batch_tokens
+from moee.engine.routing import Router, router_weights, routing_dtype
+
+COMPILE_NEEDS_EAGER_CALL = (
+    "MoEMLP under torch.compile reads inference weights built by an eager call: run the model "
+    "once (same execution, dtype and device) before compiling it, and compile again after "
+    "changing its weights")
+
+Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W1_e (w, d), b1_e (w,), W2_e (d_out, w)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def slice_expert(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 index: torch.Tensor, width: int | None = None) -> Expert:
+    """Expert weights as contiguous copies in nn.Linear's (out, in) layout, zero-padded from
+    len(index) to `width` neurons (padded neurons have zero weights in and out, so they add
+    nothing). Differentiable: gradients reach the union weights."""
+    m = len(index)
+    width = m if width is None else width
+    if width == m:
+        return w1[index], (b1[index] if b1 is not None else w1.new_zeros(m)), w2[:, index]
+    w1e, b1e = w1.new_zeros(width, w1.shape[1]), w1.new_zeros(width)
+    w2e = w2.new_zeros(w2.shape[0], width)
+    w1e[:m], w2e[:, :m] = w1[index], w2[:, index]
+    if b1 is not None:
+        b1e[:m] = b1[index]
+    return w1e, b1e, w2e
+
+
+@dataclass
+class InferenceWeights:
+    """Everything inference reads, as plain references (the hot path avoids
+    `nn.Module.__getattr__`, microseconds per lookup). `experts[e]` holds expert e's sliced
+    copies zero-padded to `widths[e]` (None in gather mode: sliced each call)."""
+
+    key: tuple
+    w1: torch.Tensor  # (U, d) union weights, shared with the parameters
+    b1: torch.Tensor | None
+    w2: torch.Tensor  # (d_out, U)
+    w2t: torch.Tensor  # (U, d_out) transposed view
+    indices: list[torch.Tensor]  # each expert's neurons, positions in the union
+    widths: list[int]  # neurons in each expert's (zero-padded) weight copies
+    router: Router
+    out_bias: torch.Tensor  # (k, d_out): fc2 bias + each expert's left-out-neuron offset
+    experts: list[Expert] | None
+    activation: nn.Module
+    elementwise_activation: bool  # act may run once over all experts' hidden values
+    activation_: Callable[[torch.Tensor], torch.Tensor]  # act, in place where it can be
+    default_small_batch_tokens: int  # the cost model's threshold for these weights
+    masking: tuple[str, torch.Tensor] | None = None  # built on "masked"'s first call
+    padded: Expert | None = None  # built on "grouped"'s first call
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(i) for i in self.indices]
+
+    def expert(self, e: int) -> Expert:
+        """Expert e's weights: the pre-sliced copy, or sliced now in gather mode."""
+        if self.experts is not None:
+            return self.experts[e]
+        return slice_expert(self.w1, self.b1, self.w2, self.indices[e], self.widths[e])
+
+
+def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, activation: nn.Module,
+                            indices: list[torch.Tensor], centres: torch.Tensor,
+                            expert_bias: torch.Tensor, metric: str, presliced: bool,
+                            width_multiple: int) -> InferenceWeights:
+    """Derive the cache from a layer's tensors (no autograd kept)."""
+    w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    with torch.no_grad():
+        out_bias = expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
+        elementwise = is_elementwise(activation, w1)
+        multiple = width_multiple if elementwise else 1  # padding would shift a row function
+        widths = [round_up(len(i), multiple) for i in indices]
+        experts = ([slice_expert(w1, b1, w2, i, w) for i, w in zip(indices, widths, strict=True)]
+                   if presliced else None)
+        router = router_weights(centres.to(routing_dtype(w1.dtype)), metric)
+        w2t = w2.T
+    return InferenceWeights(
+        key, w1, b1, w2, w2t, indices, widths, router, out_bias.contiguous(), experts,
+        activation, elementwise, inplace_activation(activation) or activation,
+        default_small_batch_tokens(w1.shape[0], [len(i) for i in indices], w1.dtype,
+                                   w1.device.type, w1.shape[1]))
+
+
+def compiled_cache(value):
+    """What compiled code reads instead of (re)building a cache: the eager-built value."""
+    if value is None:
+        raise RuntimeError(COMPILE_NEEDS_EAGER_CALL)
+    return value
+
+
+def masking(w: InferenceWeights) -> tuple[str, torch.Tensor]:
+    """How "masked" silences the neurons a token's expert lacks: ("bias", (k, U) fc1 bias with
+    MASK_OFFSET on those neurons) where the activation maps the offset exactly to 0, else
+    ("mul", (k, U) 0/1 masks)."""
+    if torch.compiler.is_compiling():
+        return compiled_cache(w.masking)
+    if w.masking is None:
+        with torch.no_grad():
+            masks = w.w1.new_zeros(len(w.indices), w.w1.shape[0])
+            for e, index in enumerate(w.indices):
+                masks[e, index] = 1
+            if w.elementwise_activation and silenced_by_offset(w.activation, w.w1):
+                bias = 0 if w.b1 is None else w.b1
+                w.masking = ("bias", ((masks - 1) * -MASK_OFFSET + bias).contiguous())
+            else:
+                w.masking = ("mul", masks)
+    return w.masking
+
+
+def _pad8(n: int) -> int:
+    return round_up(n, 8)  # grouped_mm wants row strides that are multiples of 16 bytes
+
+
+def padded(w: InferenceWeights) -> Expert:
+    """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded; the weights
+    are transposed views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
+    if torch.compiler.is_compiling():
+        return compiled_cache(w.padded)
+    if w.padded is None:
+        d, d_out = w.w1.shape[1], w.w2.shape[0]
+        m_max = _pad8(max(w.sizes))
+        with torch.no_grad():
+            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_max) for i in w.indices]
+            pw1 = F.pad(torch.stack([p[0] for p in parts]), (0, _pad8(d) - d))  # (k, m, d_pad)
+            pb1 = torch.stack([p[1] for p in parts])  # (k, m)
+            pw2 = F.pad(torch.stack([p[2] for p in parts]), (0, 0, 0, _pad8(d_out) - d_out))
+        w.padded = (pw1.transpose(1, 2), pb1, pw2.transpose(1, 2))
+    return w.padded

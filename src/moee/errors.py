@@ -1,0 +1,39 @@
+"""Every error moee raises on purpose: one base class, so callers can catch them all."""
+
+from __future__ import annotations
+
+
+class MoeeError(Exception):
+    """Base of every error moee raises on purpose (bad input, bad checkpoint, no clusters)."""
+
+
+class ConfigError(MoeeError, ValueError):
+    """A setting is out of range or of the wrong type; the message names the field."""
+
+
+class CheckpointError(MoeeError, ValueError):
+    """A checkpoint is missing, corrupt, truncated or does not match the model it describes."""
+
+
+class NoMLPBlocksError(MoeeError, ValueError):
+    """The model has no MLP block that any registered adapter recognises."""
+
+
+class EmptyDataError(MoeeError, ValueError):
+    """The calibration or training data produced no tokens."""
+
+
+class TooFewTokensError(MoeeError, ValueError):
+    """Fewer tokens than the minimum cluster size: nothing could ever form a cluster."""
+
+
+class NoClustersError(MoeeError, RuntimeError):
+    """Clustering found no cluster in any layer, so there is nothing to turn into experts."""
+
+
+class ResourceError(MoeeError, MemoryError):
+    """The requested work would not fit in this machine's disk or memory."""
+
+
+class DataNotFoundError(MoeeError, FileNotFoundError):
+    """A dataset moee was asked to read is not where it was looked for."""
