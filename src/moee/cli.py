@@ -74,10 +74,12 @@ def _extract_config(args: argparse.Namespace) -> ExtractConfig:
 
 
 def _add_kd_args(p: argparse.ArgumentParser) -> None:
+    from moee.demo.pipeline import DemoConfig
+
     d = DistillConfig()
     p.add_argument("--kd-epochs", type=float, default=d.epochs, help="KD epochs (fractions ok)")
     p.add_argument("--kd-lr", type=float, default=d.lr)
-    p.add_argument("--kd-batch-size", type=int, default=128)
+    p.add_argument("--kd-batch-size", type=int, default=DemoConfig.kd_batch_size)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 

@@ -39,8 +39,8 @@ def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torc
             getattr(teacher_out, "last_hidden_state", None) is not None
         kind = "mse" if hidden_only else "kl"
     mask = token_mask(batch)
-    if mask is not None and tuple(s.shape[:2]) == tuple(mask.shape):
-        s, t = s[mask], t[mask]  # padding tokens carry no signal
+    if mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape):
+        s, t = s[mask], t[mask]  # per-token outputs: padding tokens carry no signal
     if kind == "mse":
         return F.mse_loss(s, t)
     return kd_loss(s, t, config.temperature)
@@ -54,7 +54,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     One epoch is one pass over `data` (an iterable without a length is read into memory once);
     `config.epochs` epochs, fractions allowed. AdamW with a cosine schedule; the run's random
     draws (dropout) come from `config.seed`. Returns the loss of every step; the student is
-    left in eval mode.
+    left in eval mode, the teacher in the mode it came in.
     """
     config = config or DistillConfig()
     if not hasattr(data, "__len__"):
@@ -63,6 +63,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         raise EmptyDataError("distill() got no batches")
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
+    teacher_flags = [(m, m.training) for m in teacher.modules()]
     student.to(device).train()
     teacher.to(device).eval()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -93,4 +94,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                     break
     bar.close()
     student.eval()
+    for m, flag in teacher_flags:
+        m.training = flag
     return losses

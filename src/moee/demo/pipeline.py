@@ -57,13 +57,13 @@ def run_demo(config: DemoConfig | None = None, dense: nn.Module | None = None,
     returns the results."""
     config = config or DemoConfig()
     t0 = time.perf_counter()
+    train_x, _ = load_fashion_mnist("train", config.data_dir, config.download)
+    test_x, test_y = load_fashion_mnist("test", config.data_dir, config.download)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     ex = config.extract
     if ex.work_dir is None:
         ex = ExtractConfig(**{**ex.__dict__, "work_dir": str(out / "work")})
-    train_x, _ = load_fashion_mnist("train", config.data_dir, config.download)
-    test_x, test_y = load_fashion_mnist("test", config.data_dir, config.download)
     if dense is None:
         dense = load_default_model()
         top1 = default_model_card().get("test_top1_fp16_weights", float("nan"))

@@ -69,6 +69,7 @@ def calibrate_layers(model: nn.Module, layers: Mapping[str, nn.Module], example:
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
              for n, m in layers.items()]
+    flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         call_model(model, example)
@@ -94,4 +95,6 @@ def calibrate_layers(model: nn.Module, layers: Mapping[str, nn.Module], example:
                      **{f"{m}_ms": v * 1e3 for m, v in t.items()},
                      "small_batch_tokens": threshold, "masked_sweep": sweep,
                      **{f"{m}_unsupported": why for m, why in skipped.items()}})
+    for m, flag in flags:  # timed in eval mode; the model goes back as it came
+        m.training = flag
     return rows

@@ -1,0 +1,218 @@
+"""Every `moee` command's happy path, in process, on a tiny 28x28 ViT and a tiny IDX set; and
+the one-line errors (exit code 2) for a missing checkpoint, model or data folder."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+import moee
+from moee.cli import main
+from moee.engine import EXECUTIONS
+
+N_IMAGES = 64
+EXTRACT_ARGS = ["--tokens", "200", "--min-cluster-fraction", "0.05", "--min-samples", "5",
+                "--reduce-dims", "8", "--no-stability"]
+
+
+def write_idx(path, array, gz=False):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                     *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def fake_dataset(folder, n=5):
+    rng = np.random.default_rng(0)
+    for prefix, gz in (("train", True), ("t10k", False)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 255, (n, 28, 28)), gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 10, n), gz)
+
+
+def tiny_fmnist_vit() -> ViTForImageClassification:
+    """A transformers ViT classifier for 28x28 grey images: 2x2 patches of 14 + CLS = 5 tokens."""
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=28, patch_size=14, num_channels=1, hidden_size=16,
+                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                       num_labels=10, attn_implementation="eager")
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    data.mkdir()
+    fake_dataset(data, N_IMAGES)
+    dense = root / "dense"
+    tiny_fmnist_vit().save_pretrained(dense)
+    return {"root": root, "data": data, "dense": dense}
+
+
+@pytest.fixture(scope="module")
+def extracted(work) -> Path:
+    out = work["root"] / "X"
+    code = main(["extract", "--model", str(work["dense"]), "--out", str(out),
+                 "--data-dir", str(work["data"]), *EXTRACT_ARGS])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(work, extracted) -> Path:
+    out = work["root"] / "Y"
+    code = main(["finetune", str(extracted), "--teacher", str(work["dense"]), "--out", str(out),
+                 "--data-dir", str(work["data"]), "--kd-epochs", "0.1"])
+    assert code == 0
+    return out
+
+
+def _macs_ok(results: dict) -> None:
+    dense, moe = results["dense"], results["moe"]
+    for row in (dense, moe):
+        assert 0 <= row["top1"] <= 1
+        assert row["executed_macs_per_image"] > 0 and row["params"] > 0
+    assert moe["macs_per_image"] < dense["macs_per_image"]
+    assert moe["params"] < dense["params"]
+
+
+# ---- happy paths --------------------------------------------------------------------------
+
+
+def test_demo_writes_results_and_both_checkpoints(work, capsys):
+    out = work["root"] / "demo"
+    code = main(["demo", "--model", str(work["dense"]), "--data-dir", str(work["data"]),
+                 "--out", str(out), *EXTRACT_ARGS, "--kd-epochs", "0.1",
+                 "--latency-batch", "8"])
+    assert code == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert {"dense", "moe", "moe_calibrated"} <= set(results)
+    _macs_ok(results)
+    assert results["kd"]["steps"] == 1  # 0.1 epoch of one 128-image batch
+    assert results["dense"]["latency_batch"] == 8
+    for name in ("moe", "moe-calibrated"):
+        assert (out / name / "moee_config.json").is_file()
+        assert len(moee.load(out / name).moe_layers()) == 2
+    # The calibrated checkpoint holds the per-layer choice the results report.
+    chosen = [row["execution"] for row in results["moe_calibrated"]["layers"]]
+    saved = [m.execution_config.execution
+             for m in moee.load(out / "moe-calibrated").moe_layers().values()]
+    assert len(chosen) == 2 and saved == chosen and set(chosen) <= set(EXECUTIONS)
+    assert "exec MACs" in capsys.readouterr().out
+
+
+def test_extract_saves_a_checkpoint_and_its_report(extracted, capsys):
+    assert (extracted / "moee_config.json").is_file()
+    report = json.loads((extracted / "extraction_report.json").read_text())
+    assert report["n_tokens"] == 200
+    model = moee.load(extracted)
+    assert len(model.moe_layers()) == 2
+    assert model(torch.randn(3, 1, 28, 28)).logits.shape == (3, 10)
+
+
+def test_finetune_changes_the_weights(extracted, finetuned, capsys):
+    assert (finetuned / "moee_config.json").is_file()
+    before, after = moee.load(extracted).state_dict(), moee.load(finetuned).state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluate_writes_dense_and_moe(work, finetuned, capsys):
+    path = work["root"] / "J.json"
+    code = main(["evaluate", str(finetuned), "--dense", str(work["dense"]),
+                 "--data-dir", str(work["data"]), "--latency-batch", "8", "--json", str(path)])
+    assert code == 0
+    results = json.loads(path.read_text())
+    assert set(results) == {"dense", "moe"}
+    _macs_ok(results)
+    assert results["moe"]["latency_batch"] == 8 and results["moe"]["latency_ms"] > 0
+    assert "exec MACs" in capsys.readouterr().out
+
+
+def test_calibrate_times_layers_on_fashion_mnist(work, finetuned):
+    out = work["root"] / "Z"
+    code = main(["calibrate", str(finetuned), "--batch", "4", "--out", str(out),
+                 "--data-dir", str(work["data"])])
+    assert code == 0
+    layers = moee.load(out).moe_layers().values()
+    assert len(layers) == 2
+    for m in layers:
+        assert m.execution_config.execution in EXECUTIONS
+        # Measured, not the cost model's default (None): at most the batch's 4 x 5 tokens.
+        assert m.execution_config.small_batch_tokens is not None
+        assert 0 <= m.execution_config.small_batch_tokens <= 20
+
+
+def test_calibrate_force_sets_every_layer(work, finetuned):
+    out = work["root"] / "Z2"
+    assert main(["calibrate", str(finetuned), "--force", "union", "--out", str(out)]) == 0
+    layers = moee.load(out).moe_layers().values()
+    assert len(layers) == 2
+    assert all(m.execution_config.execution == "union" for m in layers)
+
+
+def test_train_base_one_epoch(work, capsys):
+    out = work["root"] / "B"
+    assert main(["train-base", "--epochs", "1", "--data-dir", str(work["data"]),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    card = json.loads((out / "fmnist_vit.json").read_text())
+    assert len(card["history"]) == 1 and card["train_config"]["epochs"] == 1
+    assert (out / "fmnist_vit.safetensors").is_file()
+    assert "test top-1" in capsys.readouterr().out
+
+
+def test_bench_blocks_only(work):
+    out = work["root"] / "R"
+    assert main(["bench", "--parts", "blocks", "--block-batches", "", "--block-tokens", "16",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert len(results["blocks"]) == 2  # 25% and 50% active, one token count each
+    assert results["default"] == [] and results["deit_base"] == []
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"moee {command}: error:"), err
+    return err
+
+
+def test_missing_checkpoint_is_one_line(work, capsys):
+    code = main(["evaluate", "/nonexistent", "--dense", str(work["dense"]),
+                 "--data-dir", str(work["data"])])
+    assert code == 2
+    assert "/nonexistent" in _one_line_error(capsys, "evaluate")
+
+
+def test_unloadable_model_is_one_line(work, tmp_path, capsys):
+    code = main(["extract", "--model", "/nonexistent", "--out", str(tmp_path / "X"),
+                 "--data-dir", str(work["data"])])
+    assert code == 2
+    assert "cannot load" in _one_line_error(capsys, "extract")
+    assert not (tmp_path / "X").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "finetune", "evaluate", "calibrate"])
+def test_missing_data_folder_is_named(work, extracted, tmp_path, capsys, command):
+    missing = str(tmp_path / "nonexistent")
+    argv = {
+        "extract": ["extract", "--model", str(work["dense"]), "--out", str(tmp_path / "o")],
+        "finetune": ["finetune", str(extracted), "--teacher", str(work["dense"]),
+                     "--out", str(tmp_path / "o")],
+        "evaluate": ["evaluate", str(extracted), "--dense", str(work["dense"])],
+        "calibrate": ["calibrate", str(extracted), "--out", str(tmp_path / "o")],
+    }[command]
+    assert main([*argv, "--data-dir", missing]) == 2
+    assert missing in _one_line_error(capsys, command)
