@@ -4,9 +4,9 @@
     python benchmarks/compare_checkpoints.py runs/demo/moe --dtype bfloat16 --calibrate
 
 Every model runs on the same real Fashion-MNIST test images, round-robin in one process
-(`moee.timing.time_interleaved`), so a comparison of two extractions is not skewed by the
+(`moee.engine.timing.time_interleaved`), so a comparison of two extractions is not skewed by the
 machine's load drifting between separate runs. Prints each checkpoint's speedup over dense;
-`--calibrate` adds a copy of each checkpoint calibrated (`calibrate_execution`) at each batch.
+`--calibrate` adds a copy of each checkpoint calibrated (`moee.calibrate`) at each batch.
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ import copy
 
 import torch
 
-from moee.data import load_fashion_mnist
-from moee.data.tensors import normalize_images
-from moee.default_model import load_default_model
-from moee.evaluate import model_logits
-from moee.io import load
-from moee.speed import calibrate_execution
-from moee.timing import time_interleaved
+from moee import calibrate, load
+from moee.batches import output_tensor
+from moee.demo import load_default_model, load_fashion_mnist, normalize_images
+from moee.engine.timing import time_interleaved
 
 
 def main() -> None:
@@ -49,9 +46,9 @@ def main() -> None:
             x = normalize_images(images[:n]).to(device, dtype)
             for path in args.checkpoints if args.calibrate else []:
                 models[f"{path} calibrated"] = calibrated = copy.deepcopy(models[path])
-                calibrate_execution(calibrated, x)
+                calibrate(calibrated, x)
             secs = time_interleaved(
-                {name: (lambda m=m, x=x: model_logits(m, x)) for name, m in models.items()},
+                {name: (lambda m=m, x=x: output_tensor(m(x))) for name, m in models.items()},
                 device, args.repeats)
             ratios = [f"{secs['dense'] / secs[p]:>{len(p)}.2f}" for p in names]
             print(f"{n:>6} {secs['dense'] * 1e3:>9.2f}  " + "  ".join(ratios))

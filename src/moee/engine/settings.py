@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from moee.engine.cost_model import COSTS
 from moee.errors import ConfigError
 
 # How a MoEMLP runs its tokens in eval mode (docs/engine.md has the measurements):
@@ -31,7 +32,7 @@ class ExecutionConfig:
     execution: str = "experts"
     small_batch_tokens: int | None = None
     presliced: bool = True
-    width_multiple: int = 16
+    width_multiple: int = COSTS.expert_width_multiple
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTIONS:
