@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,8 +22,6 @@ def tiny_vit(seed: int = 0) -> ViTForImageClassification:
 
 def tiny_moe_model(seed: int = 1):
     """tiny_vit with every MLP split into 2 random experts of 6 of its 48 neurons."""
-    import numpy as np
-
     import moee
     from moee.build import LayerPlan, apply_plans
 
@@ -32,12 +34,46 @@ def tiny_moe_model(seed: int = 1):
     return moee.MoEModel(model).eval()
 
 
-def tiny_bert(seed: int = 0) -> BertModel:
+def tiny_bert(seed: int = 0, dropout: float = 0.1) -> BertModel:
+    """A 2-layer BERT encoder; `dropout` for the hidden states and attention (BERT's 0.1)."""
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=48, max_position_embeddings=32,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                         attn_implementation="eager")
     return BertModel(config).eval()
+
+
+def text_batches(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Keyword batches of 8 rows of 16 token ids, every row padded at the end (12 or 8 real
+    tokens): what a tokenizer gives a BERT or LLaMA model."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 50, (8, 16), generator=g)
+        mask = torch.ones(8, 16, dtype=torch.long)
+        mask[:, 12:] = 0
+        mask[::2, 8:] = 0
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def write_idx(path, array, gz=False):
+    """An IDX file (the Fashion-MNIST format) of unsigned bytes."""
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                     *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def fake_dataset(folder, n=5):
+    """A Fashion-MNIST folder of n random train and test images (train gzipped)."""
+    rng = np.random.default_rng(0)
+    for prefix, gz in (("train", True), ("t10k", False)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 255, (n, 28, 28)), gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}",
+                  rng.integers(0, 10, n), gz)
 
 
 class TimmStyleMlp(nn.Module):

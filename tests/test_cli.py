@@ -3,14 +3,12 @@ the one-line errors (exit code 2) for a missing checkpoint, model or data folder
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import fake_dataset
 from transformers import ViTConfig, ViTForImageClassification
 
 import moee
@@ -20,22 +18,6 @@ from moee.engine import EXECUTIONS
 N_IMAGES = 64
 EXTRACT_ARGS = ["--tokens", "200", "--min-cluster-fraction", "0.05", "--min-samples", "5",
                 "--reduce-dims", "8", "--no-stability"]
-
-
-def write_idx(path, array, gz=False):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                     *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(raw)
-
-
-def fake_dataset(folder, n=5):
-    rng = np.random.default_rng(0)
-    for prefix, gz in (("train", True), ("t10k", False)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}",
-                  rng.integers(0, 255, (n, 28, 28)), gz)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}",
-                  rng.integers(0, 10, n), gz)
 
 
 def tiny_fmnist_vit() -> ViTForImageClassification:

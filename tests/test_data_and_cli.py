@@ -1,28 +1,12 @@
-import gzip
-import struct
+"""Fashion-MNIST IDX reading, its clear errors, and CLI options on a tiny checkpoint."""
 
 import numpy as np
 import pytest
+from conftest import fake_dataset, write_idx
 
 from moee.cli import main
 from moee.demo import FashionMNISTNotFound, load_fashion_mnist
 from moee.demo.fashion_mnist import read_idx
-
-
-def write_idx(path, array, gz=False):
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                     *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(raw)
-
-
-def fake_dataset(folder, n=5):
-    rng = np.random.default_rng(0)
-    for prefix, gz in (("train", True), ("t10k", False)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}",
-                  rng.integers(0, 255, (n, 28, 28)), gz)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{'.gz' if gz else ''}",
-                  rng.integers(0, 10, n), gz)
 
 
 def test_reads_idx_from_a_user_folder(tmp_path):

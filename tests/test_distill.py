@@ -8,36 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import blob_images, tiny_moe_model, tiny_vit
+from conftest import blob_images, text_batches, tiny_bert, tiny_moe_model, tiny_vit
 from transformers import BertConfig, BertModel
 
 import moee
 from moee.distill import kd_loss
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def bert(dropout: float, seed: int = 0) -> BertModel:
-    """conftest.tiny_bert's architecture with a chosen dropout (hidden and attention)."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=32,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                        attn_implementation="eager")
-    return BertModel(config).eval()
-
-
-def text_batches(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Token-id batches with padding at the end of every row (rows of 12 or 8 real tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 50, (8, 16), generator=g)
-        mask = torch.ones(8, 16, dtype=torch.long)
-        mask[:, 12:] = 0
-        mask[::2, 8:] = 0
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
-    return out
 
 
 def extract_bert(dense: BertModel, work_dir) -> moee.MoEModel:
@@ -163,7 +140,7 @@ def test_an_iterable_without_length_is_read_once():
 
 
 def test_dict_batches_use_mse_over_real_tokens_only(tmp_path):
-    teacher = bert(dropout=0.0)
+    teacher = tiny_bert(dropout=0.0)
     student = extract_bert(teacher, tmp_path)
     batch = text_batches(1, seed=5)[0]
     mask = batch["attention_mask"].bool()
@@ -205,7 +182,7 @@ def test_sequence_classification_logits_are_not_masked_as_tokens():
 
 
 def test_seed_makes_dropout_runs_reproducible(tmp_path):
-    teacher = bert(dropout=0.1)
+    teacher = tiny_bert(dropout=0.1)
     student = extract_bert(teacher, tmp_path)
     data = text_batches(3, seed=2)
     runs = {}

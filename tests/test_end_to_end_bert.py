@@ -8,22 +8,9 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import text_batches, tiny_bert
 
 import moee
-
-
-def text_batches(n: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """8 rows of 16 token ids; every row padded at the end (12 or 8 real tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 50, (8, 16), generator=g)
-        mask = torch.ones(8, 16, dtype=torch.long)
-        mask[:, 12:] = 0
-        mask[::2, 8:] = 0
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
-    return out
 
 
 def small_config(work_dir) -> moee.ExtractConfig:
