@@ -498,3 +498,66 @@ def test_bias_free_fc1_through_every_path_and_the_reference(execution):
         moe.eval().configure(execution=execution, small_batch_tokens=0)
     torch.testing.assert_close(moe(x).detach(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moe.forward_reference(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _gated_moe(bias: bool = False, act: nn.Module | None = None, experts=None):
+    """A SwiGLU-style MoE (act(gate(x)) * up(x)) over a dense gated MLP of width H."""
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    up, gate, down = nn.Linear(D, H, bias=bias), nn.Linear(D, H, bias=bias), nn.Linear(H, D)
+    experts = experts or [torch.randperm(H, generator=g)[: 5 + 7 * i] for i in range(4)]
+    moe = MoEMLP(up, down, act or nn.SiLU(), experts, torch.randn(len(experts), D, generator=g),
+                 torch.arange(H), gate=gate).eval()
+    return moe, (gate, up, down, act or nn.SiLU())
+
+
+@pytest.mark.parametrize("execution", ["experts", "masked", "grouped", "union", "train"])
+@pytest.mark.parametrize("presliced", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_experts_slice_gate_up_and_down_together(execution, presliced, bias):
+    moe, (gate, up, down, act) = _gated_moe(bias)
+    x = torch.randn(3, 13, D)
+    expected = []  # the dense gated MLP with the routed expert's mask on the hidden values
+    for t in x.reshape(-1, D):
+        e = int(F.cosine_similarity(t[None], moe.router_centres, dim=-1).argmax())
+        mask = torch.zeros(H)
+        mask[moe.expert_index(e)] = 1
+        expected.append(down(act(gate(t)) * up(t) * mask))
+    expected = torch.stack(expected).reshape(3, 13, D).detach()
+    if execution == "union":
+        expected = down(act(gate(x)) * up(x)).detach()
+    if execution == "train":
+        moe.train()
+    else:
+        moe.configure(execution=execution, presliced=presliced, small_batch_tokens=0)
+    torch.testing.assert_close(moe(x).detach(), expected, rtol=1e-5, atol=1e-5)
+    if execution != "union":
+        torch.testing.assert_close(moe.forward_reference(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_masked_path_silences_by_the_gate_offset_and_one_full_expert_is_dense():
+    from moee.engine.weights import masking
+
+    moe, (gate, up, down, act) = _gated_moe(bias=True, experts=[torch.arange(H)])
+    x = torch.randn(20, D)
+    moe.configure(execution="masked")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), down(act(gate(x)) * up(x)), rtol=1e-5, atol=1e-5)
+        assert masking(moe.inference_weights())[0] == "bias"  # SiLU(-3e4) is exactly 0
+    gelu_moe, _ = _gated_moe(act=nn.Tanh())
+    gelu_moe.configure(execution="masked")
+    y = torch.randn(20, D)
+    with torch.no_grad():
+        torch.testing.assert_close(gelu_moe(y), gelu_moe.forward_reference(y), rtol=1e-5,
+                                   atol=1e-5)
+        assert masking(gelu_moe.inference_weights())[0] == "mul"  # tanh(-3e4) = -1
+
+
+def test_gated_gradients_reach_gate_up_and_down():
+    moe, _ = _gated_moe(bias=True)
+    moe.train()
+    moe(torch.randn(50, D)).pow(2).sum().backward()
+    used = moe.expert_indices.unique()
+    for lin in (moe.gate, moe.fc1):
+        assert lin.weight.grad[used].abs().sum() > 0
+    assert moe.fc2.weight.grad[:, used].abs().sum() > 0

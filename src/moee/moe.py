@@ -20,6 +20,7 @@ from moee.engine import (
     InferenceWeights,
     build_inference_weights,
     compiled_cache,
+    first_weights,
     route,
     router_weights,
     routing_dtype,
@@ -40,13 +41,16 @@ class MoEMLP(nn.Module):
     union; `kept_neurons` (U,) the union's neuron ids in the dense MLP; `expert_bias` (k, d_out)
     each expert's left-out-neuron mean output (zeros = the paper's plain experts).
     `site` names the dense MLP block this layer replaces; `execution_config` says how it runs.
+    `gate` (gated MLPs such as LLaMA's): the hidden value is act(gate(x)) * fc1(x); an expert
+    slices gate, up and down projections together.
     """
 
     def __init__(self, fc1: nn.Linear, fc2: nn.Linear, activation: nn.Module,
                  experts: list[torch.Tensor], router_centres: torch.Tensor,
                  kept_neurons: torch.Tensor, metric: str = "cosine",
                  expert_bias: torch.Tensor | None = None, site: str = "",
-                 execution_config: ExecutionConfig | None = None) -> None:
+                 execution_config: ExecutionConfig | None = None,
+                 gate: nn.Linear | None = None) -> None:
         super().__init__()
         router_weights(router_centres[:1], metric)  # validates the metric
         if len(experts) != router_centres.shape[0] or not experts:
@@ -55,8 +59,12 @@ class MoEMLP(nn.Module):
         for i, idx in enumerate(experts):
             if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= union:
                 raise ValueError(f"expert {i} indexes outside the {union} kept neurons or is empty")
+        if gate is not None and gate.weight.shape != fc1.weight.shape:
+            raise ValueError(f"gate {tuple(gate.weight.shape)} and up projection "
+                             f"{tuple(fc1.weight.shape)} differ in shape")
         self.fc1, self.fc2, self.activation, self.metric, self.site = (
             fc1, fc2, activation, metric, site)
+        self.gate = gate
         sizes = torch.tensor([0] + [len(e) for e in experts])
         self.register_buffer("expert_indices", torch.cat(experts).long())
         self.register_buffer("expert_offsets", sizes.cumsum(0))
@@ -119,8 +127,11 @@ class MoEMLP(nn.Module):
         reads instead of module attribute lookups because this runs on every call."""
         mods, bufs = self._modules, self._buffers
         p1, p2 = mods["fc1"]._parameters, mods["fc2"]._parameters
+        gate = mods.get("gate")
+        pg = gate._parameters if gate is not None else {}
         tensors = (p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"),
-                   bufs["expert_bias"], bufs["router_centres"], bufs["expert_indices"])
+                   bufs["expert_bias"], bufs["router_centres"], bufs["expert_indices"],
+                   pg.get("weight"), pg.get("bias"))
         try:
             versions = tuple(-1 if t is None else t._version for t in tensors)
         except RuntimeError:  # inference tensors (made under inference_mode) have no counter
@@ -145,7 +156,7 @@ class MoEMLP(nn.Module):
         if self._cache is None or self._cache.key != key:
             indices = [self.expert_index(e) for e in range(self.num_experts)]
             self._cache = build_inference_weights(
-                key, self.fc1, self.fc2, self.activation, indices, self.router_centres,
+                key, self.fc1, self.fc2, self.gate, self.activation, indices, self.router_centres,
                 self.expert_bias, self.metric, self._presliced(),
                 self.execution_config.width_multiple)
         return self._cache
@@ -177,6 +188,8 @@ class MoEMLP(nn.Module):
     def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
         config = self.execution_config
         if config.execution == "union":  # the pruned union run densely, no routing
+            if self.gate is not None:
+                return self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
             act = (self.activation if torch.compiler.is_compiling()
                    else self.inference_weights().activation_)
             return self.fc2(act(self.fc1(tokens)))
@@ -197,11 +210,18 @@ class MoEMLP(nn.Module):
         self._track(expert)
         counts = torch.bincount(expert, minlength=self.num_experts)
         order = torch.argsort(expert)
+        w1, b1 = first_weights(self.fc1, self.gate)
         outs = []
         for e, xe in enumerate(tokens[order].split(counts.tolist())):
-            w1e, b1e, w2e = slice_expert(self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                         self.expert_index(e))
-            outs.append(F.linear(self.activation(F.linear(xe, w1e, b1e)), w2e))  # (n_e, d_out)
+            w1e, b1e, w2e = slice_expert(w1, b1, self.fc2.weight, self.expert_index(e),
+                                         gated=self.gate is not None)
+            h = F.linear(xe, w1e, b1e)  # (n_e, m_e), gated (n_e, 2·m_e)
+            if self.gate is not None:
+                g, u = h.chunk(2, dim=-1)
+                h = self.activation(g) * u
+            else:
+                h = self.activation(h)
+            outs.append(F.linear(h, w2e))  # (n_e, d_out)
         y = torch.cat(outs)[torch.argsort(order)]  # back to token order, (N, d_out)
         y = y + self.expert_bias.to(y.dtype)[expert]
         return y + self.fc2.bias if self.fc2.bias is not None else y
@@ -221,13 +241,19 @@ class MoEMLP(nn.Module):
                 sim = -((r[None] - centres) ** 2).sum(-1)
             e = int(sim.argmax())
             idx = self.expert_index(e)
-            pre = self.fc1.weight[idx] @ t + (b1[idx] if b1 is not None else 0)
-            y = self.fc2.weight[:, idx] @ self.activation(pre) + self.expert_bias[e].to(t.dtype)
+            up = self.fc1.weight[idx] @ t + (b1[idx] if b1 is not None else 0)
+            if self.gate is None:
+                h = self.activation(up)
+            else:  # act(gate) * up
+                gb = self.gate.bias
+                h = self.activation(self.gate.weight[idx] @ t + (gb[idx] if gb is not None else 0))
+                h = h * up
+            y = self.fc2.weight[:, idx] @ h + self.expert_bias[e].to(t.dtype)
             out.append(y + self.fc2.bias if self.fc2.bias is not None else y)
         return torch.stack(out).reshape(*lead, -1)
 
     def extra_repr(self) -> str:
-        return (f"site={self.site!r}, experts={self.num_experts}, "
+        return (f"site={self.site!r}, gated={self.gate is not None}, experts={self.num_experts}, "
                 f"kept_neurons={self.fc1.out_features}, sizes={self.expert_sizes()}, "
                 f"metric={self.metric}, {self.execution_config}")
 

@@ -16,6 +16,7 @@ from moee.engine.weights import (
     InferenceWeights,
     build_inference_weights,
     compiled_cache,
+    first_weights,
     slice_expert,
 )
 from moee.engine.workspace import clear_workspace, workspace_bytes
@@ -23,6 +24,6 @@ from moee.engine.workspace import clear_workspace, workspace_bytes
 __all__ = [
     "COSTS", "EXECUTIONS", "ROUTER_METRICS", "CostModel", "ExecutionConfig", "InferenceWeights",
     "build_inference_weights", "clear_workspace", "compiled_cache", "default_small_batch_tokens",
-    "route", "router_weights", "routing_dtype", "run_experts", "run_grouped", "run_masked",
-    "slice_expert", "workspace_bytes",
+    "first_weights", "route", "router_weights", "routing_dtype", "run_experts", "run_grouped",
+    "run_masked", "slice_expert", "workspace_bytes",
 ]

@@ -23,25 +23,28 @@ def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     if max(counts) == n:  # one expert takes every token: no sort, no scatter
         e = counts.index(n)
         w1e, b1e, w2e = w.expert(e)
-        return torch.addmm(w.out_bias[e], act(torch.addmm(b1e, tokens, w1e.T)), w2e.T)
+        h = w.activate(torch.addmm(b1e, tokens, w1e.T), widths[e])  # (N, w_e)
+        return torch.addmm(w.out_bias[e], h, w2e.T)
     order = torch.argsort(expert)
     grouped = scratch("grouped", tokens.numel(), tokens).view(n, -1)  # (N, d) sorted by expert
     torch.index_select(tokens, 0, order, out=grouped)
     used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
-    total = sum(n_e * widths[e] for e, n_e in used)
+    halves = 2 if w.gated else 1  # a gated expert's first matmul gives gate and up
+    total = sum(n_e * halves * widths[e] for e, n_e in used)
     # One activation call over all experts saves a call per expert; past a few MiB of hidden
     # values that extra pass over memory costs more than the calls it saves.
-    flat_act = w.elementwise_activation and total <= COSTS.flat_activation_max_elements
+    flat_act = (w.elementwise_activation and not w.gated
+                and total <= COSTS.flat_activation_max_elements)
     flat = scratch("hidden", total, tokens)  # every expert's hidden values, in expert order
     spans, activated, start, at = [], [], 0, 0  # span: (expert, W2_e, first token, at)
     for e, n_e in used:
         w1e, b1e, w2e = w.expert(e)
-        h = flat[at : at + n_e * widths[e]].view(n_e, widths[e])  # (n_e, w_e)
+        h = flat[at : at + n_e * halves * widths[e]].view(n_e, -1)  # (n_e, halves·w_e)
         torch.addmm(b1e, grouped[start : start + n_e], w1e.T, out=h)
         if not flat_act:
-            activated.append(act(h))
+            activated.append(w.activate(h, widths[e]))
         spans.append((e, w2e, start, at))
-        start, at = start + n_e, at + n_e * widths[e]
+        start, at = start + n_e, at + n_e * halves * widths[e]
     if flat_act:
         flat = act(flat)
         activated = [flat[at : at + counts[e] * widths[e]].view(counts[e], widths[e])

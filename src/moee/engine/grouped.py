@@ -23,6 +23,7 @@ def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     offs = counts.cumsum(0).to(torch.int32)
     x = tokens.new_zeros(n, pw1.shape[1])  # (N, d_pad)
     x[:, :d] = tokens.index_select(0, order)
-    h = w.activation_(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert))
+    h = w.activate(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert),
+                   pw2.shape[1]).contiguous()  # (N, m_max)
     y = F.grouped_mm(h, pw2, offs=offs)[:, :d_out] + w.out_bias.index_select(0, sorted_expert)
     return torch.empty_like(y).index_copy_(0, order, y)

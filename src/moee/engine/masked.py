@@ -12,8 +12,9 @@ def run_masked(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) 
     """(N, d), (N,) -> (N, d_out) in a handful of kernel calls whatever the number of experts:
     fast for a few tokens. Same function as the expert loop."""
     how, table = masking(w)
+    union = w.w2.shape[1]
     if how == "bias":  # the mask rides in fc1's bias: no multiply over (N, U) values
-        h = w.activation_(torch.addmm(table.index_select(0, expert), tokens, w.w1.T))
+        h = w.activate(torch.addmm(table.index_select(0, expert), tokens, w.w1.T), union)
     else:
-        h = w.activation_(F.linear(tokens, w.w1, w.b1)).mul_(table.index_select(0, expert))
+        h = w.activate(F.linear(tokens, w.w1, w.b1), union).mul_(table.index_select(0, expert))
     return torch.addmm(w.out_bias.index_select(0, expert), h, w.w2t)  # (N, d_out)

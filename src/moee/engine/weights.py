@@ -35,20 +35,39 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def first_weights(fc1: nn.Linear, gate: nn.Linear | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first projection as one (U, d) matrix and bias, or for a gated MLP the gate's rows
+    stacked over the up projection's, (2U, d): one matmul gives both halves."""
+    if gate is None:
+        return fc1.weight, fc1.bias
+    w = torch.cat([gate.weight, fc1.weight])
+    if gate.bias is None and fc1.bias is None:
+        return w, None
+    zeros = fc1.weight.new_zeros(fc1.out_features)
+    return w, torch.cat([zeros if gate.bias is None else gate.bias,
+                         zeros if fc1.bias is None else fc1.bias])
+
+
 def slice_expert(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 index: torch.Tensor, width: int | None = None) -> Expert:
+                 index: torch.Tensor, width: int | None = None, gated: bool = False) -> Expert:
     """Expert weights as contiguous copies in nn.Linear's (out, in) layout, zero-padded from
     len(index) to `width` neurons (padded neurons have zero weights in and out, so they add
-    nothing). Differentiable: gradients reach the union weights."""
-    m = len(index)
+    nothing). Gated (`w1` = gate rows over up rows): the expert's first matrix is its gate rows
+    over its up rows, (2·width, d). Differentiable: gradients reach the union weights."""
+    m, halves = len(index), 2 if gated else 1
     width = m if width is None else width
+    union = w1.shape[0] // halves
+    rows = index if halves == 1 else torch.cat([index, index + union])
     if width == m:
-        return w1[index], (b1[index] if b1 is not None else w1.new_zeros(m)), w2[:, index]
-    w1e, b1e = w1.new_zeros(width, w1.shape[1]), w1.new_zeros(width)
+        return w1[rows], (b1[rows] if b1 is not None else w1.new_zeros(len(rows))), w2[:, index]
+    w1e, b1e = w1.new_zeros(halves * width, w1.shape[1]), w1.new_zeros(halves * width)
     w2e = w2.new_zeros(w2.shape[0], width)
-    w1e[:m], w2e[:, :m] = w1[index], w2[:, index]
-    if b1 is not None:
-        b1e[:m] = b1[index]
+    w2e[:, :m] = w2[:, index]
+    for h in range(halves):
+        w1e[h * width : h * width + m] = w1[index + h * union]
+        if b1 is not None:
+            b1e[h * width : h * width + m] = b1[index + h * union]
     return w1e, b1e, w2e
 
 
@@ -59,8 +78,9 @@ class InferenceWeights:
     copies zero-padded to `widths[e]` (None in gather mode: sliced each call)."""
 
     key: tuple
-    w1: torch.Tensor  # (U, d) union weights, shared with the parameters
+    w1: torch.Tensor  # (U, d) union weights (gated: (2U, d), gate rows over up rows)
     b1: torch.Tensor | None
+    gated: bool
     w2: torch.Tensor  # (d_out, U)
     w2t: torch.Tensor  # (U, d_out) transposed view
     indices: list[torch.Tensor]  # each expert's neurons, positions in the union
@@ -83,28 +103,37 @@ class InferenceWeights:
         """Expert e's weights: the pre-sliced copy, or sliced now in gather mode."""
         if self.experts is not None:
             return self.experts[e]
-        return slice_expert(self.w1, self.b1, self.w2, self.indices[e], self.widths[e])
+        return slice_expert(self.w1, self.b1, self.w2, self.indices[e], self.widths[e],
+                            self.gated)
+
+    def activate(self, h: torch.Tensor, width: int) -> torch.Tensor:
+        """(n, width) hidden values from the first matmul's (n, width) — gated: (n, 2·width),
+        act(gate) * up — output, in place where the activation allows."""
+        if not self.gated:
+            return self.activation_(h)
+        return self.activation_(h[:, :width]).mul_(h[:, width:])
 
 
-def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, activation: nn.Module,
-                            indices: list[torch.Tensor], centres: torch.Tensor,
-                            expert_bias: torch.Tensor, metric: str, presliced: bool,
-                            width_multiple: int) -> InferenceWeights:
+def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, gate: nn.Linear | None,
+                            activation: nn.Module, indices: list[torch.Tensor],
+                            centres: torch.Tensor, expert_bias: torch.Tensor, metric: str,
+                            presliced: bool, width_multiple: int) -> InferenceWeights:
     """Derive the cache from a layer's tensors (no autograd kept)."""
-    w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    w2, b2, gated = fc2.weight, fc2.bias, gate is not None
     with torch.no_grad():
+        w1, b1 = first_weights(fc1, gate)
         out_bias = expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
         elementwise = is_elementwise(activation, w1)
         multiple = width_multiple if elementwise else 1  # padding would shift a row function
         widths = [round_up(len(i), multiple) for i in indices]
-        experts = ([slice_expert(w1, b1, w2, i, w) for i, w in zip(indices, widths, strict=True)]
-                   if presliced else None)
+        experts = ([slice_expert(w1, b1, w2, i, w, gated)
+                    for i, w in zip(indices, widths, strict=True)] if presliced else None)
         router = router_weights(centres.to(routing_dtype(w1.dtype)), metric)
         w2t = w2.T
     return InferenceWeights(
-        key, w1, b1, w2, w2t, indices, widths, router, out_bias.contiguous(), experts,
+        key, w1, b1, gated, w2, w2t, indices, widths, router, out_bias.contiguous(), experts,
         activation, elementwise, inplace_activation(activation) or activation,
-        default_small_batch_tokens(w1.shape[0], [len(i) for i in indices], w1.dtype,
+        default_small_batch_tokens(fc1.out_features, [len(i) for i in indices], w1.dtype,
                                    w1.device.type, w1.shape[1]))
 
 
@@ -122,13 +151,17 @@ def masking(w: InferenceWeights) -> tuple[str, torch.Tensor]:
     if torch.compiler.is_compiling():
         return compiled_cache(w.masking)
     if w.masking is None:
+        union = w.w2.shape[1]
         with torch.no_grad():
-            masks = w.w1.new_zeros(len(w.indices), w.w1.shape[0])
+            masks = w.w1.new_zeros(len(w.indices), union)
             for e, index in enumerate(w.indices):
                 masks[e, index] = 1
             if w.elementwise_activation and silenced_by_offset(w.activation, w.w1):
-                bias = 0 if w.b1 is None else w.b1
-                w.masking = ("bias", ((masks - 1) * -MASK_OFFSET + bias).contiguous())
+                # gated: the offset goes on the gate, act(gate) = 0 silences act(gate) * up
+                bias = w.w1.new_zeros(w.w1.shape[0]) if w.b1 is None else w.b1
+                table = bias.expand(len(w.indices), -1).clone()
+                table[:, :union] += (masks - 1) * -MASK_OFFSET
+                w.masking = ("bias", table.contiguous())
             else:
                 w.masking = ("mul", masks)
     return w.masking
@@ -139,7 +172,8 @@ def _pad8(n: int) -> int:
 
 
 def padded(w: InferenceWeights) -> Expert:
-    """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded; the weights
+    """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded (gated: the
+    first two hold 2·m_max, gate over up); the weights
     are transposed views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
     if torch.compiler.is_compiling():
         return compiled_cache(w.padded)
@@ -147,7 +181,7 @@ def padded(w: InferenceWeights) -> Expert:
         d, d_out = w.w1.shape[1], w.w2.shape[0]
         m_max = _pad8(max(w.sizes))
         with torch.no_grad():
-            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_max) for i in w.indices]
+            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_max, w.gated) for i in w.indices]
             pw1 = F.pad(torch.stack([p[0] for p in parts]), (0, _pad8(d) - d))  # (k, m, d_pad)
             pb1 = torch.stack([p[1] for p in parts])  # (k, m)
             pw2 = F.pad(torch.stack([p[2] for p in parts]), (0, 0, 0, _pad8(d_out) - d_out))
