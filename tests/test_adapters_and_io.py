@@ -1,4 +1,4 @@
-"""Adapters on every registered layout, and save/load round trips."""
+"""Save/load round trips and the clear errors of bad checkpoints (layouts: test_layouts)."""
 
 import json
 
@@ -30,8 +30,6 @@ MODELS = {
     "hf-bert": (tiny_bert, lambda: torch.randint(0, 50, (2, 7)), "intermediate-output"),
     "timm-style": (TimmStyleNet, lambda: torch.randn(2, 5, 16), "fc1-act-fc2"),
 }
-# One tiny model per registered adapter: a new adapter without one fails the test below.
-BY_ADAPTER = {adapter: family for family, (_, _, adapter) in reversed(MODELS.items())}
 
 
 def _out(model, x):
@@ -41,39 +39,9 @@ def _out(model, x):
 
 def full_expert_plans(sites, k=1):
     """k experts that all hold every neuron: the MoE must equal the dense model."""
-    return [LayerPlan(s.name, [np.arange(s.fc1.out_features)] * k,
-                      np.random.default_rng(0).normal(size=(k, s.fc1.in_features)))
+    return [LayerPlan(s.name, [np.arange(s.weights().hidden_size)] * k,
+                      np.random.default_rng(0).normal(size=(k, s.weights().d_in)))
             for s in sites]
-
-
-def test_every_registered_adapter_has_a_tiny_model():
-    assert set(moee.list_adapters()) == set(BY_ADAPTER)
-
-
-@pytest.mark.parametrize("adapter", moee.list_adapters())
-def test_each_adapter_finds_its_layout_and_full_experts_equal_dense(adapter):
-    make, inputs, _ = MODELS[BY_ADAPTER[adapter]]
-    dense, moe_model = make().eval(), make().eval()
-    x = inputs()
-    sites = find_mlp_sites(moe_model, adapter)
-    assert len(sites) == 2
-    apply_plans(sites, full_expert_plans(sites, k=2))
-    with torch.no_grad():
-        torch.testing.assert_close(_out(moe_model, x), _out(dense, x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", MODELS)
-def test_full_experts_equal_dense_model(family):
-    make, inputs, adapter = MODELS[family]
-    dense, moe_model = make(), make()
-    x = inputs()
-    sites = find_mlp_sites(moe_model)
-    assert len(sites) == 2
-    assert [s.name for s in find_mlp_sites(make(), adapter)] == [s.name for s in sites]
-    apply_plans(sites, full_expert_plans(sites, k=3))
-    assert len(MoEModel(moe_model).moe_layers()) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(_out(moe_model, x), _out(dense, x), rtol=1e-5, atol=1e-5)
 
 
 def test_model_without_mlp_blocks_is_a_clear_error():

@@ -50,7 +50,7 @@ def test_stale_activations_are_recorded_anew_and_the_reason_is_given(vit, images
     _, report = moee.extract(vit, other_data, small_config(tmp_path))
     assert report.activations == "recorded 1000 tokens (the calibration data changed)"
     with torch.no_grad():
-        moee.find_mlp_sites(vit)[0].fc1.weight.mul_(1.01)  # as fine-tuning would
+        vit.vit.layers[0].mlp.fc1.weight.mul_(1.01)  # as fine-tuning would
     _, report = moee.extract(vit, other_data, small_config(tmp_path))
     assert report.activations == "recorded 1000 tokens (the model's weights changed)"
     config = small_config(tmp_path)

@@ -16,7 +16,8 @@ def test_store_holds_inputs_and_post_activation_hidden(vit, images, tmp_path):
     assert store.n_tokens == 100
     x, h = store.inputs(1), store.hidden(1)
     assert x.shape == (100, 16) and h.shape == (100, 48)
-    expected = F.gelu(torch.from_numpy(np.array(x)) @ sites[1].fc1.weight.T + sites[1].fc1.bias)
+    fc1 = vit.vit.layers[1].mlp.fc1
+    expected = F.gelu(torch.from_numpy(np.array(x)) @ fc1.weight.T + fc1.bias)
     np.testing.assert_allclose(h, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 

@@ -39,14 +39,15 @@ def test_left_out_mean_output_restores_constant_clusters_exactly():
     import torch
     from torch import nn
 
-    from moee.adapters import MLPSite
+    from moee.adapters import MLPSite, linear_weights
     from moee.build import LayerPlan, build_moe_mlp, left_out_mean_output
 
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(6, 20), nn.Linear(20, 6)
     x = torch.randn(1, 6).repeat(5, 1)  # one cluster of identical tokens
     hidden = torch.nn.functional.gelu(fc1(x)).detach().double().numpy()
-    site = MLPSite("mlp", fc1, fc2, nn.GELU(), lambda m: None)
+    site = MLPSite("mlp", linear_weights(fc1, fc2), nn.GELU(), fc1, lambda m: None,
+                   lambda x: fc2(torch.nn.functional.gelu(fc1(x))))
     experts = [np.array([2, 7])]
     bias = left_out_mean_output(site, experts, hidden.mean(0, keepdims=True))
     moe = build_moe_mlp(site, LayerPlan("mlp", experts, x[:1].numpy(), expert_bias=bias))

@@ -7,7 +7,7 @@
 """
 
 from moee._version import __version__
-from moee.adapters import MLPSite, find_mlp_sites, list_adapters, register_adapter
+from moee.adapters import MLPSite, MLPWeights, find_mlp_sites, list_adapters, register_adapter
 from moee.api import ExtractionReport, calibrate, extract
 from moee.config import (
     ClusterConfig,
@@ -20,6 +20,7 @@ from moee.config import (
 from moee.distill import distill
 from moee.engine import ExecutionConfig
 from moee.errors import (
+    AdapterMismatchError,
     CheckpointError,
     ConfigError,
     DataNotFoundError,
@@ -35,8 +36,9 @@ from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
 
 __all__ = [
-    "CheckpointError", "ClusterConfig", "ConfigError", "DataNotFoundError", "DistillConfig",
-    "EmptyDataError", "ExecutionConfig", "ExtractConfig", "ExtractionReport", "MLPSite",
+    "AdapterMismatchError", "CheckpointError", "ClusterConfig", "ConfigError",
+    "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
+    "ExtractionReport", "MLPSite", "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",

@@ -66,14 +66,15 @@ class ExtractionReport:
 
 def _check_resources(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
     """Fail before any work when the store would not fit on disk or a layer in memory."""
-    per_token = sum(s.fc1.in_features + s.fc1.out_features for s in sites)
+    shapes = [s.weights() for s in sites]
+    per_token = sum(w.d_in + w.hidden_size for w in shapes)
     need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
     free_disk = shutil.disk_usage(work).free
     if need_disk > free_disk * 0.9:
         raise ResourceError(
             f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
             f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
-    hidden = max(s.fc1.out_features for s in sites)
+    hidden = max(w.hidden_size for w in shapes)
     rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
     need_mem = rows * hidden * 4 * 3  # float32 copy + PCA workspace
     try:
@@ -151,10 +152,11 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
         hidden = store.hidden(i)
         clustering = cluster_layer(hidden, config.cluster)
         np.save(work / f"layer_{i}.labels.npy", clustering.labels)
-        row = {"site": sites[i].name, "hidden": sites[i].fc1.out_features,
+        width = sites[i].weights().hidden_size
+        row = {"site": sites[i].name, "hidden": width,
                "experts": clustering.n_clusters, "noise_fraction": clustering.noise_fraction,
                "stability": clustering.stability, "seconds": clustering.seconds,
-               "kept_neurons": sites[i].fc1.out_features}
+               "kept_neurons": width}
         if clustering.n_clusters > 0:
             stats = cluster_stats(hidden, store.inputs(i), clustering.labels,
                                   clustering.n_clusters)
@@ -189,7 +191,7 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
                "extract again with the same work_dir and data." if config.work_dir else ""))
 
     student = copy.deepcopy(model)
-    apply_plans(find_mlp_sites(student, adapter), plans)
+    apply_plans(find_mlp_sites(student, adapter, validate=False), plans)
     moe_model = MoEModel(student, config.as_dict(), adapter).eval()
     report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0,
                               config.work_dir and str(work), config.as_dict(), note)

@@ -45,22 +45,27 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+
 def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
     """Slice the dense MLP to the union of kept neurons and index each expert into it."""
+    w = site.weights()
     kept = torch.as_tensor(plan.kept_neurons(), dtype=torch.long)
-    position = torch.full((site.fc1.out_features,), -1, dtype=torch.long)
+    position = torch.full((w.hidden_size,), -1, dtype=torch.long)
     position[kept] = torch.arange(len(kept))  # dense id -> union position
     experts = [position[torch.as_tensor(np.asarray(e), dtype=torch.long)] for e in plan.experts]
-    w1, b1 = site.fc1.weight.detach(), site.fc1.bias
     with torch.no_grad():
-        fc1 = _linear_from(w1[kept], b1[kept] if b1 is not None else None)
+        def rows(weight, bias) -> nn.Linear:
+            return _linear_from(weight[kept], bias[kept] if bias is not None else None)
+
+        fc1 = rows(w.up, w.up_bias)
+        gate = None if w.gate is None else rows(w.gate, w.gate_bias)
         # fc2 keeps its full bias: it is added once per token whatever the expert.
-        fc2 = _linear_from(site.fc2.weight[:, kept], site.fc2.bias)
+        fc2 = _linear_from(w.down[:, kept], w.down_bias)
     centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
     bias = None if plan.expert_bias is None else torch.as_tensor(plan.expert_bias).float()
     moe = MoEMLP(fc1, fc2, site.activation, experts, centres, kept, plan.metric, bias, site.name,
-                 plan.execution_config)
-    return moe.to(w1.device).train(site.fc1.training)  # buffers follow the weights' device
+                 plan.execution_config, gate)
+    return moe.to(w.up.device).train(site.entry.training)  # buffers follow the weights' device
 
 
 def left_out_mean_output(site: MLPSite, experts: list[np.ndarray],
@@ -70,7 +75,7 @@ def left_out_mean_output(site: MLPSite, experts: list[np.ndarray],
     Dropping a neuron also drops its average contribution; adding that average back as a
     per-expert constant removes the systematic shift without computing the neuron.
     """
-    w2 = site.fc2.weight.detach().double().cpu().numpy()  # (d_out, H)
+    w2 = site.weights().down.detach().double().cpu().numpy()  # (d_out, H)
     out = np.zeros((len(experts), w2.shape[0]))
     for c, neurons in enumerate(experts):
         dropped = np.ones(w2.shape[1], dtype=bool)

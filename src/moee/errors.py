@@ -37,3 +37,7 @@ class ResourceError(MoeeError, MemoryError):
 
 class DataNotFoundError(MoeeError, FileNotFoundError):
     """A dataset moee was asked to read is not where it was looked for."""
+
+
+class AdapterMismatchError(MoeeError, ValueError):
+    """An adapter matched a block whose forward is not the MLP the adapter describes."""

@@ -150,15 +150,16 @@ def _layer_plan(layer: Any, sites: dict) -> LayerPlan:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{CONFIG_NAME}: bad layer entry {str(layer)[:120]} "
                               f"({type(e).__name__}: {e})") from e
+    shape = site.weights()
     if not experts or any(e.ndim != 1 or e.size == 0 or e.min() < 0
-                          or e.max() >= site.fc1.out_features for e in experts):
+                          or e.max() >= shape.hidden_size for e in experts):
         raise CheckpointError(f"{CONFIG_NAME}: layer {name} has an empty expert or neuron ids "
-                              f"outside 0..{site.fc1.out_features - 1}")
+                              f"outside 0..{shape.hidden_size - 1}")
     try:
         settings = ExecutionConfig(**{k: layer[k] for k in _SETTINGS if k in layer})
     except ConfigError as e:
         raise CheckpointError(f"{CONFIG_NAME}: layer {name}: {e}") from e
-    centres = np.zeros((len(experts), site.fc1.in_features), dtype=np.float32)
+    centres = np.zeros((len(experts), shape.d_in), dtype=np.float32)
     return LayerPlan(name, experts, centres, layer.get("metric", "cosine"),
                      execution_config=settings)
 
@@ -179,7 +180,7 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
         raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
     skeleton = base_model is None
     model = _rebuild_base(config["base_model"]) if skeleton else base_model
-    sites = {s.name: s for s in find_mlp_sites(model, config.get("adapter"))}
+    sites = {s.name: s for s in find_mlp_sites(model, config.get("adapter"), validate=False)}
     apply_plans(list(sites.values()), [_layer_plan(layer, sites) for layer in config["layers"]])
     _check_tensors(model, tensors, weights)
     model.load_state_dict(tensors, strict=True, assign=skeleton)

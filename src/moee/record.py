@@ -105,31 +105,36 @@ def record_activations(
     mask: list[torch.Tensor | None] = [None]  # the current batch's real tokens
 
     def make_hook(i: int, site: MLPSite):
-        def hook(_module, args, pre_activation):
-            x, pre = args[0], pre_activation
-            m = mask[0]
-            if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
-                x, pre = x[m], pre[m]  # real tokens only
-            x = x.reshape(-1, x.shape[-1])  # (T, d)
+        weights = site.weights()
+
+        def hook(_module, args, kwargs):
+            x = args[0] if args else next(v for v in kwargs.values()
+                                          if isinstance(v, torch.Tensor))  # the MLP input
             start = filled[i]
-            take = min(n - start, x.shape[0])
+            take = min(n - start, x.numel() // x.shape[-1])
             if take <= 0:
                 return
+            hidden = weights.hidden(x, site.activation)  # as the block computes it
+            m = mask[0]
+            if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
+                x, hidden = x[m], hidden[m]  # real tokens only
+            x, hidden = x.reshape(-1, x.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+            take = min(take, x.shape[0])
             if i not in arrays:
                 arrays[i] = (
                     np.lib.format.open_memmap(root / f"layer_{i}.input.npy", "w+", dtype,
                                               (n, x.shape[-1])),
                     np.lib.format.open_memmap(root / f"layer_{i}.hidden.npy", "w+", dtype,
-                                              (n, site.fc1.out_features)),
+                                              (n, hidden.shape[-1])),
                 )
-            hidden = site.activation(pre.reshape(-1, pre.shape[-1]))
             arrays[i][0][start : start + take] = x[:take].float().cpu().numpy()
             arrays[i][1][start : start + take] = hidden[:take].float().cpu().numpy()
             filled[i] = start + take
 
         return hook
 
-    handles = [s.fc1.register_forward_hook(make_hook(i, s)) for i, s in enumerate(sites)]
+    handles = [s.entry.register_forward_pre_hook(make_hook(i, s), with_kwargs=True)
+               for i, s in enumerate(sites)]
     was_training = model.training
     model.eval()
     digest, batches = new_digest(), 0

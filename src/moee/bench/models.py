@@ -32,7 +32,7 @@ def without_mlps(dense: nn.Module) -> nn.Module:
     """A copy of `dense` whose MLP blocks do nothing: what neither model can speed up."""
     rest = copy.deepcopy(dense)
     for site in find_mlp_sites(rest):
-        site.install(_NoMLP(site.fc2.out_features))
+        site.install(_NoMLP(site.weights().d_out))
     return rest
 
 
