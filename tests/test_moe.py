@@ -561,3 +561,22 @@ def test_gated_gradients_reach_gate_up_and_down():
     for lin in (moe.gate, moe.fc1):
         assert lin.weight.grad[used].abs().sum() > 0
     assert moe.fc2.weight.grad[:, used].abs().sum() > 0
+
+
+def test_a_single_token_reads_only_its_experts_weights(monkeypatch):
+    """Decoding one token: the expert loop's one-expert shortcut, not the masked path (which
+    reads every kept neuron), whatever the small-batch threshold."""
+    import moee.moe
+
+    moe = _random_moe()
+    moe.configure(small_batch_tokens=100)
+    calls = []
+    for name in ("masked", "experts"):
+        real = moee.moe._RUN[name]
+        monkeypatch.setitem(moee.moe._RUN, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x = torch.randn(1, 1, D)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+        moe(torch.randn(5, D))
+    assert calls == ["experts", "masked"]

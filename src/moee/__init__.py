@@ -34,6 +34,7 @@ from moee.errors import (
 from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
+from moee.text import read_texts, token_batches
 
 __all__ = [
     "AdapterMismatchError", "CheckpointError", "ClusterConfig", "ConfigError",
@@ -42,5 +43,6 @@ __all__ = [
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",
-    "find_mlp_sites", "list_adapters", "load", "register_adapter", "top1_accuracy",
+    "find_mlp_sites", "list_adapters", "load", "read_texts", "register_adapter",
+    "token_batches", "top1_accuracy",
 ]

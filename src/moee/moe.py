@@ -199,8 +199,8 @@ class MoEMLP(nn.Module):
         mode, threshold = config.execution, config.small_batch_tokens
         if threshold is None:
             threshold = w.default_small_batch_tokens
-        if mode == "experts" and tokens.shape[0] <= threshold:
-            mode = "masked"
+        if mode == "experts" and 1 < tokens.shape[0] <= threshold:
+            mode = "masked"  # one token (decoding) stays on the loop: it reads one expert only
         return _RUN[mode](tokens, expert, w)
 
     def _forward_train(self, tokens: torch.Tensor) -> torch.Tensor:

