@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import moee
+from moee.evaluate import dense_mlp_macs
 
 
 def bible_text(passage: str) -> str:
@@ -43,12 +44,6 @@ def perplexity(model, batches: list[dict]) -> float:
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
         count += target.numel()
     return math.exp(total / count)
-
-
-def dense_mlp_macs(model, tokens: int) -> int:
-    """MACs of the dense MLP blocks for `tokens` tokens (3 projections when gated)."""
-    return tokens * sum(w.hidden_size * (w.d_in * (2 if w.gate is not None else 1) + w.d_out)
-                        for w in (s.weights() for s in moee.find_mlp_sites(model)))
 
 
 def decode_tokens_per_second(models: dict, prompt: dict, new_tokens: int = 32,

@@ -103,3 +103,20 @@ def test_macs_are_counted_as_inference_not_training():
     moe.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
     count_macs(moe, torch.randn(2, 1, 8, 8))
     assert grad_modes == [False]
+
+
+def test_dense_mlp_macs_count_two_or_three_projections():
+    from tiny_models import FAMILIES
+
+    import moee
+    from moee.evaluate import dense_mlp_macs
+
+    vit, llama = FAMILIES["hf-vit"][0](), FAMILIES["hf-llama"][0]()
+    assert dense_mlp_macs(vit, 10) == 10 * 2 * 48 * (16 + 16)
+    assert dense_mlp_macs(llama, 10) == 10 * 2 * 48 * (2 * 16 + 16)
+    x = torch.randint(1, 50, (1, 10))  # and it is the MLP part of a full count
+    sites = moee.find_mlp_sites(llama)
+    for site in sites:
+        site.install(torch.nn.Identity())  # an MLP-less copy (residual adds the input back)
+    assert count_macs(FAMILIES["hf-llama"][0](), x) - count_macs(llama, x) == \
+        dense_mlp_macs(FAMILIES["hf-llama"][0](), 10)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from moee.adapters import find_mlp_sites
 from moee.batches import Batch, call_model, output_tensor, to_device
 from moee.engine.timing import time_interleaved
 from moee.errors import EmptyDataError
@@ -88,6 +89,13 @@ def count_macs(model: nn.Module, batch: Batch, executed: bool = False) -> int:
         with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
             call_model(model, batch)
     return counter.get_total_flops() // 2
+
+
+def dense_mlp_macs(model: nn.Module, tokens: int) -> int:
+    """MACs of a dense model's MLP blocks for `tokens` tokens (three projections when gated).
+    A MoE model's MLP MACs are this plus the difference of the two models' `count_macs`."""
+    return tokens * sum(w.hidden_size * (w.d_in * (2 if w.gate is not None else 1) + w.d_out)
+                        for w in (s.weights() for s in find_mlp_sites(model, validate=False)))
 
 
 def count_params(model: nn.Module) -> int:

