@@ -59,10 +59,10 @@ def test_cli_calibrate_force_sets_every_layer_and_saves(tmp_path, capsys):
 
 
 def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():
-    from moee.cli import _extract_config, build_parser
+    from moee.cli import build_parser, extract_config
 
     parser = build_parser()
-    cluster = lambda *argv: _extract_config(parser.parse_args(list(argv))).cluster  # noqa: E731
+    cluster = lambda *argv: extract_config(parser.parse_args(list(argv))).cluster  # noqa: E731
     assert cluster("demo").max_clusters == 8
     assert cluster("demo", "--max-experts", "0").max_clusters is None
     assert cluster("extract", "--out", "x").max_clusters is None

@@ -1,0 +1,114 @@
+"""`moee` command line: demo, train-base, extract, finetune, evaluate, calibrate, bench.
+
+Thin over the Python API; every default comes from the config dataclasses. moee's own errors
+print as one line (exit code 2); anything else shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moee.cli.commands import (
+    cmd_calibrate,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_extract,
+    cmd_finetune,
+    cmd_train_base,
+)
+from moee.cli.options import add_data_args, add_extract_args, add_kd_args, extract_config
+from moee.config import DistillConfig, ExtractConfig
+from moee.engine import EXECUTIONS
+from moee.errors import MoeeError
+
+__all__ = ["build_parser", "extract_config", "main"]
+MODEL_HELP = ("'default' (the embedded ViT), a .gguf file, or a transformers model directory or "
+              "hub id (e.g. a LLaMA-style LLM, BERT, ViT)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moee.demo.pipeline import DemoConfig, demo_extract_config
+    from moee.demo.train_base import TrainBaseConfig
+
+    parser = argparse.ArgumentParser(prog="moee", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo_defaults = DemoConfig()
+
+    demo = sub.add_parser("demo", help="extract, fine-tune and compare the embedded default")
+    add_extract_args(demo, demo_extract_config())
+    add_kd_args(demo)
+    demo.add_argument("--model", default="default",
+                      help="'default' or a transformers image classifier taking 28x28 grey "
+                      "images (dir or hub id)")
+    demo.add_argument("--out", default=demo_defaults.out)
+    demo.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
+    add_data_args(demo)
+    demo.set_defaults(func=cmd_demo, extract_base=demo_extract_config())
+
+    tb = sub.add_parser("train-base", help="train the embedded-default ViT on Fashion-MNIST")
+    tb_defaults = TrainBaseConfig()
+    tb.add_argument("--epochs", type=int, default=tb_defaults.epochs)
+    tb.add_argument("--batch-size", type=int, default=tb_defaults.batch_size)
+    tb.add_argument("--lr", type=float, default=tb_defaults.lr)
+    tb.add_argument("--seed", type=int, default=tb_defaults.seed)
+    tb.add_argument("--device", default="auto")
+    tb.add_argument("--out", default="runs/base")
+    add_data_args(tb)
+    tb.set_defaults(func=cmd_train_base)
+
+    ex = sub.add_parser("extract", help="turn a dense model into a MoE checkpoint")
+    ex.add_argument("--model", default="default", help=MODEL_HELP)
+    ex.add_argument("--out", required=True)
+    add_extract_args(ex, ExtractConfig())
+    add_data_args(ex, text=True)
+    ex.set_defaults(func=cmd_extract, extract_base=ExtractConfig())
+
+    ft = sub.add_parser("finetune", help="knowledge-distil a MoE checkpoint from its dense teacher")
+    ft.add_argument("checkpoint")
+    ft.add_argument("--teacher", default="default", help=MODEL_HELP)
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--seed", type=int, default=DistillConfig().seed)
+    add_kd_args(ft)
+    add_data_args(ft, text=True)
+    ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="dense vs MoE: top-1, MACs, params, latency")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--dense", default="default")
+    ev.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
+    ev.add_argument("--json", help="also write the results here")
+    add_data_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "
+                                           "and keep the fastest (saved with the checkpoint)")
+    cal.add_argument("checkpoint")
+    cal.add_argument("--batch", type=int, default=demo_defaults.latency_batch,
+                     help="images per batch you will serve")
+    cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")
+    cal.add_argument("--out", required=True)
+    add_data_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
+    # Listed for --help; main() hands `moee bench ...` to moee.bench.suite directly.
+    sub.add_parser("bench", help="dense vs MoE speed side by side (moee bench --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: every option passes through untouched
+        from moee.bench.suite import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoeeError as e:
+        print(f"moee {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

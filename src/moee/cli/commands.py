@@ -1,0 +1,119 @@
+"""The CLI's commands, each thin over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moee.cli.options import distill_config, extract_config
+from moee.cli.sources import calibration_data, check_data, load_dense, training_data
+from moee.errors import ConfigError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(extract=extract_config(args), distill=distill_config(args),
+                        kd_batch_size=args.kd_batch_size, latency_batch=args.latency_batch,
+                        seed=args.seed, out=args.out, data_dir=args.data_dir,
+                        download=args.download),
+             dense=None if args.model == "default" else load_dense(args.model)[0])
+    return 0
+
+
+def cmd_train_base(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.demo.train_base import TrainBaseConfig, train_base
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    card = train_base(TrainBaseConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                      seed=args.seed, device=device),
+                      args.out, args.data_dir, args.download)
+    print(f"Saved to {args.out}: test top-1 {card['test_top1_fp16_weights']:.2%} "
+          f"after {args.epochs} epochs ({card['train_minutes']:.1f} min)")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.api import extract
+
+    dense, tokenizer = load_dense(args.model)
+    moe_model, report = extract(dense, calibration_data(args, tokenizer), extract_config(args))
+    print(f"Extracted in {report.seconds:.0f} s from {report.n_tokens} tokens:\n{report.table()}")
+    out = moe_model.save_pretrained(args.out)
+    (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    print(f"Saved MoE checkpoint to {out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.distill import distill
+    from moee.moe_model import MoEModel
+
+    student = MoEModel.from_pretrained(args.checkpoint)
+    teacher, tokenizer = load_dense(args.teacher)
+    losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args))
+    print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"Saved fine-tuned MoE checkpoint to {student.cpu().save_pretrained(args.out)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.demo import image_batches, load_fashion_mnist
+    from moee.demo.report import comparison_table, measure, time_side_by_side
+    from moee.evaluate import evaluate
+    from moee.moe_model import MoEModel
+
+    test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
+    moe_model, dense = MoEModel.from_pretrained(args.checkpoint), load_dense(args.dense)[0]
+    rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
+            "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
+    time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)
+    print(comparison_table(rows))
+    with moe_model.track_routing():
+        evaluate(moe_model, image_batches(test_x, test_y, 500, 2000))
+    for row in moe_model.routing_report():
+        print(f"{row['site']:<22} {row['experts']:>3} experts, top load "
+              f"{max(row['load_share']):.0%}, {row['active_neurons_per_token']:.0f} of "
+              f"{row['kept_neurons']} kept neurons active per token")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v.as_dict() for k, v in rows.items()}, indent=1))
+        print(f"Results JSON: {args.json}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    check_data(args)
+    from moee.api import calibrate
+    from moee.demo import load_fashion_mnist, normalize_images
+    from moee.moe_model import MoEModel
+
+    moe_model = MoEModel.from_pretrained(args.checkpoint)
+    if args.force:
+        moe_model.configure(execution=args.force)
+        print(f"every MoE layer set to execution={args.force!r}")
+    else:
+        config = moe_model.config
+        shape = (config.num_channels, config.image_size, config.image_size)
+        if shape != (1, 28, 28):
+            raise ConfigError(f"this checkpoint takes {shape} images; the CLI calibrates on "
+                              "Fashion-MNIST only. Use moee.calibrate(model, your_batch) from "
+                              "Python.")
+        images = normalize_images(load_fashion_mnist("test", args.data_dir, args.download)[0])
+        rows = calibrate(moe_model, images[: args.batch])
+        print(f"{'layer':<22}{'tokens':>7}{'experts ms':>12}{'union ms':>10}{'kept':>9}"
+              f"{'masked up to':>14}")
+        for r in rows:
+            print(f"{r['site']:<22}{r['tokens']:>7}{r['experts_ms']:>12.3f}{r['union_ms']:>10.3f}"
+                  f"{r['execution']:>9}{r['small_batch_tokens']:>11} tok")
+    print(f"Saved to {moe_model.save_pretrained(args.out)}")
+    return 0

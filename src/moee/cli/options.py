@@ -1,0 +1,82 @@
+"""The CLI's options and the configs they map onto; every default comes from a config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from moee.config import (
+    CLUSTER_ALGORITHMS,
+    ROUTER_METRICS,
+    SELECT_CRITERIA,
+    DistillConfig,
+    ExtractConfig,
+)
+
+
+def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
+    if text:
+        p.add_argument("--data", nargs="+", metavar="FILE",
+                       help="text files for a text model (tokenized with the model's "
+                       "tokenizer); without it, Fashion-MNIST images")
+        p.add_argument("--seq-len", type=int, default=256,
+                       help="tokens per text row (default %(default)s)")
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
+                   "(default: MOEE_DATA_DIR, /usr/share/datasets/fashion-mnist, ~/.cache/moee)")
+    p.add_argument("--download", action="store_true",
+                   help="download Fashion-MNIST from its official mirror if not found")
+
+
+def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
+    c, s = base.cluster, base.select
+    p.add_argument("--tokens", type=int, default=base.record.n_tokens,
+                   help="tokens to record (default %(default)s)")
+    p.add_argument("--p", type=float, default=s.p,
+                   help="share of cluster variance kept (default %(default)s)")
+    p.add_argument("--algorithm", default=c.algorithm, choices=CLUSTER_ALGORITHMS)
+    p.add_argument("--min-cluster-fraction", type=float, default=c.min_cluster_fraction)
+    p.add_argument("--min-samples", type=int, default=c.min_samples)
+    p.add_argument("--max-experts", type=int, default=c.max_clusters or 0,
+                   help="merge the closest clusters until at most this many experts remain "
+                   "per layer (not in the paper; default %(default)s, 0 = off)")
+    p.add_argument("--reduce-dims", type=int, default=c.reduce_dims or 0,
+                   help="PCA dims before clustering (default %(default)s, 0 = off)")
+    p.add_argument("--criterion", default=s.criterion, choices=SELECT_CRITERIA)
+    p.add_argument("--select-tokens", default=s.tokens, choices=["routed", "cluster"],
+                   help="expert statistics over routed tokens or cluster members only (paper)")
+    p.add_argument("--no-compensate", action="store_true", default=not s.compensate_mean,
+                   help="do not add left-out neurons' mean output back (the paper)")
+    p.add_argument("--metric", default=base.router.metric, choices=ROUTER_METRICS)
+    p.add_argument("--no-stability", action="store_true", default=not c.stability,
+                   help="skip the half-split stability score")
+    p.add_argument("--work-dir", help="keep recorded activations and labels here; reused on a "
+                   "rerun with the same model, data and settings")
+    p.add_argument("--seed", type=int, default=c.seed)
+
+
+def extract_config(args: argparse.Namespace) -> ExtractConfig:
+    base = args.extract_base
+    r = dataclasses.replace
+    return r(base, record=r(base.record, n_tokens=args.tokens),
+             cluster=r(base.cluster, algorithm=args.algorithm,
+                       min_cluster_fraction=args.min_cluster_fraction,
+                       min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
+                       stability=not args.no_stability, seed=args.seed,
+                       max_clusters=args.max_experts or None),
+             select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
+                      compensate_mean=not args.no_compensate),
+             router=r(base.router, metric=args.metric), work_dir=args.work_dir)
+
+
+def add_kd_args(p: argparse.ArgumentParser) -> None:
+    from moee.demo.pipeline import DemoConfig
+
+    d = DistillConfig()
+    p.add_argument("--kd-epochs", type=float, default=d.epochs, help="KD epochs (fractions ok)")
+    p.add_argument("--kd-lr", type=float, default=d.lr)
+    p.add_argument("--kd-batch-size", type=int, default=DemoConfig.kd_batch_size)
+    p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
+
+
+def distill_config(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, seed=args.seed, device=args.device)
