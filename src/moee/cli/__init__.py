@@ -18,6 +18,7 @@ from moee.cli.commands import (
     cmd_train_base,
 )
 from moee.cli.options import add_data_args, add_extract_args, add_kd_args, extract_config
+from moee.cli.sources import check_data
 from moee.config import DistillConfig, ExtractConfig
 from moee.engine import EXECUTIONS
 from moee.errors import MoeeError
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
+        check_data(args)  # a missing file or folder is reported before any model loads
         return args.func(args)
     except MoeeError as e:
         print(f"moee {args.command}: error: {e}", file=sys.stderr)

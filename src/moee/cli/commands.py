@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 
 from moee.cli.options import distill_config, extract_config
-from moee.cli.sources import calibration_data, check_data, load_dense, training_data
+from moee.cli.sources import calibration_data, load_dense, training_data
 from moee.errors import ConfigError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(extract=extract_config(args), distill=distill_config(args),
@@ -26,7 +25,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_base(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.demo.train_base import TrainBaseConfig, train_base
 
     device = args.device
@@ -41,7 +39,6 @@ def cmd_train_base(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.api import extract
 
     dense, tokenizer = load_dense(args.model)
@@ -54,7 +51,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.distill import distill
     from moee.moe_model import MoEModel
 
@@ -67,7 +63,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.demo import image_batches, load_fashion_mnist
     from moee.demo.report import comparison_table, measure, time_side_by_side
     from moee.evaluate import evaluate
@@ -92,7 +87,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    check_data(args)
     from moee.api import calibrate
     from moee.demo import load_fashion_mnist, normalize_images
     from moee.moe_model import MoEModel
