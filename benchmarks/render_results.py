@@ -129,7 +129,7 @@ def load_results(folder: Path) -> list[tuple[str, dict[str, Any], Any]]:
 
 
 def guess_kind(name: str, result: Any) -> str:
-    for kind in ("demo", "bench"):
+    for kind in SECTIONS:
         if name.endswith(f"-{kind}.json"):
             return kind
     if isinstance(result, dict) and "blocks" in result:
@@ -276,14 +276,53 @@ def bench_section(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def smollm2_section(result: dict[str, Any]) -> str:
+    """benchmarks/smollm2_study.py: perplexity and MACs per p, and batch-1 decoding."""
+    rows = result["rows"]
+    dense = rows[0]
+    lines = [f"SmolLM2-135M-Instruct (fp32); perplexity on {result.get('eval_tokens')} held-out "
+             f"tokens; MACs on one batch of them; no distillation.", "",
+             table(["model", "p", "perplexity", "Δ", "MLP MACs Δ", "model MACs Δ"],
+                   [[r["model"], r.get("p") or "–", f"{r['perplexity']:.2f}",
+                     f"{r['perplexity'] / dense['perplexity'] - 1:+.0%}",
+                     f"{r['mlp_macs'] / dense['mlp_macs'] - 1:+.1%}",
+                     f"{r['macs'] / dense['macs'] - 1:+.1%}"] for r in rows])]
+    d = result["decode_batch1"]
+    speed = d["tokens_per_second"]
+    lines += ["", f"Decoding at batch 1 (greedy generate()): dense {speed['dense']:.1f} tokens/s, "
+              f"MoE {speed['moe']:.1f} tokens/s ({d['speedup']:.2f}x; ideal from weight bytes "
+              f"read per token {d['bytes_ideal']:.2f}x, efficiency {d['efficiency']:.0%})."]
+    return "\n".join(lines)
+
+
+def minilm_section(result: dict[str, Any]) -> str:
+    """benchmarks/minilm_study.py: embedding fidelity per p, before and after distillation."""
+    rows = []
+    for r in result["rows"]:
+        for stage in ("before_kd", "after_kd"):
+            f = r[stage]
+            rows.append([r["p"], stage.replace("_", " "), f"{r['mlp_macs_change']:+.1%}",
+                         f"{r['macs_change']:+.1%}", f"{f['mean_cosine']:.3f}",
+                         f"{f['min_cosine']:.3f}", f"{f['spearman']:.3f}",
+                         f"{f['top10_agreement']:.2f}"])
+    return ("all-MiniLM-L6-v2 (fp32), mean-pooled sentence embeddings of held-out sentences, "
+            "MoE vs dense.\n\n" + table(["p", "stage", "MLP MACs Δ", "model MACs Δ",
+                                          "mean cosine", "min cosine", "Spearman", "top-10"],
+                                         rows, left=2))
+
+
+SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
+            "minilm": minilm_section}
+
+
 def render(folder: Path) -> str:
     sections = [PREAMBLE.rstrip("\n")]
     found = load_results(folder)
     if not found:
         sections.append("No results yet.")
     for name, meta, result in found:
-        body = (demo_section(result) if meta["kind"] == "demo" and isinstance(result, dict)
-                else bench_section(result) if meta["kind"] == "bench" and isinstance(result, dict)
+        section = SECTIONS.get(meta["kind"])
+        body = (section(result) if section and isinstance(result, dict)
                 else f"(unknown result kind {meta['kind']!r}: not rendered)")
         sections.append(header(name, meta) + "\n\n" + body)
     return "\n\n".join(sections) + "\n"
