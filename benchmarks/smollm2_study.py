@@ -70,8 +70,8 @@ def bytes_per_token(dense, routing: list[dict]) -> tuple[int, int]:
     saved = 0
     for site in moee.find_mlp_sites(dense):
         w = site.weights()
-        per_neuron = (w.d_in * (2 if w.gate is not None else 1) + w.d_out) * w.up.element_size()
-        saved += (w.hidden_size - active.get(site.name, w.hidden_size)) * per_neuron
+        saved += ((w.hidden_size - active.get(site.name, w.hidden_size))
+                  * w.params_per_neuron * w.up.element_size())
     return dense_bytes, int(dense_bytes - saved)
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from moee.batches import Batch, call_model, output_tensor, to_device, token_mask
 from moee.config import DistillConfig
 from moee.errors import EmptyDataError
+from moee.modes import eval_mode
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -63,9 +64,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         raise EmptyDataError("distill() got no batches")
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
-    teacher_flags = [(m, m.training) for m in teacher.modules()]
     student.to(device).train()
-    teacher.to(device).eval()
+    teacher.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -73,7 +73,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     losses: list[float] = []
     devices = [device.index or 0] if device.type == "cuda" else []
     bar = tqdm(total=steps, desc="distill", leave=False)
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), eval_mode(teacher):
         torch.manual_seed(config.seed)
         while len(losses) < steps:
             for batch in data:
@@ -94,6 +94,4 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                     break
     bar.close()
     student.eval()
-    for m, flag in teacher_flags:
-        m.training = flag
     return losses

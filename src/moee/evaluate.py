@@ -5,7 +5,7 @@ train/eval flag as it found it."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,22 +15,10 @@ from moee.adapters import find_mlp_sites
 from moee.batches import Batch, call_model, output_tensor, to_device
 from moee.engine.timing import time_interleaved
 from moee.errors import EmptyDataError
+from moee.modes import eval_mode
 from moee.moe import moe_layers
 
 Metric = Callable[[torch.Tensor, Batch], tuple[float, int]]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; each module's own flag restored on exit (a model whose
-    parts disagree keeps them disagreeing)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def top1_accuracy(output: torch.Tensor, batch: Batch) -> tuple[float, int]:
@@ -94,8 +82,8 @@ def count_macs(model: nn.Module, batch: Batch, executed: bool = False) -> int:
 def dense_mlp_macs(model: nn.Module, tokens: int) -> int:
     """MACs of a dense model's MLP blocks for `tokens` tokens (three projections when gated).
     A MoE model's MLP MACs are this plus the difference of the two models' `count_macs`."""
-    return tokens * sum(w.hidden_size * (w.d_in * (2 if w.gate is not None else 1) + w.d_out)
-                        for w in (s.weights() for s in find_mlp_sites(model, validate=False)))
+    sites = find_mlp_sites(model, validate=False)
+    return tokens * sum(w.hidden_size * w.params_per_neuron for w in (s.weights() for s in sites))
 
 
 def count_params(model: nn.Module) -> int:

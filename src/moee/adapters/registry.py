@@ -8,6 +8,7 @@ from torch import nn
 
 from moee.adapters.site import MLPSite, validate_site
 from moee.errors import ConfigError, NoMLPBlocksError
+from moee.modes import eval_mode
 
 Finder = Callable[[nn.Module], list[MLPSite]]
 _ADAPTERS: dict[str, Finder] = {}  # in registration order: more specific layouts first
@@ -41,14 +42,9 @@ def find_mlp_sites(model: nn.Module, adapter: str | None = None,
         sites = _ADAPTERS[name](model)
         if sites:
             if validate:
-                flags = [(m, m.training) for m in model.modules()]
-                model.eval()  # dropout off for the probe
-                try:
+                with eval_mode(model):  # dropout off for the probe
                     for site in sites:
                         validate_site(site, name)
-                finally:
-                    for m, flag in flags:
-                        m.training = flag
             return sites
     raise NoMLPBlocksError(
         f"No MLP blocks found in {type(model).__name__}. moee recognises these layouts: "

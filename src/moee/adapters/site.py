@@ -37,6 +37,11 @@ class MLPWeights:
     def d_out(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def params_per_neuron(self) -> int:
+        """Weights one hidden neuron owns: its up (and gate) row and its down column."""
+        return self.d_in * (2 if self.gate is not None else 1) + self.d_out
+
     def hidden(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """(..., d) -> (..., H): the hidden values experts are cut from."""
         up = F.linear(x, self.up, self.up_bias)

@@ -18,6 +18,7 @@ from torch import nn
 
 from moee.batches import Batch, call_model
 from moee.engine.timing import first_error, time_interleaved
+from moee.modes import eval_mode
 
 
 def _timed(layer: nn.Module, x: torch.Tensor, modes: dict[str, dict], repeats: int,
@@ -69,32 +70,32 @@ def calibrate_layers(model: nn.Module, layers: Mapping[str, nn.Module], example:
     captured: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: captured.setdefault(n, args[0]))
              for n, m in layers.items()]
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        call_model(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = []
-    for name, layer in layers.items():
-        x = captured[name]
-        tokens = x.reshape(-1, x.shape[-1])
-        threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
-        candidates = routed or (("experts", "grouped") if x.is_cuda else ("experts",))
-        skipped = {m: why for m in candidates if m != "experts"
-                   and (why := _unsupported(layer, x, m)) is not None}
-        candidates = tuple(m for m in candidates if m not in skipped) or ("experts",)
-        modes = {m: {"execution": m, "small_batch_tokens": threshold} for m in candidates}
-        t = _timed(layer, x, {**modes, "union": {"execution": "union"}}, repeats)
-        best = min(candidates, key=t.__getitem__)
-        if t["union"] * (1 + margin) < t[best]:
-            best = "union"
-        layer.configure(execution=best, small_batch_tokens=threshold)
-        rows.append({"site": name, "tokens": len(tokens), "execution": best,
-                     **{f"{m}_ms": v * 1e3 for m, v in t.items()},
-                     "small_batch_tokens": threshold, "masked_sweep": sweep,
-                     **{f"{m}_unsupported": why for m, why in skipped.items()}})
-    for m, flag in flags:  # timed in eval mode; the model goes back as it came
-        m.training = flag
-    return rows
+    with eval_mode(model):  # timed in eval mode; the model's flags come back as they were
+        try:
+            call_model(model, example)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [_calibrate_layer(name, layer, captured[name], repeats, margin, routed)
+                for name, layer in layers.items()]
+
+
+def _calibrate_layer(name: str, layer: nn.Module, x: torch.Tensor, repeats: int, margin: float,
+                     routed: tuple[str, ...] | None) -> dict:
+    """One layer's threshold sweep and execution choice (set on the layer), as a row."""
+    tokens = x.reshape(-1, x.shape[-1])
+    threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
+    candidates = routed or (("experts", "grouped") if x.is_cuda else ("experts",))
+    skipped = {m: why for m in candidates if m != "experts"
+               and (why := _unsupported(layer, x, m)) is not None}
+    candidates = tuple(m for m in candidates if m not in skipped) or ("experts",)
+    modes = {m: {"execution": m, "small_batch_tokens": threshold} for m in candidates}
+    t = _timed(layer, x, {**modes, "union": {"execution": "union"}}, repeats)
+    best = min(candidates, key=t.__getitem__)
+    if t["union"] * (1 + margin) < t[best]:
+        best = "union"
+    layer.configure(execution=best, small_batch_tokens=threshold)
+    return {"site": name, "tokens": len(tokens), "execution": best,
+            **{f"{m}_ms": v * 1e3 for m, v in t.items()},
+            "small_batch_tokens": threshold, "masked_sweep": sweep,
+            **{f"{m}_unsupported": why for m, why in skipped.items()}}
