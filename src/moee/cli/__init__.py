@@ -17,7 +17,13 @@ from moee.cli.commands import (
     cmd_finetune,
     cmd_train_base,
 )
-from moee.cli.options import add_data_args, add_extract_args, add_kd_args, extract_config
+from moee.cli.options import (
+    add_checkpoint_arg,
+    add_data_args,
+    add_extract_args,
+    add_kd_args,
+    extract_config,
+)
 from moee.cli.sources import check_data
 from moee.config import DistillConfig, ExtractConfig
 from moee.engine import EXECUTIONS
@@ -66,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_extract, extract_base=ExtractConfig())
 
     ft = sub.add_parser("finetune", help="knowledge-distil a MoE checkpoint from its dense teacher")
-    ft.add_argument("checkpoint")
+    add_checkpoint_arg(ft)
     ft.add_argument("--teacher", default="default", help=MODEL_HELP)
     ft.add_argument("--out", required=True)
     ft.add_argument("--seed", type=int, default=DistillConfig().seed)
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="dense vs MoE: top-1, MACs, params, latency")
-    ev.add_argument("checkpoint")
+    add_checkpoint_arg(ev)
     ev.add_argument("--dense", default="default")
     ev.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
     ev.add_argument("--json", help="also write the results here")
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "
                                            "and keep the fastest (saved with the checkpoint)")
-    cal.add_argument("checkpoint")
+    add_checkpoint_arg(cal)
     cal.add_argument("--batch", type=int, default=demo_defaults.latency_batch,
                      help="images per batch you will serve")
     cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")

@@ -54,7 +54,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from moee.distill import distill
     from moee.moe_model import MoEModel
 
-    student = MoEModel.from_pretrained(args.checkpoint)
+    student = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     teacher, tokenizer = load_dense(args.teacher)
     losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args))
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
@@ -69,7 +69,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from moee.moe_model import MoEModel
 
     test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
-    moe_model, dense = MoEModel.from_pretrained(args.checkpoint), load_dense(args.dense)[0]
+    moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
+    dense = load_dense(args.dense)[0]
     rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
             "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
     time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)
@@ -91,7 +92,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from moee.demo import load_fashion_mnist, normalize_images
     from moee.moe_model import MoEModel
 
-    moe_model = MoEModel.from_pretrained(args.checkpoint)
+    moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     if args.force:
         moe_model.configure(execution=args.force)
         print(f"every MoE layer set to execution={args.force!r}")

@@ -14,6 +14,12 @@ from moee.config import (
 )
 
 
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a directory written by extract / finetune / save_pretrained")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the checkpoint against the digests recorded at save")
+
+
 def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     if text:
         p.add_argument("--data", nargs="+", metavar="FILE",
