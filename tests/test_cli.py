@@ -182,7 +182,7 @@ def test_unloadable_model_is_one_line(work, tmp_path, capsys):
     code = main(["extract", "--model", "/nonexistent", "--out", str(tmp_path / "X"),
                  "--data-dir", str(work["data"])])
     assert code == 2
-    assert "cannot load" in _one_line_error(capsys, "extract")
+    assert "does not exist" in _one_line_error(capsys, "extract")
     assert not (tmp_path / "X").exists()
 
 

@@ -21,6 +21,7 @@ from moee.distill import distill
 from moee.engine import ExecutionConfig
 from moee.errors import (
     AdapterMismatchError,
+    BadBatchError,
     CheckpointError,
     ConfigError,
     DataNotFoundError,
@@ -28,6 +29,7 @@ from moee.errors import (
     MoeeError,
     NoClustersError,
     NoMLPBlocksError,
+    NonFiniteError,
     ResourceError,
     TooFewTokensError,
 )
@@ -37,10 +39,11 @@ from moee.moe_model import MoEModel, load
 from moee.text import read_texts, token_batches
 
 __all__ = [
-    "AdapterMismatchError", "CheckpointError", "ClusterConfig", "ConfigError",
+    "AdapterMismatchError", "BadBatchError", "CheckpointError", "ClusterConfig", "ConfigError",
     "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
     "ExtractionReport", "MLPSite", "MLPWeights",
-    "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "RecordConfig",
+    "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
+    "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",
     "find_mlp_sites", "list_adapters", "load", "read_texts", "register_adapter",

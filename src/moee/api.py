@@ -113,7 +113,7 @@ def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
     router = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
     out = []
     for start in range(0, len(inputs), chunk):
-        x = torch.from_numpy(np.asarray(inputs[start : start + chunk], dtype=np.float32))
+        x = torch.tensor(np.asarray(inputs[start : start + chunk]), dtype=torch.float32)  # a copy
         out.append(route(x, router).numpy())
     return np.concatenate(out)
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moee.errors import BadBatchError, NonFiniteError
+
 Batch = Any  # torch.Tensor | tuple | list | dict[str, Any]
 
 
@@ -15,10 +17,30 @@ def model_inputs(batch: Batch) -> Batch:
     """What goes into the model: the tensor, the pair's first element, or the dict."""
     if isinstance(batch, (tuple, list)):
         if not batch:
-            raise TypeError("an empty tuple is not a batch: pass a tensor, (inputs, labels) "
-                            "or a dict of keyword inputs")
+            raise BadBatchError("an empty tuple is not a batch: pass a tensor, (inputs, labels) "
+                                "or a dict of keyword inputs")
         return batch[0]
     return batch
+
+
+def check_batch(batch: Batch, index: int) -> None:
+    """Refuse, naming the batch, inputs that are not tensors (or a dict holding tensors) and
+    float inputs with NaN or Inf: both would fail or poison results deep inside a stage."""
+    inputs = model_inputs(batch)
+    if isinstance(inputs, torch.Tensor):
+        tensors = [inputs]
+    elif isinstance(inputs, dict):
+        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    else:
+        tensors = []
+    if not tensors:
+        hint = " (convert with torch.from_numpy)" if type(inputs).__module__ == "numpy" else ""
+        raise BadBatchError(
+            f"batch {index}: the model inputs are a {type(inputs).__name__}{hint}; a batch is a "
+            "tensor, an (inputs, labels) pair or a dict of keyword tensors")
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"batch {index}: the inputs hold NaN or Inf values")
 
 
 def call_model(model: nn.Module, batch: Batch) -> Any:

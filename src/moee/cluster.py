@@ -122,6 +122,10 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
             f"{n} tokens is fewer than the minimum cluster size {min_cluster_size(config, n)}; "
             "record more tokens (record.n_tokens) or lower cluster.min_cluster_fraction."
         )
+    if config.reduce_dims is not None and n <= config.reduce_dims:
+        raise TooFewTokensError(
+            f"{n} tokens cannot be clustered in {config.reduce_dims} PCA dimensions; record "
+            f"more tokens (record.n_tokens; thousands are typical) or lower cluster.reduce_dims.")
     rows = np.arange(n)
     if config.max_tokens is not None and n > config.max_tokens:
         rows = np.sort(np.random.default_rng(config.seed).choice(n, config.max_tokens, False))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import numbers
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Union
 
 from moee.engine.routing import ROUTER_METRICS
 from moee.errors import ConfigError
@@ -20,6 +24,49 @@ def _check(ok: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}")
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` has the annotated type (int: any integer but bool; float: any real)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        kind = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, kind) and not isinstance(value, bool)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (tuple, list)) and all(_matches(v, item) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and lists as the Python values JSON and the stages expect."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return tuple(_plain(v) for v in value) if isinstance(value, list) else value
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Every field holds its annotated type (a wrong type fails here, naming the field, not
+    deep inside a stage, e.g. n_tokens="100" in a memmap shape); numbers become plain."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if not _matches(value, hint):
+            raise ConfigError(f"{section}.{f.name}: must be of type "
+                              f"{getattr(hint, '__name__', hint)}, got "
+                              f"{type(value).__name__} {value!r}")
+        if _plain(value) is not value:
+            object.__setattr__(config, f.name, _plain(value))  # frozen: set once, here
+
+
 @dataclass(frozen=True)
 class RecordConfig:
     """How many tokens to record and where the per-layer activation store goes."""
@@ -28,8 +75,8 @@ class RecordConfig:
     dtype: str = "float16"  # storage dtype of the on-disk store
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.n_tokens, int) and not isinstance(self.n_tokens, bool)
-               and self.n_tokens > 0, "record.n_tokens",
+        _check_types(self, "record")
+        _check(self.n_tokens > 0, "record.n_tokens",
                f"must be an integer > 0, got {self.n_tokens!r}")
         _check(self.dtype in ("float16", "float32"), "record.dtype",
                f"must be 'float16' or 'float32', got {self.dtype!r}")
@@ -60,6 +107,7 @@ class ClusterConfig:
     max_clusters: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self, "cluster")
         _check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
                f"must be one of {CLUSTER_ALGORITHMS}, got {self.algorithm!r}")
         _check(0 < self.min_cluster_fraction < 1, "cluster.min_cluster_fraction",
@@ -96,6 +144,7 @@ class SelectConfig:
         return cls(criterion=criterion, p=p, tokens="cluster", compensate_mean=False)
 
     def __post_init__(self) -> None:
+        _check_types(self, "select")
         _check(self.criterion in SELECT_CRITERIA, "select.criterion",
                f"must be one of {SELECT_CRITERIA}, got {self.criterion!r}")
         _check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
@@ -110,6 +159,7 @@ class RouterConfig:
     metric: str = "cosine"
 
     def __post_init__(self) -> None:
+        _check_types(self, "router")
         _check(self.metric in ROUTER_METRICS, "router.metric",
                f"must be one of {ROUTER_METRICS}, got {self.metric!r}")
 
@@ -123,8 +173,11 @@ class ExtractConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
-    work_dir: str | None = None
+    work_dir: str | os.PathLike | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self, "extract")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +216,7 @@ class DistillConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        _check_types(self, "distill")
         _check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
         _check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.batches import Batch, call_model, output_tensor, to_device, token_mask
+from moee.batches import Batch, call_model, check_batch, output_tensor, to_device, token_mask
 from moee.config import DistillConfig
 from moee.errors import EmptyDataError
 from moee.modes import eval_mode
@@ -62,6 +62,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         data = list(data)
     if len(data) == 0:
         raise EmptyDataError("distill() got no batches")
+    for i, batch in enumerate(data):  # every batch checked before the first step
+        check_batch(batch, i)
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
     student.to(device).train()

@@ -41,3 +41,11 @@ class DataNotFoundError(MoeeError, FileNotFoundError):
 
 class AdapterMismatchError(MoeeError, ValueError):
     """An adapter matched a block whose forward is not the MLP the adapter describes."""
+
+
+class BadBatchError(MoeeError, TypeError):
+    """A batch is not a tensor, an (inputs, labels) pair or a dict of keyword tensors."""
+
+
+class NonFiniteError(MoeeError, ValueError):
+    """NaN or Inf in the data or in a layer's activations (or beyond the store's range)."""

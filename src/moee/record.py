@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
-from moee.batches import call_model, token_mask
+from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
-from moee.errors import EmptyDataError
+from moee.errors import EmptyDataError, NonFiniteError
 from moee.fingerprint import new_digest, update_batch_digest
 
 STORE_META = "store.json"
@@ -83,6 +84,20 @@ def settings_of(config: RecordConfig) -> dict[str, Any]:
     return {"n_tokens": config.n_tokens, "dtype": config.dtype}
 
 
+def _check_finite(site: str, x: torch.Tensor, hidden: torch.Tensor, limit: float,
+                  batch: int) -> None:
+    for name, t in (("input", x), ("hidden activations", hidden)):
+        peak = float(t.detach().abs().max()) if t.numel() else 0.0
+        if not math.isfinite(peak):
+            raise NonFiniteError(f"layer {site}: NaN or Inf in the MLP's {name} on calibration "
+                                 f"batch {batch}: the model produces them on this data")
+        if peak > limit:
+            raise NonFiniteError(
+                f"layer {site}: an MLP {name} value of {peak:.3g} on calibration batch {batch} "
+                f"exceeds the activation store's range ({limit:.3g}): record with "
+                "RecordConfig(dtype='float32') (CLI: --store-dtype float32)")
+
+
 @torch.inference_mode()
 def record_activations(
     model: nn.Module,
@@ -99,6 +114,7 @@ def record_activations(
     root.mkdir(parents=True, exist_ok=True)
     (root / STORE_META).unlink(missing_ok=True)  # no old description beside new arrays
     dtype = np.dtype(config.dtype)
+    limit = float(np.finfo(dtype).max)  # beyond it a value would be stored as Inf
     n = config.n_tokens
     arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     filled = [0] * len(sites)
@@ -115,6 +131,7 @@ def record_activations(
             if take <= 0:
                 return
             hidden = weights.hidden(x, site.activation)  # as the block computes it
+            _check_finite(site.name, x, hidden, limit, batches - 1)
             m = mask[0]
             if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
                 x, hidden = x[m], hidden[m]  # real tokens only
@@ -141,6 +158,7 @@ def record_activations(
     bar = tqdm(total=n, desc="record tokens", unit="tok", disable=not progress, leave=False)
     try:
         for batch in data:
+            check_batch(batch, batches)
             update_batch_digest(digest, batch)
             batches += 1
             before = filled[0]

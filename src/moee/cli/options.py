@@ -37,6 +37,8 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     c, s = base.cluster, base.select
     p.add_argument("--tokens", type=int, default=base.record.n_tokens,
                    help="tokens to record (default %(default)s)")
+    p.add_argument("--store-dtype", default=base.record.dtype, choices=["float16", "float32"],
+                   help="activation store precision (float32 for activations beyond 65504)")
     p.add_argument("--p", type=float, default=s.p,
                    help="share of cluster variance kept (default %(default)s)")
     p.add_argument("--algorithm", default=c.algorithm, choices=CLUSTER_ALGORITHMS)
@@ -63,7 +65,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
     base = args.extract_base
     r = dataclasses.replace
-    return r(base, record=r(base.record, n_tokens=args.tokens),
+    return r(base, record=r(base.record, n_tokens=args.tokens, dtype=args.store_dtype),
              cluster=r(base.cluster, algorithm=args.algorithm,
                        min_cluster_fraction=args.min_cluster_fraction,
                        min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,

@@ -1,0 +1,93 @@
+"""Bad input gets a clear moee error naming what is wrong, raised before work is lost or a wrong
+result is built: too few tokens, NaN/Inf in data or activations, values beyond the activation
+store's range, non-tensor batches, wrongly typed settings."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vit
+
+import moee
+
+
+def _config(tmp_path, **record):
+    return moee.ExtractConfig(record=moee.RecordConfig(n_tokens=record.pop("n_tokens", 400),
+                                                       **record),
+                              cluster=moee.ClusterConfig(min_cluster_fraction=0.05),
+                              work_dir=str(tmp_path), progress=False)
+
+
+def test_fewer_tokens_than_pca_dimensions(tmp_path):
+    with pytest.raises(moee.TooFewTokensError, match="cannot be clustered in 30 PCA dim"):
+        moee.extract(tiny_vit(), [torch.randn(1, 1, 8, 8)], _config(tmp_path, n_tokens=5))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_calibration_data(tmp_path, value):
+    images = torch.randn(8, 1, 8, 8)
+    images[3, 0, 2, 2] = value
+    with pytest.raises(moee.NonFiniteError, match="batch 1: the inputs hold NaN or Inf"):
+        moee.extract(tiny_vit(), [torch.ones(4, 1, 8, 8), images], _config(tmp_path))
+
+
+def test_nan_activations_name_the_layer(tmp_path):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.layers[1].mlp.fc1.weight[0, 0] = float("nan")
+    message = r"layer vit\.layers\.1\.mlp: NaN or Inf in the MLP's hidden"
+    with pytest.raises(moee.NonFiniteError, match=message):
+        moee.extract(model, [torch.randn(8, 1, 8, 8)], _config(tmp_path))
+
+
+def test_activations_beyond_float16_are_refused_and_float32_records_them(tmp_path):
+    model = tiny_vit()
+    with torch.no_grad():
+        model.vit.layers[0].mlp.fc1.weight.mul_(1e6)
+    images = [torch.randn(40, 1, 8, 8)]
+    with pytest.raises(moee.NonFiniteError, match="exceeds the activation store's range.*float32"):
+        moee.extract(model, images, _config(tmp_path / "a"))
+    moe_model, report = moee.extract(model, images, _config(tmp_path / "b", dtype="float32"))
+    assert report.n_tokens == 40 * 5  # every token of the 40 images (4 patches + CLS)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ([np.zeros((4, 1, 8, 8), np.float32)], "ndarray .convert with torch.from_numpy"),
+    ([[1, 2, 3]], "model inputs are a int"),
+    ("images", "model inputs are a str"),
+    ([{"pixel_values": [1.0]}], "model inputs are a dict"),
+    ([()], "an empty tuple is not a batch"),
+])
+def test_batches_that_are_not_tensors(tmp_path, data, message):
+    with pytest.raises(moee.BadBatchError, match=message):
+        moee.extract(tiny_vit(), data, _config(tmp_path))
+
+
+def test_distill_checks_every_batch_before_the_first_step():
+    student, teacher = tiny_vit(seed=1), tiny_vit()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    bad = torch.randn(4, 1, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(moee.NonFiniteError, match="batch 2"):
+        moee.distill(student, teacher, [torch.randn(4, 1, 8, 8)] * 2 + [bad])
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize(("make", "field"), [
+    (lambda: moee.SelectConfig(p="0.8"), "select.p"),
+    (lambda: moee.ClusterConfig(reduce_dims=2.0), "cluster.reduce_dims"),
+    (lambda: moee.ClusterConfig(stability="yes"), "cluster.stability"),
+    (lambda: moee.ExtractConfig(layers=[0, "1"]), "extract.layers"),
+    (lambda: moee.ExtractConfig(record={"n_tokens": 10}), "extract.record"),
+    (lambda: moee.DistillConfig(epochs=True), "distill.epochs"),
+    (lambda: moee.RouterConfig(metric=1), "router.metric"),
+])
+def test_wrongly_typed_settings_name_the_field(make, field):
+    with pytest.raises(moee.ConfigError, match=f"{field}: must be of type"):
+        make()
+
+
+def test_numpy_numbers_are_accepted_as_plain_values():
+    config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=np.int64(300)),
+                                select=moee.SelectConfig(p=np.float32(0.5)), layers=[0, 1])
+    assert type(config.record.n_tokens) is int and type(config.select.p) is float
+    assert config.layers == (0, 1)
