@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import sys
@@ -20,9 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import find_mlp_sites
+from moee.atomic import write_json
 from moee.batches import Batch
 from moee.build import LayerPlan, apply_plans, left_out_mean_output
 from moee.cluster import cluster_layer
+from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig
 from moee.engine import route, router_weights
 from moee.engine.calibrate import calibrate_layers
@@ -147,11 +148,15 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     work.mkdir(parents=True, exist_ok=True)
     store, note = _open_or_record(model, sites, data, config, work)
 
-    plans, rows = [], []
+    plans, rows, reused = [], [], 0
     for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):
         hidden = store.hidden(i)
-        clustering = cluster_layer(hidden, config.cluster)
-        np.save(work / f"layer_{i}.labels.npy", clustering.labels)
+        key = clustering_key(store.origin, config.cluster, i)
+        clustering = load_clustering(work, i, key, store.n_tokens)
+        reused += clustering is not None
+        if clustering is None:
+            clustering = cluster_layer(hidden, config.cluster)
+            save_clustering(work, i, key, clustering)
         width = sites[i].weights().hidden_size
         row = {"site": sites[i].name, "hidden": width,
                "experts": clustering.n_clusters, "noise_fraction": clustering.noise_fraction,
@@ -193,10 +198,12 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     student = copy.deepcopy(model)
     apply_plans(find_mlp_sites(student, adapter, validate=False), plans)
     moe_model = MoEModel(student, config.as_dict(), adapter).eval()
+    if reused:
+        note += f"; clusterings of {reused} of {len(chosen)} layers reused"
     report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0,
                               config.work_dir and str(work), config.as_dict(), note)
-    (work / "report.json").write_text(json.dumps(report.as_dict(), indent=1))
-    (work / "plans.json").write_text(json.dumps([p.to_json() for p in plans]))
+    write_json(work / "report.json", report.as_dict())
+    write_json(work / "plans.json", [p.to_json() for p in plans])
     return moe_model, report
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
+from moee.atomic import write_json
 from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
 from moee.errors import EmptyDataError, NonFiniteError
@@ -180,7 +181,7 @@ def record_activations(
         hid.flush()
     origin = {"model": model_digest, "data": digest.hexdigest(), "batches": batches,
               "settings": settings_of(config)}
-    (root / STORE_META).write_text(json.dumps(
-        {"site_names": [s.name for s in sites], "n_tokens": got, "dtype": config.dtype,
-         "origin": origin}))
+    # Written last, atomically: it vouches for the arrays beside it.
+    write_json(root / STORE_META, {"site_names": [s.name for s in sites], "n_tokens": got,
+                                   "dtype": config.dtype, "origin": origin})
     return ActivationStore(root, [s.name for s in sites], got, origin)

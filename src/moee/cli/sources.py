@@ -20,7 +20,7 @@ def load_dense(spec: str):
     looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
     if looks_local and not Path(spec).expanduser().exists():
         raise ConfigError(f"model: {spec} does not exist (a model is 'default', a .gguf "
-                              "file, a transformers model directory or a hub id)")
+                          "file, a transformers model directory or a hub id)")
     import torch
     import transformers
 

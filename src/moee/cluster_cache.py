@@ -1,0 +1,54 @@
+"""Each layer's clustering kept in the work dir, keyed by what produced it (the recorded
+activations and the clustering settings), so a rerun, or a sweep of selection settings,
+reuses exactly the clusterings whose inputs and settings match and redoes the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moee.atomic import save_npy, write_json
+from moee.cluster import LayerClustering
+from moee.config import ClusterConfig
+
+
+def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int) -> str:
+    """Digest of what a layer's clustering depends on: the recorded activations (their model,
+    data and record settings), the clustering settings and the layer."""
+    body = {"store": store_origin, "cluster": dataclasses.asdict(config), "layer": layer}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _paths(work: Path, layer: int) -> tuple[Path, Path]:
+    return work / f"layer_{layer}.labels.npy", work / f"layer_{layer}.clustering.json"
+
+
+def save_clustering(work: Path, layer: int, key: str, clustering: LayerClustering) -> None:
+    """Labels first, then the manifest that vouches for them: a manifest exists only beside
+    the complete labels it describes."""
+    labels, manifest = _paths(work, layer)
+    save_npy(labels, clustering.labels)
+    write_json(manifest, {"key": key, "n_clusters": clustering.n_clusters,
+                          "noise_fraction": clustering.noise_fraction,
+                          "stability": clustering.stability, "seconds": clustering.seconds})
+
+
+def load_clustering(work: Path, layer: int, key: str, n_tokens: int) -> LayerClustering | None:
+    """The saved clustering of `layer` if it was made under `key`, else None."""
+    labels_path, manifest_path = _paths(work, layer)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") != key:
+            return None
+        labels = np.load(labels_path)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if labels.shape != (n_tokens,) or labels.max(initial=-1) + 1 != manifest["n_clusters"]:
+        return None
+    return LayerClustering(labels, manifest["n_clusters"], manifest["noise_fraction"],
+                           manifest["stability"], manifest["seconds"])
