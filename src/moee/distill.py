@@ -4,7 +4,8 @@ batches `extract` accepts (tensors, (inputs, labels) pairs, keyword dicts)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,9 @@ from tqdm.auto import tqdm
 from moee.batches import Batch, call_model, check_batch, output_tensor, to_device, token_mask
 from moee.config import DistillConfig
 from moee.errors import EmptyDataError
+from moee.fingerprint import model_fingerprint, new_digest, update_batch_digest
 from moee.modes import eval_mode
+from moee.training_state import resume_state, save_state
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -47,38 +50,69 @@ def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torc
     return kd_loss(s, t, config.temperature)
 
 
+def _run_key(student: nn.Module, teacher: nn.Module, data, config: DistillConfig) -> str:
+    """What a resumable run depends on: both models' starting weights, the settings and the
+    data (its content when it is a sequence; else its type and length, since iterating it
+    could draw from its random generator)."""
+    h = new_digest()
+    h.update(f"{model_fingerprint(student)}{model_fingerprint(teacher)}{config}".encode())
+    h.update(f"{type(data).__name__}{len(data)}".encode())
+    if isinstance(data, Sequence):
+        for batch in data:
+            update_batch_digest(h, batch)
+    return h.hexdigest()
+
+
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
             config: DistillConfig | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> list[float]:
+            on_step: Callable[[int, float], None] | None = None,
+            state_dir: str | Path | None = None, save_every: int = 50) -> list[float]:
     """Fine-tune every trainable parameter of `student` towards `teacher`'s outputs on `data`.
 
-    One epoch is one pass over `data` (an iterable without a length is read into memory once);
-    `config.epochs` epochs, fractions allowed. AdamW with a cosine schedule; the run's random
-    draws (dropout) come from `config.seed`. Returns the loss of every step; the student is
-    left in eval mode, the teacher in the mode it came in.
+    One epoch is one pass over `data` (an iterable without a length is read into memory once;
+    one with a length is iterated again each epoch, so it may reshuffle); `config.epochs`
+    epochs, fractions allowed. AdamW with a cosine schedule; the run's random draws (dropout)
+    come from `config.seed`. Returns the loss of every step; the student is left in eval mode,
+    the teacher in the mode it came in. Batches are checked before the first step when `data`
+    is a sequence, else as they come.
+
+    `state_dir`: save the run's state there every `save_every` steps; called again with the
+    same student, teacher, data and config, the run resumes from the last save (replaying the
+    data's iteration up to it) and ends with the weights an uninterrupted run would have.
     """
     config = config or DistillConfig()
     if not hasattr(data, "__len__"):
         data = list(data)
     if len(data) == 0:
         raise EmptyDataError("distill() got no batches")
-    for i, batch in enumerate(data):  # every batch checked before the first step
+    checked = isinstance(data, Sequence)
+    for i, batch in enumerate(data if checked else ()):
         check_batch(batch, i)
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
+    state_dir = Path(state_dir) if state_dir is not None else None
+    key = _run_key(student, teacher, data, config) if state_dir is not None else ""
     student.to(device).train()
     teacher.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, steps, config.warmup_steps))
-    losses: list[float] = []
     devices = [device.index or 0] if device.type == "cuda" else []
-    bar = tqdm(total=steps, desc="distill", leave=False)
     with torch.random.fork_rng(devices=devices), eval_mode(teacher):
         torch.manual_seed(config.seed)
-        while len(losses) < steps:
+        first, losses, rng = resume_state(state_dir, key, student, opt, sched)
+        bar = tqdm(total=steps, initial=first, desc="distill", leave=False)
+        step = 0
+        while step < steps:
             for batch in data:
+                step += 1
+                if step <= first:
+                    continue  # replayed, not trained: the data's own random draws stay in step
+                if step == first + 1 and rng is not None:
+                    torch.set_rng_state(rng)
+                if not checked:
+                    check_batch(batch, (step - 1) % len(data))
                 batch = to_device(batch, device)
                 with torch.no_grad():
                     target = call_model(teacher, batch)
@@ -91,9 +125,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
                 if on_step:
-                    on_step(len(losses) - 1, losses[-1])
-                if len(losses) >= steps:
+                    on_step(step - 1, losses[-1])
+                if state_dir is not None and (step % save_every == 0 or step == steps):
+                    save_state(state_dir, key, step, losses, student, opt, sched)
+                if step >= steps:
                     break
-    bar.close()
+        bar.close()
     student.eval()
     return losses

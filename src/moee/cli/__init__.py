@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--teacher", default="default", help=MODEL_HELP)
     ft.add_argument("--out", required=True)
     ft.add_argument("--seed", type=int, default=DistillConfig().seed)
+    ft.add_argument("--save-every", type=int, default=50,
+                    help="save the run's state every N steps; rerun to resume (default 50)")
     add_kd_args(ft)
     add_data_args(ft, text=True)
     ft.set_defaults(func=cmd_finetune)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -56,9 +57,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     student = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     teacher, tokenizer = load_dense(args.teacher)
-    losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args))
+    # The run's state lives beside the output until the checkpoint is saved: rerunning the
+    # same command after an interruption resumes it.
+    state = Path(args.out) / "distill_state"
+    losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args),
+                     state_dir=state, save_every=args.save_every)
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"Saved fine-tuned MoE checkpoint to {student.cpu().save_pretrained(args.out)}")
+    shutil.rmtree(state, ignore_errors=True)
     return 0
 
 
