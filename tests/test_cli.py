@@ -248,6 +248,30 @@ def test_extract_and_finetune_a_text_model_on_text_files(tiny_llm, tmp_path):
     tuned = moee.load(tmp_path / "y")
     before = next(iter(moe.moe_layers().values())).fc1.weight
     assert not torch.equal(before, next(iter(tuned.moe_layers().values())).fc1.weight)
+    assert not (tmp_path / "y" / "distill_state").exists()  # removed once the model is saved
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(tmp_path / "y"), "--dense", str(folder), *data,
+                 "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert 1 < result["perplexity"] < 1e4 and 1 < result["reference_perplexity"] < 1e4
+    assert 0 <= result["top1_agreement"] <= 1
+    assert result["moe_macs"] < result["dense_macs"]
+
+
+def test_a_loaded_moe_works_in_a_transformers_pipeline(tiny_llm, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    folder, text = tiny_llm
+    assert main(["extract", "--model", str(folder), "--out", str(tmp_path / "x"), "--data",
+                 str(text), "--seq-len", "16", "--tokens", "120", "--algorithm", "kmeans",
+                 "--reduce-dims", "8", "--no-stability"]) == 0
+    moe, tokenizer = moee.load(tmp_path / "x"), AutoTokenizer.from_pretrained(folder)
+    generate = pipeline("text-generation", model=moe.model, tokenizer=tokenizer)
+    out = generate("Beautiful is better than", max_new_tokens=5, do_sample=False,
+                   return_tensors=True)
+    prompt = tokenizer("Beautiful is better than", return_tensors="pt")
+    ids = moe.model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert list(out[0]["generated_token_ids"]) == ids[0].tolist()
 
 
 def test_text_data_errors_are_one_line(tiny_llm, tmp_path, capsys):

@@ -34,6 +34,7 @@ from moee.errors import (
     TooFewTokensError,
 )
 from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
+from moee.fidelity import fidelity
 from moee.image_folder import image_batches
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
@@ -46,7 +47,7 @@ __all__ = [
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
     "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
-    "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract",
+    "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract", "fidelity",
     "find_mlp_sites", "image_batches", "list_adapters", "load", "read_texts", "register_adapter",
     "token_batches", "top1_accuracy",
 ]

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dense", default="default")
     ev.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
     ev.add_argument("--json", help="also write the results here")
-    add_data_args(ev)
+    ev.add_argument("--max-batches", type=int, default=16,
+                    help="with --data: batches of it to evaluate on (default %(default)s)")
+    add_data_args(ev, text=True)
     ev.set_defaults(func=cmd_evaluate)
 
     cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "

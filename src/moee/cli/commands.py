@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from moee.cli.options import distill_config, extract_config
-from moee.cli.sources import calibration_data, load_dense, training_data
+from moee.cli.sources import calibration_data, load_dense, training_data, user_batches
 from moee.errors import ConfigError
 
 
@@ -68,7 +68,38 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_on_data(args: argparse.Namespace) -> int:
+    """Dense vs MoE on the user's text files or image folder (no labels): fidelity of the MoE
+    to the dense model, perplexity for causal LMs, MACs, parameters and latency."""
+    import itertools
+
+    from moee.evaluate import count_macs, count_params, latency_ms
+    from moee.fidelity import fidelity
+    from moee.moe_model import MoEModel
+
+    moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
+    dense, preprocessor = load_dense(args.dense)
+    batches = list(itertools.islice(user_batches(args, preprocessor, None), args.max_batches))
+    result = fidelity(moe_model, dense, batches)
+    for name, model in (("dense", dense), ("moe", moe_model)):
+        result[f"{name}_macs"] = count_macs(model, batches[0])
+        result[f"{name}_executed_macs"] = count_macs(model, batches[0], executed=True)
+        result[f"{name}_params"] = count_params(model)
+    result.update({f"{k}_latency_ms": v for k, v in
+                   latency_ms({"dense": dense, "moe": moe_model}, batches[0]).items()})
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else
+              f"{key:<{width}}  {value:,}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"Results JSON: {args.json}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.data:
+        return _evaluate_on_data(args)
     from moee.demo import image_batches, load_fashion_mnist
     from moee.demo.report import comparison_table, measure, time_side_by_side
     from moee.evaluate import evaluate

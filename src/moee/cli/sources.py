@@ -68,7 +68,7 @@ def _default_model_images(images: list):
     return normalize_images(torch.from_numpy(np.stack(arrays)))
 
 
-def _user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None):
+def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None):
     """Batches from --data: one image folder, or text files."""
     if Path(args.data[0]).is_dir():
         from moee.image_folder import image_batches
@@ -98,7 +98,7 @@ def args_model(args: argparse.Namespace) -> str:
 def calibration_data(args: argparse.Namespace, tokenizer):
     """Recording batches: the text files' tokens, or shuffled Fashion-MNIST training images."""
     if args.data:
-        return _user_batches(args, tokenizer, args.tokens)
+        return user_batches(args, tokenizer, args.tokens)
     from moee.demo import load_fashion_mnist
     from moee.demo.pipeline import calibration_batches
 
@@ -109,7 +109,7 @@ def calibration_data(args: argparse.Namespace, tokenizer):
 def training_data(args: argparse.Namespace, tokenizer):
     """Distillation batches: the text files' tokens, or augmented Fashion-MNIST images."""
     if args.data:
-        return _user_batches(args, tokenizer, None)
+        return user_batches(args, tokenizer, None)
     from moee.demo import TrainingBatches, load_fashion_mnist
 
     train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
