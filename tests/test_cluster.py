@@ -41,13 +41,6 @@ def test_too_few_tokens_is_a_clear_error():
         cluster_layer(np.zeros((1, 4)), ClusterConfig())
 
 
-def test_max_tokens_subsamples_and_marks_rest_noise():
-    config = ClusterConfig(min_cluster_fraction=0.05, min_samples=5, reduce_dims=None,
-                           max_tokens=200, stability=False)
-    result = cluster_layer(blobs(), config)
-    assert (result.labels >= 0).sum() <= 200 and len(result.labels) == 450
-
-
 def test_max_clusters_merges_the_nearest_clusters_and_keeps_noise():
     from moee.cluster import merge_clusters
 
@@ -68,3 +61,19 @@ def test_max_clusters_merges_the_nearest_clusters_and_keeps_noise():
                            stability=False, min_cluster_fraction=0.05)
     result = cluster_layer(z, config)
     assert result.n_clusters == 3 and int(result.labels.max()) == 2
+
+
+def test_a_clustered_subsample_assigns_the_rest_and_leaves_outliers_noise():
+    x = blobs(n_per=400, dim=40)
+    outliers = np.random.default_rng(1).normal(size=(6, 40)) * 60
+    x = np.concatenate([x, outliers])
+    config = ClusterConfig(min_cluster_fraction=0.05, min_samples=5, reduce_dims=4,
+                           stability=False, max_tokens=300)
+    result = cluster_layer(x, config)
+    truth = np.repeat(np.arange(3), 400)
+    labelled = result.labels[:1200] >= 0
+    assert result.n_clusters == 3 and labelled.mean() > 0.9  # most of the rest assigned
+    for c in range(3):  # and to the cluster of its own blob
+        assert len(np.unique(truth[result.labels[:1200] == c])) == 1
+    assert (result.labels[1200:] == -1).all()
+    assert result.noise_fraction == pytest.approx((result.labels < 0).mean())

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,27 +65,42 @@ class ExtractionReport:
         return "\n".join(lines)
 
 
-def _check_resources(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
-    """Fail before any work when the store would not fit on disk or a layer in memory."""
-    shapes = [s.weights() for s in sites]
-    per_token = sum(w.d_in + w.hidden_size for w in shapes)
+def _check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
+    """Say what the activation store will take, and fail before recording if it won't fit."""
+    per_token = sum(s.weights().d_in + s.weights().hidden_size for s in sites)
     need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
     free_disk = shutil.disk_usage(work).free
+    if config.progress:
+        print(f"moee: recording {n_tokens} tokens x {len(sites)} layers: an activation store "
+              f"of {need_disk / 2**30:.2f} GiB in {work}", file=sys.stderr)
     if need_disk > free_disk * 0.9:
         raise ResourceError(
             f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
             f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
-    hidden = max(w.hidden_size for w in shapes)
+
+
+def _plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
+    """Fit clustering into `config.max_memory_gib` (a subsample is clustered, the rest
+    assigned) and fail before clustering when one layer would not fit in free memory.
+    Returns the config to cluster with."""
+    per_row = max(s.weights().hidden_size for s in sites) * 4 * 3  # float32 copy + PCA work
     rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
-    need_mem = rows * hidden * 4 * 3  # float32 copy + PCA workspace
+    if config.max_memory_gib is not None and rows * per_row > config.max_memory_gib * 2**30:
+        rows = max(2, int(config.max_memory_gib * 2**30 // per_row))
+        config = replace(config, cluster=replace(config.cluster, max_tokens=rows))
+    if config.progress:
+        print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
+              f"{rows * per_row / 2**30:.2f} GiB of memory", file=sys.stderr)
     try:
         free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return
-    if need_mem > free_mem * 0.8:
+        return config
+    if rows * per_row > free_mem * 0.8:
         raise ResourceError(
-            f"clustering one layer needs about {need_mem / 2**30:.1f} GiB of memory but "
-            f"{free_mem / 2**30:.1f} GiB is free: set cluster.max_tokens to subsample")
+            f"clustering one layer needs about {rows * per_row / 2**30:.1f} GiB of memory but "
+            f"{free_mem / 2**30:.1f} GiB is free: set max_memory_gib (CLI: --max-memory) or "
+            "cluster.max_tokens to cluster a subsample")
+    return config
 
 
 def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
@@ -98,7 +113,7 @@ def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
     if store is not None:
         note = f"reused {store.n_tokens} recorded tokens from {store_dir} ({why})"
     else:
-        _check_resources(config.record.n_tokens, sites, config, work)
+        _check_disk(config.record.n_tokens, sites, config, work)
         store = record_activations(model, sites, data, config.record, store_dir,
                                    config.progress, digest)
         note = f"recorded {store.n_tokens} tokens ({why})"
@@ -147,6 +162,7 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     store, note = _open_or_record(model, sites, data, config, work)
+    config = _plan_memory(store.n_tokens, sites, config)
 
     plans, rows, reused = [], [], 0
     for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):

@@ -49,17 +49,19 @@ def make_clusterer(config: ClusterConfig, n_tokens: int):
     return Birch(n_clusters=config.n_clusters)
 
 
-def reduce(features: np.ndarray, config: ClusterConfig) -> np.ndarray:
-    """PCA to `reduce_dims` (float32); density clustering in hundreds of dims is slow and
-    fast_hdbscan needs <= ~30 dims for its exact path."""
+def fit_reduction(features: np.ndarray, config: ClusterConfig):
+    """(reduced float32 features, a function reducing more rows the same way): PCA to
+    `reduce_dims`; density clustering in hundreds of dims is slow and fast_hdbscan needs
+    <= ~30 dims for its exact path."""
     x = np.asarray(features, dtype=np.float32)
     if config.reduce_dims is None or config.reduce_dims >= x.shape[1]:
-        return x
+        return x, lambda rows: np.asarray(rows, dtype=np.float32)
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=config.reduce_dims, svd_solver="randomized",
               random_state=config.seed)
-    return pca.fit_transform(x).astype(np.float32)
+    z = pca.fit_transform(x).astype(np.float32)
+    return z, lambda rows: pca.transform(np.asarray(rows, dtype=np.float32)).astype(np.float32)
 
 
 def _fit_labels(z: np.ndarray, config: ClusterConfig) -> np.ndarray:
@@ -114,7 +116,8 @@ def stability_score(z: np.ndarray, config: ClusterConfig) -> float:
 
 
 def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
-    """Cluster one layer's (N, H) hidden activations; tokens beyond `max_tokens` get -1."""
+    """Cluster one layer's (N, H) hidden activations (noise = -1). Beyond `max_tokens`, a
+    random subsample is clustered and the other tokens are assigned to its clusters."""
     t0 = time.perf_counter()
     n = len(hidden)
     if n < min_cluster_size(config, n) or n < 2:
@@ -129,12 +132,35 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
     rows = np.arange(n)
     if config.max_tokens is not None and n > config.max_tokens:
         rows = np.sort(np.random.default_rng(config.seed).choice(n, config.max_tokens, False))
-    z = reduce(hidden[rows], config)
+    z, transform = fit_reduction(hidden[rows], config)
     labels = np.full(n, -1, dtype=np.int64)
     labels[rows] = _fit_labels(z, config)
     if config.max_clusters is not None:
         labels[rows] = merge_clusters(z, labels[rows], config.max_clusters)
     k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    if len(rows) < n and k > 0:
+        _assign_rest(hidden, labels, rows, z, transform)
     stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
-    return LayerClustering(labels, k, float((labels[rows] < 0).mean()), stability,
+    return LayerClustering(labels, k, float((labels < 0).mean()), stability,
                            time.perf_counter() - t0)
+
+
+def _assign_rest(hidden: np.ndarray, labels: np.ndarray, rows: np.ndarray, z: np.ndarray,
+                 transform, chunk: int = 65536) -> None:
+    """Tokens left out of the clustered subsample join their nearest cluster centroid (in the
+    reduced space), or stay noise when farther from it than 95% of its clustered members:
+    memory stays that of the subsample, read in chunks from the (memmapped) store."""
+    sample = labels[rows]
+    ids = np.arange(int(sample.max()) + 1)
+    centroids = np.stack([z[sample == c].mean(0) for c in ids])
+    radius = np.array([np.quantile(np.linalg.norm(z[sample == c] - centroids[c], axis=1), 0.95)
+                       for c in ids])
+    rest = np.setdiff1d(np.arange(len(labels)), rows)
+    for start in range(0, len(rest), chunk):
+        idx = rest[start : start + chunk]
+        zr = transform(hidden[idx])
+        dist = np.sqrt(np.maximum((zr**2).sum(1)[:, None] - 2.0 * zr @ centroids.T
+                                  + (centroids**2).sum(1)[None], 0.0))
+        nearest = dist.argmin(1)
+        near_enough = dist[np.arange(len(idx)), nearest] <= radius[nearest]
+        labels[idx] = np.where(near_enough, nearest, -1)

@@ -175,9 +175,14 @@ class ExtractConfig:
     layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
     work_dir: str | os.PathLike | None = None
     progress: bool = True
+    # Memory for clustering one layer; beyond it a subsample is clustered and the other
+    # tokens assigned to its clusters (None = cluster every recorded token).
+    max_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "extract")
+        _check(self.max_memory_gib is None or self.max_memory_gib > 0, "extract.max_memory_gib",
+               f"must be > 0 or None, got {self.max_memory_gib}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +197,7 @@ class ExtractConfig:
             layers=tuple(d["layers"]) if d.get("layers") is not None else None,
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),
+            max_memory_gib=d.get("max_memory_gib"),
         )
 
 

@@ -62,6 +62,9 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="skip the half-split stability score")
     p.add_argument("--work-dir", help="keep recorded activations and labels here; reused on a "
                    "rerun with the same model, data and settings")
+    p.add_argument("--max-memory", type=float, default=base.max_memory_gib, metavar="GIB",
+                   help="memory for clustering a layer; beyond it a subsample is clustered and "
+                   "the rest assigned (default: every token)")
     p.add_argument("--seed", type=int, default=c.seed)
 
 
@@ -76,7 +79,8 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        max_clusters=args.max_experts or None),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
                       compensate_mean=not args.no_compensate),
-             router=r(base.router, metric=args.metric), work_dir=args.work_dir)
+             router=r(base.router, metric=args.metric), work_dir=args.work_dir,
+             max_memory_gib=args.max_memory)
 
 
 def add_kd_args(p: argparse.ArgumentParser) -> None:
