@@ -277,22 +277,64 @@ def bench_section(result: dict[str, Any]) -> str:
 
 
 def smollm2_section(result: dict[str, Any]) -> str:
-    """benchmarks/smollm2_study.py: perplexity and MACs per p, and batch-1 decoding."""
+    """benchmarks/smollm2_study.py: perplexity and MACs per p, extraction cost, decoding."""
     rows = result["rows"]
     dense = rows[0]
-    lines = [f"SmolLM2-135M-Instruct (fp32); perplexity on {result.get('eval_tokens')} held-out "
-             f"tokens; MACs on one batch of them; no distillation.", "",
+    lines = [f"SmolLM2-135M-Instruct (fp32); {result.get('calibration_tokens')} calibration "
+             f"tokens; perplexity on {result.get('eval_tokens')} held-out tokens; MACs on one "
+             "batch of them; no distillation.", "",
              table(["model", "p", "perplexity", "Δ", "MLP MACs Δ", "model MACs Δ"],
                    [[r["model"], r.get("p") or "–", f"{r['perplexity']:.2f}",
                      f"{r['perplexity'] / dense['perplexity'] - 1:+.0%}",
                      f"{r['mlp_macs'] / dense['mlp_macs'] - 1:+.1%}",
                      f"{r['macs'] / dense['macs'] - 1:+.1%}"] for r in rows])]
-    d = result["decode_batch1"]
-    speed = d["tokens_per_second"]
-    lines += ["", f"Decoding at batch 1 (greedy generate()): dense {speed['dense']:.1f} tokens/s, "
-              f"MoE {speed['moe']:.1f} tokens/s ({d['speedup']:.2f}x; ideal from weight bytes "
-              f"read per token {d['bytes_ideal']:.2f}x, efficiency {d['efficiency']:.0%})."]
+    ex = result.get("extraction")
+    if ex:
+        lines += ["", f"Extraction (record {ex['tokens']} tokens, cluster 30 layers, select, "
+                  f"build) at p = {ex['p']}: {ex['seconds'] / 60:.1f} min; peak resident memory "
+                  f"of the process {ex['peak_rss_gib']:.2f} GiB. The other p reuse the "
+                  "recorded activations and clusterings."]
+    if "decode_batch1" in result:  # the first format: batch 1 only
+        d = result["decode_batch1"]
+        speed = d["tokens_per_second"]
+        lines += ["", f"Decoding at batch 1 (greedy generate()): dense {speed['dense']:.1f} "
+                  f"tokens/s, MoE {speed['moe']:.1f} tokens/s ({d['speedup']:.2f}x; ideal from "
+                  f"weight bytes read per token {d['bytes_ideal']:.2f}x, efficiency "
+                  f"{d['efficiency']:.0%})."]
+    speed_rows = []
+    for r in result.get("speed", []):
+        b1, b8, pre = r["decode_batch1"], r["decode_batch8"], r["prefill_512"]
+        speed_rows.append([r["p"], f"{b1['tokens_per_second']['dense']:.1f}",
+                           f"{b1['tokens_per_second']['moe']:.1f}", f"{b1['speedup']:.2f}x",
+                           f"{b1['bytes_ideal']:.2f}x", f"{b1['efficiency']:.0%}",
+                           f"{b8['speedup']:.2f}x", f"{pre['speedup']:.2f}x"])
+    if speed_rows:
+        lines += ["", "Speed, MoE vs dense, timed round-robin: greedy generate() of 32 tokens at "
+                  "batch 1 (tokens/s; ideal = dense / MoE weight bytes read per token) and at "
+                  "batch 8, and one 512-token prefill.", "",
+                  table(["p", "dense tok/s b1", "MoE tok/s b1", "b1", "bytes ideal",
+                         "of ideal", "b8", "prefill 512"], speed_rows)]
     return "\n".join(lines)
+
+
+def smollm2_kd_section(result: dict[str, Any]) -> str:
+    """benchmarks/smollm2_kd.py: perplexity before and after LM distillation."""
+    b, a = result["before"], result["after"]
+    dense = result["dense_perplexity"]
+    return (f"Distillation of the MoE in `{result['checkpoint']}` from the dense SmolLM2: "
+            f"{result['steps']} steps of {result['tokens_per_step']} tokens (KL on next-token "
+            f"logits, AdamW lr {result['lr']}, cosine schedule), sized for "
+            f"{result.get('budget_minutes', '?')} min at {result.get('step_seconds', 0):.1f} s a "
+            f"step, {result['kd_seconds'] / 60:.0f} min wall clock on {result['threads']} "
+            f"threads{' (' + result['note'] + ')' if result.get('note') else ''}; peak memory "
+            f"{result['peak_rss_gib']:.1f} GiB. Perplexity on {result['eval_tokens']} held-out "
+            "tokens.\n\n" + table(
+                ["stage", "perplexity", "Δ vs dense", "next-token agreement with dense"],
+                [["dense", f"{dense:.2f}", "–", "–"],
+                 ["MoE before KD", f"{b['perplexity']:.2f}", f"{b['perplexity'] / dense - 1:+.0%}",
+                  f"{b['next_token_agreement']:.3f}"],
+                 ["MoE after KD", f"{a['perplexity']:.2f}", f"{a['perplexity'] / dense - 1:+.0%}",
+                  f"{a['next_token_agreement']:.3f}"]]))
 
 
 def minilm_section(result: dict[str, Any]) -> str:
@@ -312,7 +354,7 @@ def minilm_section(result: dict[str, Any]) -> str:
 
 
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
-            "minilm": minilm_section}
+            "smollm2-kd": smollm2_kd_section, "minilm": minilm_section}
 
 
 def render(folder: Path) -> str:

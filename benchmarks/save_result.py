@@ -29,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "blocks"),
-         "smollm2": ("rows", "decode_batch1"), "minilm": ("rows",)}
+         "smollm2": ("rows",), "smollm2-kd": ("before", "after", "kd_seconds"),
+         "minilm": ("rows",)}
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 
 

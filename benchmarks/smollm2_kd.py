@@ -86,7 +86,8 @@ def main() -> None:
     saved = student.save_pretrained(out / "moe")
     every = max(1, len(losses) // 50)
     (out / "results.json").write_text(json.dumps({
-        "checkpoint": args.checkpoint, "dense_perplexity": dense_ppl, "before": before,
+        "checkpoint": args.checkpoint, "budget_minutes": args.minutes, "step_seconds": step_s,
+        "dense_perplexity": dense_ppl, "before": before,
         "after": after, "kd_seconds": kd_seconds, "steps": len(losses),
         "tokens_per_step": args.batch * args.seq_len, "lr": args.lr,
         "kd_batches": len(kd_data), "losses": losses[::every], "loss_every": every,
