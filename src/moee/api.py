@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -25,12 +23,14 @@ from moee.build import LayerPlan, apply_plans, left_out_mean_output
 from moee.cluster import cluster_layer
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig
+from moee.distributed import barrier, merge_stores, rank_and_world, shard, shard_tokens
 from moee.engine import route, router_weights
 from moee.engine.calibrate import calibrate_layers
-from moee.errors import ConfigError, NoClustersError, ResourceError
+from moee.errors import ConfigError, NoClustersError
 from moee.fingerprint import model_fingerprint
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations, reuse_or_why_not
+from moee.resources import check_disk, plan_memory
 from moee.select import ClusterStats, cluster_stats, select_experts
 
 
@@ -65,61 +65,41 @@ class ExtractionReport:
         return "\n".join(lines)
 
 
-def _check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
-    """Say what the activation store will take, and fail before recording if it won't fit."""
-    per_token = sum(s.weights().d_in + s.weights().hidden_size for s in sites)
-    need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
-    free_disk = shutil.disk_usage(work).free
-    if config.progress:
-        print(f"moee: recording {n_tokens} tokens x {len(sites)} layers: an activation store "
-              f"of {need_disk / 2**30:.2f} GiB in {work}", file=sys.stderr)
-    if need_disk > free_disk * 0.9:
-        raise ResourceError(
-            f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
-            f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
-
-
-def _plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
-    """Fit clustering into `config.max_memory_gib` (a subsample is clustered, the rest
-    assigned) and fail before clustering when one layer would not fit in free memory.
-    Returns the config to cluster with."""
-    per_row = max(s.weights().hidden_size for s in sites) * 4 * 3  # float32 copy + PCA work
-    rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
-    if config.max_memory_gib is not None and rows * per_row > config.max_memory_gib * 2**30:
-        rows = max(2, int(config.max_memory_gib * 2**30 // per_row))
-        config = replace(config, cluster=replace(config.cluster, max_tokens=rows))
-    if config.progress:
-        print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
-              f"{rows * per_row / 2**30:.2f} GiB of memory", file=sys.stderr)
-    try:
-        free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return config
-    if rows * per_row > free_mem * 0.8:
-        raise ResourceError(
-            f"clustering one layer needs about {rows * per_row / 2**30:.1f} GiB of memory but "
-            f"{free_mem / 2**30:.1f} GiB is free: set max_memory_gib (CLI: --max-memory) or "
-            "cluster.max_tokens to cluster a subsample")
-    return config
-
-
-def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
-                    ) -> tuple[ActivationStore, str]:
-    """Reuse the store in `work` only when the model's weights, the calibration data and the
-    record settings all match what it was recorded from; else record anew and say why."""
-    store_dir = work / "activations"
+def _record_or_reuse(model, sites, data, config: ExtractConfig, work: Path, store_dir: Path
+                     ) -> tuple[ActivationStore, str]:
+    """Reuse the store in `store_dir` only when the model's weights, the calibration data and
+    the record settings all match what it was recorded from; else record anew and say why."""
     digest = model_fingerprint(model)
     store, why, data = reuse_or_why_not(store_dir, sites, config.record, digest, data)
     if store is not None:
         note = f"reused {store.n_tokens} recorded tokens from {store_dir} ({why})"
     else:
-        _check_disk(config.record.n_tokens, sites, config, work)
+        check_disk(config.record.n_tokens, sites, config, work)
         store = record_activations(model, sites, data, config.record, store_dir,
                                    config.progress, digest)
         note = f"recorded {store.n_tokens} tokens ({why})"
     if config.progress:
         print(f"moee: {note}", file=sys.stderr)
     return store, note
+
+
+def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
+                    ) -> tuple[ActivationStore, str]:
+    """The activation store; under torchrun each rank records its shard of the batches and
+    rank 0 merges the shards (in rank order) into the store every rank then reads."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return _record_or_reuse(model, sites, data, config, work, work / "activations")
+    n = shard_tokens(config.record.n_tokens, rank, world)
+    shard_config = replace(config, record=replace(config.record, n_tokens=n))
+    _, note = _record_or_reuse(model, sites, shard(data, rank, world), shard_config, work,
+                               work / "activations" / f"rank{rank}")
+    barrier()
+    merged = work / "activations" / "merged"
+    if rank == 0:
+        merge_stores([work / "activations" / f"rank{r}" for r in range(world)], merged)
+    barrier()
+    return ActivationStore.open(merged), f"{note} on rank {rank} of {world}, merged"
 
 
 @torch.no_grad()
@@ -153,17 +133,17 @@ def extract(
         raise ConfigError(f"layers: {bad} out of range: the model has {len(sites)} MLP blocks")
     if config.work_dir is not None:
         return _extract(model, data, config, adapter, sites, chosen, Path(config.work_dir))
+    if rank_and_world()[1] > 1:
+        raise ConfigError("under torchrun, extract needs a work_dir every rank can read (the "
+                          "ranks share the recorded activations and clusterings through it)")
     with tempfile.TemporaryDirectory(prefix="moee-") as tmp:
         return _extract(model, data, config, adapter, sites, chosen, Path(tmp))
 
 
-def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[int],
-             work: Path) -> tuple[MoEModel, ExtractionReport]:
-    t0 = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    store, note = _open_or_record(model, sites, data, config, work)
-    config = _plan_memory(store.n_tokens, sites, config)
-
+def _cluster_and_select(store: ActivationStore, sites, chosen: list[int], config: ExtractConfig,
+                        work: Path) -> tuple[list[LayerPlan], list[dict], int]:
+    """Per layer: the clustering (reused from `work` when its key matches), expert statistics,
+    selection and the layer's plan; (plans, report rows, clusterings reused)."""
     plans, rows, reused = [], [], 0
     for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):
         hidden = store.hidden(i)
@@ -203,6 +183,25 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
                        load_share=load.tolist(),
                        active_neurons_per_token=float(np.dot(load, sizes)))
         rows.append(row)
+    return plans, rows, reused
+
+
+def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[int],
+             work: Path) -> tuple[MoEModel, ExtractionReport]:
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    if rank_and_world()[0] != 0:
+        config = replace(config, progress=False)  # one progress display: rank 0's
+    store, note = _open_or_record(model, sites, data, config, work)
+    config = plan_memory(store.n_tokens, sites, config)
+
+    # Under torchrun rank 0 clusters; the other ranks then find every clustering in `work`.
+    rank, _ = rank_and_world()
+    if rank == 0:
+        plans, rows, reused = _cluster_and_select(store, sites, chosen, config, work)
+    barrier()
+    if rank != 0:
+        plans, rows, reused = _cluster_and_select(store, sites, chosen, config, work)
     if not plans:
         raise NoClustersError(
             f"no clusters in any of layers {chosen} ({store.n_tokens} tokens): every layer would "
@@ -218,8 +217,9 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
         note += f"; clusterings of {reused} of {len(chosen)} layers reused"
     report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0,
                               config.work_dir and str(work), config.as_dict(), note)
-    write_json(work / "report.json", report.as_dict())
-    write_json(work / "plans.json", [p.to_json() for p in plans])
+    if rank == 0:
+        write_json(work / "report.json", report.as_dict())
+        write_json(work / "plans.json", [p.to_json() for p in plans])
     return moe_model, report
 
 

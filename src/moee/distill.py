@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from moee.batches import Batch, call_model, check_batch, output_tensor, to_device, token_mask
 from moee.config import DistillConfig
+from moee.distributed import rank_and_world, shard
 from moee.errors import EmptyDataError
 from moee.fingerprint import model_fingerprint, new_digest, update_batch_digest
 from moee.modes import eval_mode
@@ -48,6 +49,19 @@ def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torc
     if kind == "mse":
         return F.mse_loss(s, t)
     return kd_loss(s, t, config.temperature)
+
+
+class _Shard:
+    """Every world-th batch of an iterable with a length, re-iterated each epoch."""
+
+    def __init__(self, data, rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.data), self.world))
+
+    def __iter__(self):
+        return shard(self.data, self.rank, self.world)
 
 
 def _run_key(student: nn.Module, teacher: nn.Module, data, config: DistillConfig) -> str:
@@ -85,6 +99,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         data = list(data)
     if len(data) == 0:
         raise EmptyDataError("distill() got no batches")
+    rank, world = rank_and_world()
+    if world > 1:  # torchrun: each rank trains on its shard, gradients averaged by DDP
+        data = data[rank::world] if isinstance(data, Sequence) else _Shard(data, rank, world)
+        state_dir = Path(state_dir) / f"rank{rank}" if state_dir is not None else None
     checked = isinstance(data, Sequence)
     for i, batch in enumerate(data if checked else ()):
         check_batch(batch, i)
@@ -94,13 +112,19 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     key = _run_key(student, teacher, data, config) if state_dir is not None else ""
     student.to(device).train()
     teacher.to(device)
+    trained = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Unused parameters are normal here (e.g. a pooler the loss does not read).
+        trained = DistributedDataParallel(student, find_unused_parameters=True)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, steps, config.warmup_steps))
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), eval_mode(teacher):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
         first, losses, rng = resume_state(state_dir, key, student, opt, sched)
         bar = tqdm(total=steps, initial=first, desc="distill", leave=False)
         step = 0
@@ -116,7 +140,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                 batch = to_device(batch, device)
                 with torch.no_grad():
                     target = call_model(teacher, batch)
-                loss = _loss(call_model(student, batch), target, batch, config)
+                loss = _loss(call_model(trained, batch), target, batch, config)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,0 +1,53 @@
+"""What extraction will need, said before each stage: the activation store's disk space and
+one layer's clustering memory (fitted into a budget by clustering a subsample)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from moee.config import ExtractConfig
+from moee.errors import ResourceError
+
+
+def check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
+    """Say what the activation store will take, and fail before recording if it won't fit."""
+    per_token = sum(s.weights().d_in + s.weights().hidden_size for s in sites)
+    need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
+    free_disk = shutil.disk_usage(work).free
+    if config.progress:
+        print(f"moee: recording {n_tokens} tokens x {len(sites)} layers: an activation store "
+              f"of {need_disk / 2**30:.2f} GiB in {work}", file=sys.stderr)
+    if need_disk > free_disk * 0.9:
+        raise ResourceError(
+            f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
+            f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
+
+
+def plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
+    """Fit clustering into `config.max_memory_gib` (a subsample is clustered, the rest
+    assigned) and fail before clustering when one layer would not fit in free memory.
+    Returns the config to cluster with."""
+    per_row = max(s.weights().hidden_size for s in sites) * 4 * 3  # float32 copy + PCA work
+    rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
+    if config.max_memory_gib is not None and rows * per_row > config.max_memory_gib * 2**30:
+        rows = max(2, int(config.max_memory_gib * 2**30 // per_row))
+        config = replace(config, cluster=replace(config.cluster, max_tokens=rows))
+    if config.progress:
+        print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
+              f"{rows * per_row / 2**30:.2f} GiB of memory", file=sys.stderr)
+    try:
+        free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return config
+    if rows * per_row > free_mem * 0.8:
+        raise ResourceError(
+            f"clustering one layer needs about {rows * per_row / 2**30:.1f} GiB of memory but "
+            f"{free_mem / 2**30:.1f} GiB is free: set max_memory_gib (CLI: --max-memory) or "
+            "cluster.max_tokens to cluster a subsample")
+    return config
