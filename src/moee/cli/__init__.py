@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_torchrun() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: every option passes through untouched
@@ -114,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
+    _join_torchrun()
     try:
         check_data(args)  # a missing file or folder is reported before any model loads
         return args.func(args)

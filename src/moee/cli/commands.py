@@ -11,6 +11,7 @@ import torch
 
 from moee.cli.options import distill_config, extract_config
 from moee.cli.sources import calibration_data, load_dense, training_data, user_batches
+from moee.distributed import rank_and_world
 from moee.errors import ConfigError
 
 
@@ -44,6 +45,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     dense, tokenizer = load_dense(args.model)
     moe_model, report = extract(dense, calibration_data(args, tokenizer), extract_config(args))
+    if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
+        return 0
     print(f"Extracted in {report.seconds:.0f} s from {report.n_tokens} tokens:\n{report.table()}")
     out = moe_model.save_pretrained(args.out)
     (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
@@ -62,6 +65,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     state = Path(args.out) / "distill_state"
     losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args),
                      state_dir=state, save_every=args.save_every)
+    if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
+        return 0
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"Saved fine-tuned MoE checkpoint to {student.cpu().save_pretrained(args.out)}")
     shutil.rmtree(state, ignore_errors=True)
