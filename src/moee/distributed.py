@@ -12,11 +12,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch.distributed as dist
 
 from moee.atomic import write_json
 from moee.record import STORE_META, ActivationStore
+from moee.stored_array import RowWriter
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -59,16 +59,15 @@ def merge_stores(shards: list[Path], out: Path) -> ActivationStore:
     for layer in range(len(stores[0].site_names)):
         for kind, read in (("input", ActivationStore.inputs), ("hidden", ActivationStore.hidden)):
             first = read(stores[0], layer)
-            merged = np.lib.format.open_memmap(out / f"layer_{layer}.{kind}.npy", "w+",
-                                               first.dtype, (total, first.shape[1]))
+            merged = RowWriter(out / f"layer_{layer}.{kind}.npy", first.dtype,
+                               (total, first.shape[1]))
             start = 0
             for s in stores:
                 part = read(s, layer)
                 for c in range(0, len(part), 65536):
-                    block = part[c : c + 65536]
-                    merged[start + c : start + c + len(block)] = block
+                    merged.write(start + c, part[c : c + 65536])
                 start += len(part)
-            merged.flush()
+            merged.close()
     write_json(out / STORE_META, {"site_names": stores[0].site_names, "n_tokens": total,
                                   "dtype": str(first.dtype), "origin": origin})
     return ActivationStore.open(out)

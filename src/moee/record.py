@@ -27,6 +27,7 @@ from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
 from moee.errors import EmptyDataError, NonFiniteError
 from moee.fingerprint import new_digest, update_batch_digest
+from moee.stored_array import RowWriter, StoredArray
 
 STORE_META = "store.json"
 
@@ -40,11 +41,11 @@ class ActivationStore:
     n_tokens: int
     origin: dict[str, Any]  # model / data digests, record settings, batches consumed
 
-    def hidden(self, layer: int) -> np.ndarray:
-        return np.load(self.root / f"layer_{layer}.hidden.npy", mmap_mode="r")[: self.n_tokens]
+    def hidden(self, layer: int) -> StoredArray:
+        return StoredArray(self.root / f"layer_{layer}.hidden.npy", self.n_tokens)
 
-    def inputs(self, layer: int) -> np.ndarray:
-        return np.load(self.root / f"layer_{layer}.input.npy", mmap_mode="r")[: self.n_tokens]
+    def inputs(self, layer: int) -> StoredArray:
+        return StoredArray(self.root / f"layer_{layer}.input.npy", self.n_tokens)
 
     @classmethod
     def open(cls, root: str | Path) -> ActivationStore:
@@ -117,7 +118,7 @@ def record_activations(
     dtype = np.dtype(config.dtype)
     limit = float(np.finfo(dtype).max)  # beyond it a value would be stored as Inf
     n = config.n_tokens
-    arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    arrays: dict[int, tuple[RowWriter, RowWriter]] = {}
     filled = [0] * len(sites)
     mask: list[torch.Tensor | None] = [None]  # the current batch's real tokens
 
@@ -139,14 +140,11 @@ def record_activations(
             x, hidden = x.reshape(-1, x.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
             take = min(take, x.shape[0])
             if i not in arrays:
-                arrays[i] = (
-                    np.lib.format.open_memmap(root / f"layer_{i}.input.npy", "w+", dtype,
-                                              (n, x.shape[-1])),
-                    np.lib.format.open_memmap(root / f"layer_{i}.hidden.npy", "w+", dtype,
-                                              (n, hidden.shape[-1])),
-                )
-            arrays[i][0][start : start + take] = x[:take].float().cpu().numpy()
-            arrays[i][1][start : start + take] = hidden[:take].float().cpu().numpy()
+                arrays[i] = (RowWriter(root / f"layer_{i}.input.npy", dtype, (n, x.shape[-1])),
+                             RowWriter(root / f"layer_{i}.hidden.npy", dtype,
+                                       (n, hidden.shape[-1])))
+            arrays[i][0].write(start, x[:take].float().cpu().numpy())
+            arrays[i][1].write(start, hidden[:take].float().cpu().numpy())
             filled[i] = start + take
 
         return hook
@@ -177,8 +175,8 @@ def record_activations(
     if got == 0:
         raise EmptyDataError("The calibration data yielded no tokens: pass at least one batch.")
     for inp, hid in arrays.values():
-        inp.flush()
-        hid.flush()
+        inp.close()
+        hid.close()
     origin = {"model": model_digest, "data": digest.hexdigest(), "batches": batches,
               "settings": settings_of(config)}
     # Written last, atomically: it vouches for the arrays beside it.
