@@ -91,3 +91,10 @@ def test_numpy_numbers_are_accepted_as_plain_values():
                                 select=moee.SelectConfig(p=np.float32(0.5)), layers=[0, 1])
     assert type(config.record.n_tokens) is int and type(config.select.p) is float
     assert config.layers == (0, 1)
+
+
+def test_out_of_range_settings_name_the_field():
+    with pytest.raises(moee.ConfigError, match="cluster.reduce_dims: must be >= 1 or None"):
+        moee.ClusterConfig(reduce_dims=0)
+    with pytest.raises(moee.ConfigError, match="extract.max_memory_gib: must be > 0"):
+        moee.ExtractConfig(max_memory_gib=0.0)
