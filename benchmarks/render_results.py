@@ -356,8 +356,27 @@ def minilm_section(result: dict[str, Any]) -> str:
                                          rows, left=2))
 
 
+def memory_section(result: dict[str, Any]) -> str:
+    """benchmarks/memory_sweep.py: peak memory and time of extraction vs depth and tokens."""
+    def rows(points):
+        return [[p["layers"], f"{p['tokens']:,}", p["clustered_tokens"] or p["tokens"],
+                 f"{p['peak_rss_gib']:.2f}", f"{p['seconds']:.0f}", f"{p['us_per_token']:.0f}"]
+                for p in points]
+    head = ["layers", "tokens", "clustered a layer", "peak memory GiB", "seconds", "µs / token"]
+    full, ari = result["full_clustering"], result["budgeted_vs_full_ari"]
+    return "\n".join([
+        f"Extraction of a random-weight LLaMA-style model (width 256, MLP 1,024) on random "
+        f"tokens, each point a fresh process, clustering under a {result['budget_gib']} GiB "
+        "budget (a subsample clustered, every other token assigned).", "",
+        table(head, rows(result["layer_sweep"] + result["token_sweep"][1:])), "",
+        f"Clustering every token instead ({full['layers']} layers, {full['tokens']:,} tokens): "
+        f"peak {full['peak_rss_gib']:.2f} GiB, {full['seconds']:.0f} s; adjusted Rand index of "
+        f"the budgeted labels against it, per layer: {', '.join(f'{a:.2f}' for a in ari)}."])
+
+
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
-            "smollm2-kd": smollm2_kd_section, "minilm": minilm_section}
+            "smollm2-kd": smollm2_kd_section, "minilm": minilm_section,
+            "memory": memory_section}
 
 
 def render(folder: Path) -> str:
