@@ -169,26 +169,6 @@ def test_small_batches_switch_to_masked_path_with_same_output(monkeypatch):
     torch.testing.assert_close(loop, masked, rtol=1e-5, atol=1e-5)
 
 
-def test_few_tokens_in_small_experts_take_the_loop_that_reads_less(monkeypatch):
-    """8 tokens in 2 of 6 disjoint experts: the loop reads a third of the union, so it runs
-    even below the small-batch threshold; tokens spread over every expert run "masked"."""
-    import moee.moe
-
-    centres = torch.eye(6, D) * 5
-    moe = make_moe([list(range(i * 8, i * 8 + 8)) for i in range(6)], centres)
-    moe.configure(small_batch_tokens=64)
-    calls, masked_path = [], moee.moe._RUN["masked"]
-    monkeypatch.setitem(moee.moe._RUN, "masked", lambda *a: calls.append(1) or masked_path(*a))
-    few = centres[[0, 1, 0, 1, 0, 1, 1, 0]] + 0.01 * torch.randn(8, D)
-    spread = centres[[0, 1, 2, 3, 4, 5, 0, 1]] + 0.01 * torch.randn(8, D)
-    with torch.no_grad():
-        torch.testing.assert_close(moe(few), moe.forward_reference(few), rtol=1e-5, atol=1e-6)
-        assert calls == []
-        torch.testing.assert_close(moe(spread), moe.forward_reference(spread), rtol=1e-5,
-                                   atol=1e-6)
-    assert calls == [1]
-
-
 def test_non_elementwise_activation_is_applied_per_expert():
     class RowCentred(nn.Module):  # depends on the whole row: must not see a flattened buffer
         def forward(self, h):

@@ -33,17 +33,6 @@ from moee.engine import (
 _RUN = {"experts": run_experts, "masked": run_masked, "grouped": run_grouped}
 
 
-def _loop_reads_less(expert: torch.Tensor, w: InferenceWeights) -> bool:
-    """Whether the expert loop reads fewer weights than "masked" for these few tokens (on CPU,
-    where a few tokens cost what reading the weights costs): the loop reads each routed
-    expert's neurons once, "masked" the whole union, e.g. 8 decoding sequences that fall into
-    2 small experts. Off the CPU "masked" stays, free of the loop's host synchronisation."""
-    if expert.device.type != "cpu":
-        return False
-    used = torch.bincount(expert, minlength=len(w.widths)).tolist()
-    return sum(width for width, n in zip(w.widths, used, strict=True) if n) < w.w2.shape[1]
-
-
 class MoEMLP(nn.Module):
     """Router -> group tokens by expert -> per-expert matmuls on their neurons only -> scatter.
 
@@ -210,8 +199,7 @@ class MoEMLP(nn.Module):
         mode, threshold = config.execution, config.small_batch_tokens
         if threshold is None:
             threshold = w.default_small_batch_tokens
-        if mode == "experts" and 1 < tokens.shape[0] <= threshold and not _loop_reads_less(
-                expert, w):
+        if mode == "experts" and 1 < tokens.shape[0] <= threshold:
             mode = "masked"  # one token (decoding) stays on the loop: it reads one expert only
         return _RUN[mode](tokens, expert, w)
 
