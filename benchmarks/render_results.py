@@ -311,6 +311,8 @@ def smollm2_section(result: dict[str, Any]) -> str:
                            f"{b1['tokens_per_second']['moe']:.1f}", f"{b1['speedup']:.2f}x",
                            f"{b1['bytes_ideal']:.2f}x", f"{b1['efficiency']:.0%}",
                            f"{b8['speedup']:.2f}x", f"{pre['speedup']:.2f}x"])
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     if speed_rows:
         lines += ["", "Speed, MoE vs dense, timed round-robin: greedy generate() of 32 tokens at "
                   "batch 1 (tokens/s; ideal = dense / MoE weight bytes read per token) and at "
