@@ -369,11 +369,13 @@ def memory_section(result: dict[str, Any]) -> str:
     return "\n".join([
         f"Extraction of a random-weight LLaMA-style model (width 256, MLP 1,024) on random "
         f"tokens, each point a fresh process, clustering under a {result['budget_gib']} GiB "
-        "budget (a subsample clustered, every other token assigned).", "",
+        "budget (a subsample clustered with k-means, every other token assigned; no stability "
+        "score).", "",
         table(head, rows(result["layer_sweep"] + result["token_sweep"][1:])), "",
         f"Clustering every token instead ({full['layers']} layers, {full['tokens']:,} tokens): "
         f"peak {full['peak_rss_gib']:.2f} GiB, {full['seconds']:.0f} s; adjusted Rand index of "
-        f"the budgeted labels against it, per layer: {', '.join(f'{a:.2f}' for a in ari)}."])
+        f"the budgeted labels against it, per layer: {', '.join(f'{a:.2f}' for a in ari)}."]
+        + (["", f"Note: {result['note']}"] if result.get("note") else []))
 
 
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
