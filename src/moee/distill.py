@@ -99,16 +99,16 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         data = list(data)
     if len(data) == 0:
         raise EmptyDataError("distill() got no batches")
+    state_dir = Path(state_dir) if state_dir is not None else None
     rank, world = rank_and_world()
     if world > 1:  # torchrun: each rank trains on its shard, gradients averaged by DDP
         data = data[rank::world] if isinstance(data, Sequence) else _Shard(data, rank, world)
-        state_dir = Path(state_dir) / f"rank{rank}" if state_dir is not None else None
+        state_dir = state_dir / f"rank{rank}" if state_dir is not None else None
     checked = isinstance(data, Sequence)
     for i, batch in enumerate(data if checked else ()):
         check_batch(batch, i)
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
-    state_dir = Path(state_dir) if state_dir is not None else None
     key = _run_key(student, teacher, data, config) if state_dir is not None else ""
     student.to(device).train()
     teacher.to(device)
