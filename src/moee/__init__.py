@@ -10,6 +10,7 @@ from moee._version import __version__
 from moee.adapters import MLPSite, MLPWeights, find_mlp_sites, list_adapters, register_adapter
 from moee.api import ExtractionReport, calibrate, extract
 from moee.config import (
+    BudgetConfig,
     ClusterConfig,
     DistillConfig,
     ExtractConfig,
@@ -41,7 +42,8 @@ from moee.moe_model import MoEModel, load
 from moee.text import read_texts, token_batches
 
 __all__ = [
-    "AdapterMismatchError", "BadBatchError", "CheckpointError", "ClusterConfig", "ConfigError",
+    "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CheckpointError", "ClusterConfig",
+    "ConfigError",
     "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
     "ExtractionReport", "MLPSite", "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",

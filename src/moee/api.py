@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 import tempfile
 import time
@@ -11,27 +12,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moee.adapters import find_mlp_sites
 from moee.atomic import write_json
 from moee.batches import Batch
-from moee.build import LayerPlan, apply_plans, left_out_mean_output
-from moee.cluster import cluster_layer
-from moee.cluster_cache import clustering_key, load_clustering, save_clustering
+from moee.budget import allocate_budget
+from moee.build import LayerPlan, apply_plans
 from moee.config import ExtractConfig
 from moee.distributed import barrier, merge_stores, rank_and_world, shard, shard_tokens
-from moee.engine import route, router_weights
 from moee.engine.calibrate import calibrate_layers
 from moee.errors import ConfigError, NoClustersError
 from moee.fingerprint import model_fingerprint
+from moee.fit import LayerFit, fit_layers
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations, reuse_or_why_not
 from moee.resources import check_disk, plan_memory
-from moee.select import ClusterStats, cluster_stats, select_experts
 
 
 @dataclass
@@ -44,6 +40,7 @@ class ExtractionReport:
     work_dir: str | None  # None: a temporary store, removed once extraction finished
     config: dict[str, Any] = field(default_factory=dict)
     activations: str = ""  # "recorded" or "reused", and why
+    budget: dict[str, Any] = field(default_factory=dict)  # budget mode's choice, if used
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,18 +99,6 @@ def _open_or_record(model, sites, data, config: ExtractConfig, work: Path
     return ActivationStore.open(merged), f"{note} on rank {rank} of {world}, merged"
 
 
-@torch.no_grad()
-def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
-                 chunk: int = 65536) -> np.ndarray:
-    """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
-    router = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
-    out = []
-    for start in range(0, len(inputs), chunk):
-        x = torch.tensor(np.asarray(inputs[start : start + chunk]), dtype=torch.float32)  # a copy
-        out.append(route(x, router).numpy())
-    return np.concatenate(out)
-
-
 def extract(
     model: nn.Module, data: Iterable, config: ExtractConfig | None = None,
     adapter: str | None = None,
@@ -131,63 +116,46 @@ def extract(
     bad = [i for i in chosen if not 0 <= i < len(sites)]
     if bad:
         raise ConfigError(f"layers: {bad} out of range: the model has {len(sites)} MLP blocks")
+    probe: list = []
+    if config.budget.target_macs is not None:  # the leading batches, also recorded
+        it = iter(data)
+        probe = list(itertools.islice(it, config.budget.probe_batches))
+        data = itertools.chain(probe, it)
     if config.work_dir is not None:
-        return _extract(model, data, config, adapter, sites, chosen, Path(config.work_dir))
+        return _extract(model, data, config, adapter, sites, chosen, Path(config.work_dir),
+                        probe)
     if rank_and_world()[1] > 1:
         raise ConfigError("under torchrun, extract needs a work_dir every rank can read (the "
                           "ranks share the recorded activations and clusterings through it)")
     with tempfile.TemporaryDirectory(prefix="moee-") as tmp:
-        return _extract(model, data, config, adapter, sites, chosen, Path(tmp))
+        return _extract(model, data, config, adapter, sites, chosen, Path(tmp), probe)
 
 
-def _cluster_and_select(store: ActivationStore, sites, chosen: list[int], config: ExtractConfig,
-                        work: Path) -> tuple[list[LayerPlan], list[dict], int]:
-    """Per layer: the clustering (reused from `work` when its key matches), expert statistics,
-    selection and the layer's plan; (plans, report rows, clusterings reused)."""
-    plans, rows, reused = [], [], 0
-    for i in tqdm(chosen, desc="cluster + select", disable=not config.progress, leave=False):
-        hidden = store.hidden(i)
-        key = clustering_key(store.origin, config.cluster, i)
-        clustering = load_clustering(work, i, key, store.n_tokens)
-        reused += clustering is not None
-        if clustering is None:
-            clustering = cluster_layer(hidden, config.cluster)
-            save_clustering(work, i, key, clustering)
-        width = sites[i].weights().hidden_size
-        row = {"site": sites[i].name, "hidden": width,
-               "experts": clustering.n_clusters, "noise_fraction": clustering.noise_fraction,
-               "stability": clustering.stability, "seconds": clustering.seconds,
-               "kept_neurons": width}
-        if clustering.n_clusters > 0:
-            stats = cluster_stats(hidden, store.inputs(i), clustering.labels,
-                                  clustering.n_clusters)
-            # Where the router sends every calibration token: the load report, and the token
-            # sets of "routed" selection.
-            routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
-            load = np.bincount(routed, minlength=clustering.n_clusters) / len(routed)
-            if config.select.tokens == "routed":
-                routed_stats = cluster_stats(hidden, store.inputs(i), routed,
-                                             clustering.n_clusters)
-                # Centres stay the cluster means: the router is the paper's either way.
-                stats = ClusterStats(routed_stats.counts, routed_stats.hidden_mean,
-                                     routed_stats.hidden_var, stats.input_mean)
-            experts = select_experts(stats, config.select)
-            bias = (left_out_mean_output(sites[i], experts, stats.hidden_mean)
-                    if config.select.compensate_mean else None)
-            plan = LayerPlan(sites[i].name, experts, stats.input_mean.astype(np.float32),
-                             config.router.metric, bias)
+def _plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter, probe: list,
+           store: ActivationStore, config: ExtractConfig, work: Path
+           ) -> tuple[list[LayerPlan], list[dict], dict[str, Any]]:
+    """(plans, report rows, budget summary): every layer at `select.p`, or in budget mode at
+    the p per layer that meets `budget.target_macs` with the least measured loss."""
+    ps: list[float | None] = [config.select.p] * len(fits)
+    summary: dict[str, Any] = {}
+    if config.budget.target_macs is not None:
+        allocation = allocate_budget(model, sites, student,
+                                     find_mlp_sites(student, adapter, validate=False), fits,
+                                     probe, config, store.origin, work)
+        ps = [o.p for o in allocation.choice]
+        summary = {"target_macs": config.budget.target_macs, "scope": config.budget.scope,
+                   "predicted_fraction": allocation.fraction, "p_per_layer": ps}
+    plans, rows = [], []
+    for fit, p in zip(fits, ps, strict=True):
+        plan = None if p is None else fit.plan(replace(config.select, p=p))
+        if plan is not None:
             plans.append(plan)
-            sizes = [len(e) for e in experts]
-            row.update(kept_neurons=len(plan.kept_neurons()), expert_sizes=sizes,
-                       cluster_tokens=stats.counts.astype(int).tolist(),
-                       load_share=load.tolist(),
-                       active_neurons_per_token=float(np.dot(load, sizes)))
-        rows.append(row)
-    return plans, rows, reused
+        rows.append(fit.report_row(plan, p if plan is not None else None))
+    return plans, rows, summary
 
 
 def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[int],
-             work: Path) -> tuple[MoEModel, ExtractionReport]:
+             work: Path, probe: list) -> tuple[MoEModel, ExtractionReport]:
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     if rank_and_world()[0] != 0:
@@ -195,13 +163,21 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     store, note = _open_or_record(model, sites, data, config, work)
     config = plan_memory(store.n_tokens, sites, config)
 
-    # Under torchrun rank 0 clusters; the other ranks then find every clustering in `work`.
+    # Under torchrun rank 0 clusters (and measures the budget's options) first; the other
+    # ranks then find every result in `work`.
     rank, _ = rank_and_world()
+    student = copy.deepcopy(model)
+
+    def fit_and_plan():
+        fits, reused = fit_layers(store, sites, chosen, config, work)
+        return (*_plans(model, sites, fits, student, adapter, probe, store, config, work),
+                reused)
+
     if rank == 0:
-        plans, rows, reused = _cluster_and_select(store, sites, chosen, config, work)
+        plans, rows, summary, reused = fit_and_plan()
     barrier()
     if rank != 0:
-        plans, rows, reused = _cluster_and_select(store, sites, chosen, config, work)
+        plans, rows, summary, reused = fit_and_plan()
     if not plans:
         raise NoClustersError(
             f"no clusters in any of layers {chosen} ({store.n_tokens} tokens): every layer would "
@@ -209,14 +185,15 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
             "more tokens."
             + (f" Recorded activations are kept in {store.root} and are reused when you call "
                "extract again with the same work_dir and data." if config.work_dir else ""))
-
-    student = copy.deepcopy(model)
+    if summary:  # measuring the budget's options left dense-equivalent MoEs in `student`
+        del student
+        student = copy.deepcopy(model)
     apply_plans(find_mlp_sites(student, adapter, validate=False), plans)
     moe_model = MoEModel(student, config.as_dict(), adapter).eval()
     if reused:
         note += f"; clusterings of {reused} of {len(chosen)} layers reused"
     report = ExtractionReport(rows, store.n_tokens, time.perf_counter() - t0,
-                              config.work_dir and str(work), config.as_dict(), note)
+                              config.work_dir and str(work), config.as_dict(), note, summary)
     if rank == 0:
         write_json(work / "report.json", report.as_dict())
         write_json(work / "plans.json", [p.to_json() for p in plans])

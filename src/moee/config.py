@@ -16,8 +16,8 @@ CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch")
 SELECT_CRITERIA = ("variance", "magnitude")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "ROUTER_METRICS", "SELECT_CRITERIA",
-           "ClusterConfig", "ConfigError", "DistillConfig", "ExtractConfig", "RecordConfig",
-           "RouterConfig", "SelectConfig"]
+           "BudgetConfig", "ClusterConfig", "ConfigError", "DistillConfig", "ExtractConfig",
+           "RecordConfig", "RouterConfig", "SelectConfig"]
 
 def _check(ok: bool, name: str, msg: str) -> None:
     if not ok:
@@ -165,6 +165,34 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """MAC-budget mode (not in the paper): with `target_macs` set (a fraction of the dense
+    model's MACs), each layer gets its own p from `p_grid`, or stays dense, chosen from every
+    layer's measured sensitivity so that the model meets the target with the least output
+    divergence; `select.p` is then unused. `scope`: "model" counts whole-model MACs, "mlp"
+    only the MLP blocks'. Sensitivity is measured on the first `probe_batches` calibration
+    batches: the distillation loss (KL on logits, MSE on hidden states) between the dense
+    model and the model with that one layer converted."""
+
+    target_macs: float | None = None
+    scope: str = "model"
+    p_grid: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4,
+                                 0.3)
+    probe_batches: int = 2
+
+    def __post_init__(self) -> None:
+        _check_types(self, "budget")
+        _check(self.target_macs is None or 0 < self.target_macs < 1, "budget.target_macs",
+               f"must be in (0, 1) or None, got {self.target_macs}")
+        _check(self.scope in ("model", "mlp"), "budget.scope",
+               f"must be 'model' or 'mlp', got {self.scope!r}")
+        _check(len(self.p_grid) > 0 and all(0 < p <= 1 for p in self.p_grid), "budget.p_grid",
+               f"must be values in (0, 1], got {self.p_grid}")
+        _check(self.probe_batches >= 1, "budget.probe_batches",
+               f"must be >= 1, got {self.probe_batches}")
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
     """Everything `moee.extract` needs. `work_dir` keeps each stage's results on disk."""
 
@@ -172,6 +200,7 @@ class ExtractConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
     work_dir: str | os.PathLike | None = None
     progress: bool = True
@@ -194,6 +223,7 @@ class ExtractConfig:
             cluster=ClusterConfig(**d.get("cluster", {})),
             select=SelectConfig(**d.get("select", {})),
             router=RouterConfig(**d.get("router", {})),
+            budget=BudgetConfig(**d.get("budget", {})),
             layers=tuple(d["layers"]) if d.get("layers") is not None else None,
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),

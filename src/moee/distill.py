@@ -36,19 +36,30 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torch.Tensor:
-    s, t = output_tensor(student_out), output_tensor(teacher_out)
-    kind = config.loss
-    if kind == "auto":
-        hidden_only = getattr(teacher_out, "logits", None) is None and \
-            getattr(teacher_out, "last_hidden_state", None) is not None
-        kind = "mse" if hidden_only else "kl"
+def loss_kind(teacher_out, config: DistillConfig) -> str:
+    """"kl" on logits, "mse" on hidden states (encoders without logits), or what `config`
+    names."""
+    if config.loss != "auto":
+        return config.loss
+    hidden_only = getattr(teacher_out, "logits", None) is None and \
+        getattr(teacher_out, "last_hidden_state", None) is not None
+    return "mse" if hidden_only else "kl"
+
+
+def output_loss(s: torch.Tensor, t: torch.Tensor, batch: Batch, kind: str,
+                temperature: float = 1.0) -> torch.Tensor:
+    """The distillation loss between output tensors, over the batch's real tokens only."""
     mask = token_mask(batch)
     if mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape):
         s, t = s[mask], t[mask]  # per-token outputs: padding tokens carry no signal
     if kind == "mse":
         return F.mse_loss(s, t)
-    return kd_loss(s, t, config.temperature)
+    return kd_loss(s, t, temperature)
+
+
+def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torch.Tensor:
+    return output_loss(output_tensor(student_out), output_tensor(teacher_out), batch,
+                       loss_kind(teacher_out, config), config.temperature)
 
 
 class _Shard:

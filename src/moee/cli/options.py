@@ -65,6 +65,12 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--max-memory", type=float, default=base.max_memory_gib, metavar="GIB",
                    help="memory for clustering a layer; beyond it a subsample is clustered and "
                    "the rest assigned (default: every token)")
+    p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
+                   metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
+                   "dense) from measured sensitivity to reach this fraction of the dense MACs; "
+                   "--p is then unused")
+    p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
+                   help="which MACs --target-macs counts: the whole model's or the MLPs'")
     p.add_argument("--seed", type=int, default=c.seed)
 
 
@@ -79,7 +85,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        max_clusters=args.max_experts or None),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
                       compensate_mean=not args.no_compensate),
-             router=r(base.router, metric=args.metric), work_dir=args.work_dir,
+             router=r(base.router, metric=args.metric),
+             budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
+             work_dir=args.work_dir,
              max_memory_gib=args.max_memory)
 
 

@@ -1,0 +1,236 @@
+"""MAC-budget mode: one p per layer, chosen from each layer's measured sensitivity, so that
+the model meets a MAC target with the least output divergence from the dense model.
+
+Every layer's options (dense, or each p of the grid) are measured one layer at a time on a
+few calibration batches: the executed MLP MACs (from where the router sent the calibration
+tokens) and the distillation loss against the dense model. Treating the layers' losses as
+additive, the allocation walks down each layer's lower convex hull of (MACs, loss), always
+taking the cheapest loss per MAC saved, until the target is met, then spends the slack left
+by the last step on the upgrades that cut the loss most.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moee.adapters import MLPSite
+from moee.atomic import write_json
+from moee.batches import Batch, call_model, output_tensor
+from moee.build import LayerPlan, build_moe_mlp
+from moee.config import DistillConfig, ExtractConfig
+from moee.distill import loss_kind, output_loss
+from moee.errors import ConfigError
+from moee.evaluate import count_macs
+from moee.fingerprint import new_digest, update_batch_digest
+from moee.fit import LayerFit
+from moee.modes import eval_mode
+
+
+@dataclass
+class Option:
+    """One way to run a layer: `p` None = dense. `macs` over the probe batches' tokens."""
+
+    p: float | None
+    macs: float
+    divergence: float
+
+
+@dataclass
+class Allocation:
+    """The chosen option per fitted layer and what the whole choice costs (probe batches)."""
+
+    choice: list[Option]
+    fraction: float  # predicted MACs / dense MACs in the budget's scope
+    dense_macs: float
+    table: list[list[Option]]
+
+
+@torch.inference_mode()
+def _tokens_per_layer(model: nn.Module, sites: Sequence[MLPSite], probe: list[Batch]
+                      ) -> list[int]:
+    """Positions each MLP computes over the probe batches (stages of Swin or ConvNeXt differ)."""
+    counts = [0] * len(sites)
+
+    def hook(i):
+        def count(_m, args, kwargs):
+            x = args[0] if args else next(v for v in kwargs.values()
+                                          if isinstance(v, torch.Tensor))
+            counts[i] += x.numel() // x.shape[-1]
+        return count
+
+    handles = [s.entry.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, s in enumerate(sites)]
+    try:
+        with eval_mode(model):
+            for batch in probe:
+                call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _option_macs(fit: LayerFit, plan: LayerPlan | None, tokens: int) -> float:
+    w = fit.site.weights()
+    per_token = fit.active_neurons(plan) * w.params_per_neuron
+    if plan is not None:
+        per_token += len(plan.experts) * w.d_in  # the router's similarity to every centre
+    return per_token * tokens
+
+
+def _same_experts(a: LayerPlan, b: LayerPlan | None) -> bool:
+    return b is not None and len(a.experts) == len(b.experts) and all(
+        np.array_equal(x, y) for x, y in zip(a.experts, b.experts, strict=True))
+
+
+@torch.inference_mode()
+def measure_options(dense: nn.Module, student: nn.Module, student_sites: dict[str, MLPSite],
+                    fits: list[LayerFit], probe: list[Batch], config: ExtractConfig,
+                    tokens: list[int]) -> list[list[Option]]:
+    """Per fitted layer, each option's MACs and loss against `dense` with only that layer
+    converted in `student` (a copy of `dense`; its converted layers are left dense-equivalent,
+    all neurons in one expert)."""
+    references = []
+    with eval_mode(dense):
+        for batch in probe:
+            out = call_model(dense, batch)
+            kind = loss_kind(out, DistillConfig())
+            references.append(output_tensor(out).detach().clone())
+    grid = sorted(set(config.budget.p_grid), reverse=True)
+    table = []
+    bar = tqdm(total=len(fits) * len(grid), desc="layer sensitivity", leave=False,
+               disable=not config.progress)
+    with eval_mode(student):
+        for fit, n in zip(fits, tokens, strict=True):
+            options = [Option(None, _option_macs(fit, None, n), 0.0)]
+            site, previous = student_sites[fit.site.name], None
+            for p in grid if fit.stats is not None else ():
+                plan = fit.plan(replace(config.select, p=p))
+                if _same_experts(plan, previous):
+                    options.append(replace(options[-1], p=p))
+                else:
+                    site.install(build_moe_mlp(site, plan).eval())
+                    loss = sum(float(output_loss(output_tensor(call_model(student, b)), ref, b,
+                                                 kind))
+                               for b, ref in zip(probe, references, strict=True)) / len(probe)
+                    options.append(Option(p, _option_macs(fit, plan, n), loss))
+                previous = plan
+                bar.update(1)
+            if fit.stats is not None:  # back to dense-equivalent: all neurons, one expert
+                whole = LayerPlan(fit.site.name, [np.arange(fit.width)],
+                                  fit.stats.input_mean[:1].astype(np.float32), fit.metric)
+                site.install(build_moe_mlp(site, whole).eval())
+            table.append(options)
+    bar.close()
+    return table
+
+
+def _hull(options: list[Option]) -> list[Option]:
+    """The lower convex hull of (MACs, loss) from the dense option down to the cheapest: the
+    options worth stepping through, in order."""
+    path = [options[0]]
+    rest = sorted(options[1:], key=lambda o: (-o.macs, o.divergence))
+    while True:
+        cur = path[-1]
+        cheaper = [o for o in rest if o.macs < cur.macs]
+        if not cheaper:
+            return path
+        path.append(min(cheaper, key=lambda o: ((o.divergence - cur.divergence)
+                                                / (cur.macs - o.macs), o.macs)))
+
+
+def allocate(table: list[list[Option]], fixed_macs: float, dense_macs: float,
+             target: float) -> tuple[list[Option], float]:
+    """(one option per layer, predicted MAC fraction) meeting `target` * `dense_macs`, where
+    `fixed_macs` is what the unconverted part of the model costs."""
+    budget = target * dense_macs
+    hulls = [_hull(options) for options in table]
+    at = [0] * len(table)
+    total = fixed_macs + sum(h[0].macs for h in hulls)
+
+    def step(i: int):
+        a, b = hulls[i][at[i]], hulls[i][at[i] + 1]
+        return ((b.divergence - a.divergence) / (a.macs - b.macs), i)
+
+    heap = [step(i) for i, h in enumerate(hulls) if len(h) > 1]
+    heapq.heapify(heap)
+    while total > budget and heap:
+        _, i = heapq.heappop(heap)
+        total -= hulls[i][at[i]].macs - hulls[i][at[i] + 1].macs
+        at[i] += 1
+        if at[i] + 1 < len(hulls[i]):
+            heapq.heappush(heap, step(i))
+    if total > budget:
+        raise ConfigError(
+            f"budget.target_macs={target}: the cheapest choice of the grid costs "
+            f"{total / dense_macs:.3f} of dense; add lower p values to budget.p_grid or "
+            "convert more layers")
+    choice = [h[k] for h, k in zip(hulls, at, strict=True)]
+    # The last step may undershoot: spend the slack on the upgrades that cut the loss most
+    # (or, at equal loss, use the most of it). Each move raises the total: it terminates.
+    while True:
+        moves = [(c.divergence - o.divergence, o.macs - c.macs, i, o) for i, (c, options)
+                 in enumerate(zip(choice, table, strict=True)) for o in options
+                 if o.divergence <= c.divergence and o.macs > c.macs
+                 and total - c.macs + o.macs <= budget]
+        if not moves:
+            break
+        *_, i, o = max(moves, key=lambda m: m[:2])
+        total += o.macs - choice[i].macs
+        choice[i] = o
+    return choice, total / dense_macs
+
+
+def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batch],
+                 layers: list[int]) -> str:
+    h = new_digest()
+    for batch in probe:
+        update_batch_digest(h, batch)
+    body = {"store": origin, "cluster": asdict(config.cluster), "layers": layers,
+            "select": asdict(replace(config.select, p=1.0)), "router": asdict(config.router),
+            "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Module,
+                    student_sites: list[MLPSite], fits: list[LayerFit], probe: list[Batch],
+                    config: ExtractConfig, origin: dict[str, Any], work: Path) -> Allocation:
+    """Measure (or reuse from `work/budget_options.json`) every layer's options and choose
+    one per layer meeting `config.budget.target_macs`."""
+    if not probe:
+        raise ConfigError("budget mode needs calibration batches to measure sensitivity on")
+    by_name = {s.name: s for s in student_sites}
+    tokens_all = _tokens_per_layer(dense, dense_sites, probe)
+    index = {s.name: i for i, s in enumerate(dense_sites)}
+    tokens = [tokens_all[index[f.site.name]] for f in fits]
+    key = _options_key(origin, config, probe, [f.index for f in fits])
+    path = work / "budget_options.json"
+    table = None
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            table = [[Option(**o) for o in row] for row in saved["table"]]
+    if table is None:
+        table = measure_options(dense, student, by_name, fits, probe, config, tokens)
+        write_json(path, {"key": key, "table": [[asdict(o) for o in row] for row in table]})
+    mlp_dense = sum(n * s.weights().hidden_size * s.weights().params_per_neuron
+                    for n, s in zip(tokens_all, dense_sites, strict=True))
+    fitted_dense = sum(row[0].macs for row in table)
+    if config.budget.scope == "model":
+        dense_macs = float(sum(count_macs(dense, b) for b in probe))
+    else:
+        dense_macs = float(mlp_dense)
+    choice, fraction = allocate(table, dense_macs - fitted_dense, dense_macs,
+                                config.budget.target_macs)
+    return Allocation(choice, fraction, dense_macs, table)

@@ -1,0 +1,118 @@
+"""Per layer: the clustering (cached on disk), each cluster's statistics and where the router
+sends every calibration token. A `LayerFit` turns into a `LayerPlan` at any `p` in
+milliseconds, so a uniform `p`, a p sweep and the MAC-budget mode all start from one fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moee.adapters import MLPSite
+from moee.build import LayerPlan, left_out_mean_output
+from moee.cluster import cluster_layer
+from moee.cluster_cache import clustering_key, load_clustering, save_clustering
+from moee.config import ExtractConfig, SelectConfig
+from moee.engine import route, router_weights
+from moee.record import ActivationStore
+from moee.select import ClusterStats, cluster_stats, select_experts
+
+
+@torch.no_grad()
+def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
+                 chunk: int = 65536) -> np.ndarray:
+    """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
+    router = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
+    out = []
+    for start in range(0, len(inputs), chunk):
+        x = torch.tensor(np.asarray(inputs[start : start + chunk]), dtype=torch.float32)  # a copy
+        out.append(route(x, router).numpy())
+    return np.concatenate(out)
+
+
+@dataclass
+class LayerFit:
+    """One MLP block's clustering and statistics. `stats` is None when the clustering found no
+    cluster: the layer stays dense whatever `p`."""
+
+    index: int
+    site: MLPSite
+    row: dict[str, Any]  # report fields that do not depend on p
+    stats: ClusterStats | None = None  # the statistics experts are selected from
+    load: np.ndarray | None = None  # (k,) share of calibration tokens routed to each expert
+    metric: str = "cosine"
+
+    @property
+    def width(self) -> int:
+        return self.row["hidden"]
+
+    def plan(self, select: SelectConfig) -> LayerPlan | None:
+        """The layer's experts at `select.p` (None when it stays dense)."""
+        if self.stats is None:
+            return None
+        experts = select_experts(self.stats, select)
+        bias = (left_out_mean_output(self.site, experts, self.stats.hidden_mean)
+                if select.compensate_mean else None)
+        return LayerPlan(self.site.name, experts, self.stats.input_mean.astype(np.float32),
+                         self.metric, bias)
+
+    def active_neurons(self, plan: LayerPlan | None) -> float:
+        """Neurons a calibration token computes on average under `plan` (all when dense)."""
+        if plan is None:
+            return float(self.width)
+        return float(np.dot(self.load, [len(e) for e in plan.experts]))
+
+    def report_row(self, plan: LayerPlan | None, p: float | None) -> dict[str, Any]:
+        row = dict(self.row, p=p)
+        if plan is not None:
+            sizes = [len(e) for e in plan.experts]
+            row.update(kept_neurons=len(plan.kept_neurons()), expert_sizes=sizes,
+                       load_share=self.load.tolist(),
+                       active_neurons_per_token=self.active_neurons(plan))
+        return row
+
+
+def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig,
+              work: Path) -> tuple[LayerFit, bool]:
+    """(the layer's fit, whether its clustering was reused from `work`)."""
+    hidden = store.hidden(i)
+    key = clustering_key(store.origin, config.cluster, i)
+    clustering = load_clustering(work, i, key, store.n_tokens)
+    reused = clustering is not None
+    if clustering is None:
+        clustering = cluster_layer(hidden, config.cluster)
+        save_clustering(work, i, key, clustering)
+    width = site.weights().hidden_size
+    row = {"site": site.name, "hidden": width, "experts": clustering.n_clusters,
+           "noise_fraction": clustering.noise_fraction, "stability": clustering.stability,
+           "seconds": clustering.seconds, "kept_neurons": width}
+    fit = LayerFit(i, site, row, metric=config.router.metric)
+    if clustering.n_clusters == 0:
+        return fit, reused
+    stats = cluster_stats(hidden, store.inputs(i), clustering.labels, clustering.n_clusters)
+    # Where the router sends every calibration token: the load report, the MAC estimate, and
+    # the token sets of "routed" selection.
+    routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
+    fit.load = np.bincount(routed, minlength=clustering.n_clusters) / len(routed)
+    if config.select.tokens == "routed":
+        routed_stats = cluster_stats(hidden, store.inputs(i), routed, clustering.n_clusters)
+        # Centres stay the cluster means: the router is the paper's either way.
+        stats = replace(routed_stats, input_mean=stats.input_mean)
+    fit.stats = stats
+    fit.row["cluster_tokens"] = stats.counts.astype(int).tolist()
+    return fit, reused
+
+
+def fit_layers(store: ActivationStore, sites: list[MLPSite], chosen: list[int],
+               config: ExtractConfig, work: Path) -> tuple[list[LayerFit], int]:
+    """(one fit per chosen layer, how many clusterings were reused)."""
+    fits, reused = [], 0
+    for i in tqdm(chosen, desc="cluster + statistics", disable=not config.progress, leave=False):
+        fit, was_reused = fit_layer(store, sites[i], i, config, work)
+        fits.append(fit)
+        reused += was_reused
+    return fits, reused
