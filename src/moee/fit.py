@@ -94,6 +94,9 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     if clustering.n_clusters == 0:
         return fit, reused
     stats = cluster_stats(hidden, store.inputs(i), clustering.labels, clustering.n_clusters)
+    if config.router.centres == "random":
+        rng = np.random.default_rng(config.router.seed + i)
+        stats = replace(stats, input_mean=rng.standard_normal(stats.input_mean.shape))
     # Where the router sends every calibration token: the load report, the MAC estimate, and
     # the token sets of "routed" selection.
     routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)

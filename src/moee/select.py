@@ -60,6 +60,12 @@ def select_neurons(scores: np.ndarray, p: float) -> np.ndarray:
 
 
 def select_experts(stats: ClusterStats, config: SelectConfig) -> list[np.ndarray]:
-    """One neuron index set per cluster, ranked by within-cluster variance or |mean|."""
-    scores = stats.hidden_var if config.criterion == "variance" else np.abs(stats.hidden_mean)
-    return [select_neurons(s, config.p) for s in scores]
+    """One neuron index set per cluster, ranked by within-cluster variance or |mean|, or as
+    many as variance would keep drawn at random."""
+    scores = stats.hidden_var if config.criterion != "magnitude" else np.abs(stats.hidden_mean)
+    experts = [select_neurons(s, config.p) for s in scores]
+    if config.criterion == "random":
+        rng = np.random.default_rng(config.seed)
+        width = scores.shape[1]
+        experts = [np.sort(rng.choice(width, len(e), replace=False)) for e in experts]
+    return experts

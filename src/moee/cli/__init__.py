@@ -1,4 +1,4 @@
-"""`moee` command line: demo, train-base, extract, finetune, evaluate, calibrate, bench.
+"""`moee` command line: demo, study, train-base, extract, finetune, evaluate, calibrate, bench.
 
 Thin over the Python API; every default comes from the config dataclasses. moee's own errors
 print as one line (exit code 2); anything else shows its traceback.
@@ -15,6 +15,7 @@ from moee.cli.commands import (
     cmd_evaluate,
     cmd_extract,
     cmd_finetune,
+    cmd_study,
     cmd_train_base,
 )
 from moee.cli.options import (
@@ -52,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
     add_data_args(demo)
     demo.set_defaults(func=cmd_demo, extract_base=demo_extract_config())
+
+    st = sub.add_parser("study", help="the paper's study on the embedded default: ablation, "
+                        "p sweeps per method, MAC-budget mode, variants; resumable")
+    st.add_argument("--quick", action="store_true",
+                    help="fewer points, no distillation, 2,000 test images (minutes)")
+    st.add_argument("--kd-epochs", type=float, default=None,
+                    help="distillation epochs per point (default: 0 quick, 1 full)")
+    st.add_argument("--test-images", type=int, default=None,
+                    help="test images per evaluation (default: 2,000 quick, all full)")
+    st.add_argument("--out", default="runs/study")
+    st.add_argument("--seed", type=int, default=0)
+    add_data_args(st)
+    st.set_defaults(func=cmd_study)
 
     tb = sub.add_parser("train-base", help="train the embedded-default ViT on Fashion-MNIST")
     tb_defaults = TrainBaseConfig()

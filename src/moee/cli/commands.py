@@ -26,6 +26,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from moee.study import StudyConfig, run_study
+
+    run_study(StudyConfig(out=args.out, quick=args.quick, kd_epochs=args.kd_epochs,
+                          test_images=args.test_images, seed=args.seed, data_dir=args.data_dir,
+                          download=args.download))
+    return 0
+
+
 def cmd_train_base(args: argparse.Namespace) -> int:
     from moee.demo.train_base import TrainBaseConfig, train_base
 

@@ -7,6 +7,7 @@ import dataclasses
 
 from moee.config import (
     CLUSTER_ALGORITHMS,
+    METHODS,
     ROUTER_METRICS,
     SELECT_CRITERIA,
     DistillConfig,
@@ -65,6 +66,8 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--max-memory", type=float, default=base.max_memory_gib, metavar="GIB",
                    help="memory for clustering a layer; beyond it a subsample is clustered and "
                    "the rest assigned (default: every token)")
+    p.add_argument("--method", default="moee", choices=METHODS,
+                   help="moee, or random (random clusters, neurons and routing: the baseline)")
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
                    "dense) from measured sensitivity to reach this fraction of the dense MACs; "
@@ -88,7 +91,7 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              router=r(base.router, metric=args.metric),
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
-             max_memory_gib=args.max_memory)
+             max_memory_gib=args.max_memory).with_method(args.method)
 
 
 def add_kd_args(p: argparse.ArgumentParser) -> None:

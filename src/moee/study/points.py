@@ -1,0 +1,61 @@
+"""What the study measures: one `StudyPoint` per extraction setting, in groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from moee.config import BudgetConfig, ExtractConfig
+
+
+@dataclass(frozen=True)
+class StudyPoint:
+    """One extraction the study runs. `group` names the table it belongs to, `series` the
+    line it lies on in the accuracy-vs-MACs plot."""
+
+    group: str
+    name: str
+    series: str
+    config: ExtractConfig
+
+
+def _ablation(base: ExtractConfig) -> list[StudyPoint]:
+    """The paper's Table 2 order: random experts, then each part of MoEE added in turn."""
+    r = replace
+    random = base.with_method("random")
+    hdbscan = r(random, cluster=base.cluster)
+    variance = r(hdbscan, select=base.select)
+    return [StudyPoint("ablation", name, "ablation", c) for name, c in (
+        ("random clusters, neurons, routing", random), ("+ HDBSCAN clusters", hdbscan),
+        ("+ variance selection", variance), ("+ input routing (MoEE)", base))]
+
+
+def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
+    """The points of the quick or the full study, from the settings `base` (its `select.p` is
+    the ablation's p)."""
+    r = replace
+    ps = (0.9, 0.8, 0.7) if quick else (0.95, 0.9, 0.8, 0.7, 0.6)
+    targets = (0.6, 0.5) if quick else (0.7, 0.6, 0.55, 0.5)
+    points = _ablation(base)
+    for method in ("moee", "random"):
+        for p in ps:
+            config = r(base, select=r(base.select, p=p)).with_method(method)
+            points.append(StudyPoint("p sweep", f"{method} p={p}", f"{method}, one p", config))
+    for t in targets:
+        config = r(base, budget=BudgetConfig(target_macs=t))
+        points.append(StudyPoint("budget", f"budget {t:.0%} of dense MACs", "moee, MAC budget",
+                                 config))
+    if quick:
+        return points
+    for algorithm in ("kmeans", "birch"):
+        config = r(base, cluster=r(base.cluster, algorithm=algorithm))
+        points.append(StudyPoint("variants", f"{algorithm} clusters", "variants", config))
+    points.append(StudyPoint("variants", "magnitude selection", "variants",
+                             r(base, select=r(base.select, criterion="magnitude"))))
+    points.append(StudyPoint("variants", "euclidean routing", "variants",
+                             r(base, router=r(base.router, metric="euclidean"))))
+    points.append(StudyPoint("variants", "paper selection (cluster tokens, no compensation)",
+                             "variants", r(base, select=type(base.select).paper(base.select.p))))
+    for n in (5000, 10000):
+        config = r(base, record=r(base.record, n_tokens=n))
+        points.append(StudyPoint("calibration", f"{n} tokens", "calibration", config))
+    return points

@@ -1,0 +1,115 @@
+"""Run the study's points on the embedded default, each result cached under `out/points`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moee.api import extract
+from moee.atomic import write_json
+from moee.config import DistillConfig, ExtractConfig
+from moee.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
+from moee.demo.pipeline import calibration_batches, demo_extract_config
+from moee.distill import distill
+from moee.evaluate import count_macs, evaluate
+from moee.study.points import StudyPoint, study_points
+from moee.study.report import study_tables, write_plot
+
+
+@dataclass
+class StudyConfig:
+    """`quick`: fewer points, no distillation unless `kd_epochs` says so, and 2,000 test
+    images; the full study distils every point for `kd_epochs` (default 1) and tests on all
+    10,000."""
+
+    out: str = "runs/study"
+    quick: bool = False
+    kd_epochs: float | None = None  # None: 0 for the quick study, 1 for the full one
+    test_images: int | None = None  # None: 2,000 for the quick study, all for the full one
+    base: ExtractConfig | None = None  # None: the demo's extraction settings
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = False
+
+
+def _key(point: StudyPoint, kd_epochs: float, test_images: int) -> str:
+    body = {"config": asdict(replace(point.config, work_dir=None, progress=False)),
+            "kd_epochs": kd_epochs, "test_images": test_images}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
+    x = next(image_batches(test_x, None, 256))[0]
+    x64 = x[:64]
+    return {"top1": evaluate(model, image_batches(test_x, test_y, 500, limit)),
+            "macs_per_image": count_macs(model, x) / len(x),
+            "executed_macs_per_image": count_macs(model, x64, executed=True) / len(x64)}
+
+
+def _run_point(point: StudyPoint, dense, data, config: StudyConfig, kd_epochs: float,
+               limit: int, work: Path) -> dict[str, Any]:
+    train_x, test_x, test_y = data
+    ex = replace(point.config, work_dir=str(work / f"tokens{point.config.record.n_tokens}"),
+                 progress=False)
+    t0 = time.perf_counter()
+    moe_model, report = extract(dense, calibration_batches(train_x, config.seed), ex)
+    row: dict[str, Any] = {"group": point.group, "name": point.name, "series": point.series,
+                           "extract_seconds": time.perf_counter() - t0,
+                           "experts": [r["experts"] for r in report.layers],
+                           "stability": [r["stability"] for r in report.layers],
+                           "p_per_layer": [r.get("p") for r in report.layers],
+                           "before_kd": _measure(moe_model, test_x, test_y, limit)}
+    if kd_epochs > 0:
+        t1 = time.perf_counter()
+        distill(moe_model, dense, TrainingBatches(train_x, 128, True, config.seed),
+                DistillConfig(epochs=kd_epochs, seed=config.seed))
+        row["kd_seconds"] = time.perf_counter() - t1
+        row["after_kd"] = _measure(moe_model, test_x, test_y, limit)
+    return row
+
+
+def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
+    """Run (or resume) every point; write `study.json`, `study.md` and, with matplotlib,
+    `pareto.png` under `config.out`; returns the results."""
+    config = config or StudyConfig()
+    kd_epochs = config.kd_epochs if config.kd_epochs is not None else (0 if config.quick else 1)
+    out, t0 = Path(config.out), time.perf_counter()
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    train_x, _ = load_fashion_mnist("train", config.data_dir, config.download)
+    test_x, test_y = load_fashion_mnist("test", config.data_dir, config.download)
+    limit = config.test_images or (2000 if config.quick else len(test_x))
+    dense = load_default_model()
+    dense_row = _measure(dense, test_x, test_y, limit)
+    points = study_points(config.base or demo_extract_config(), config.quick)
+    rows, reused = [], 0
+    for point in tqdm(points, desc="study points"):
+        key = _key(point, kd_epochs, limit)
+        path = out / "points" / f"{key}.json"
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+            reused += 1
+            continue
+        row = _run_point(point, dense, (train_x, test_x, test_y), config, kd_epochs, limit,
+                         out / "work")
+        write_json(path, row)  # a finished point survives an interruption of the study
+        rows.append(row)
+    results = {"dense": dense_row, "rows": rows, "kd_epochs": kd_epochs, "test_images": limit,
+               "quick": config.quick, "threads": torch.get_num_threads(),
+               "seconds": time.perf_counter() - t0, "points_reused": reused}
+    write_json(out / "study.json", results)
+    tables = study_tables(results)
+    (out / "study.md").write_text(tables + "\n")
+    plot = write_plot(results, out / "pareto.png")
+    say(tables)
+    say(f"\n{len(rows)} points ({reused} reused from {out / 'points'}) in "
+        f"{results['seconds'] / 60:.1f} min; results {out / 'study.json'}, tables "
+        f"{out / 'study.md'}" + (f", plot {plot}" if plot else
+                                 " (pip install matplotlib for the plot)"))
+    return results

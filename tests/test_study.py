@@ -1,0 +1,61 @@
+"""`moee study`: its points, a small run on a fake Fashion-MNIST, and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import fake_dataset
+
+import moee
+from moee.study import StudyConfig, run_study, study_points
+from moee.study import runner as study_runner
+
+
+def _base() -> moee.ExtractConfig:
+    return moee.ExtractConfig(
+        record=moee.RecordConfig(n_tokens=1000),
+        cluster=moee.ClusterConfig(min_cluster_fraction=0.05, min_samples=5, reduce_dims=8,
+                                   stability=False, max_clusters=4),
+        budget=moee.BudgetConfig(p_grid=(0.95, 0.8, 0.6, 0.4, 0.2), probe_batches=1))
+
+
+def test_the_ablation_adds_one_part_of_moee_at_a_time():
+    points = study_points(_base(), quick=True)
+    ablation = [p.config for p in points if p.group == "ablation"]
+    steps = [(c.cluster.algorithm, c.select.criterion, c.router.centres) for c in ablation]
+    assert steps == [("random", "random", "random"), ("hdbscan", "random", "random"),
+                     ("hdbscan", "variance", "random"), ("hdbscan", "variance", "input_mean")]
+    budgets = [p.config.budget.target_macs for p in points if p.group == "budget"]
+    assert budgets and all(0 < t < 1 for t in budgets)
+    assert len(study_points(_base())) > len(points)  # the full study has more
+
+
+def test_a_small_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    fake_dataset(data, 64)
+    chosen = [p for p in study_points(_base(), quick=True)
+              if p.group == "ablation" or p.name.startswith("budget 60%")]
+    monkeypatch.setattr(study_runner, "study_points", lambda base, quick: chosen)
+    config = StudyConfig(out=str(tmp_path / "study"), quick=True, test_images=64,
+                         base=_base(), data_dir=str(data))
+    results = run_study(config, say=lambda *_: None)
+    assert [r["name"] for r in results["rows"]] == [p.name for p in chosen]
+    dense = results["dense"]["macs_per_image"]
+    budget = results["rows"][-1]
+    assert budget["before_kd"]["macs_per_image"] / dense == pytest.approx(0.6, abs=0.02)
+    assert all(r["before_kd"]["macs_per_image"] < dense for r in results["rows"])
+    table = (tmp_path / "study" / "study.md").read_text()
+    assert "**ablation**" in table and "+ input routing (MoEE)" in table
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["points_reused"] == 0
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "study" / "pareto.png").stat().st_size > 1000
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished point was run again")
+
+    monkeypatch.setattr(study_runner, "_run_point", fail)
+    again = run_study(config, say=lambda *_: None)
+    assert again["points_reused"] == len(chosen)
+    assert again["rows"] == results["rows"]
