@@ -71,7 +71,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--p", default="0.9,0.95")
     ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens")
+    ap.add_argument("--target-mlp-macs", default="",
+                    help="also extract in MAC-budget mode at these fractions of dense MLP MACs")
     ap.add_argument("--kd-epochs", type=float, default=1.0)
+    ap.add_argument("--kd-lr", type=float, default=5e-5)
     ap.add_argument("--out", default="runs/minilm")
     args = ap.parse_args()
     out = Path(args.out)
@@ -86,9 +89,15 @@ def main() -> None:
     dense_macs = moee.count_macs(dense, probe)
     dense_mlp = dense_mlp_macs(dense, probe["input_ids"].numel())  # padding is counted too
     rows = []
-    for p in (float(v) for v in args.p.split(",")):
+    # Uniform p values, then MAC-budget targets (p per layer from measured sensitivity).
+    runs = [float(v) for v in args.p.split(",") if v]
+    runs += [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    for p in runs:
+        budget = (moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp")
+                  if isinstance(p, str) else moee.BudgetConfig())
         config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
-                                    select=moee.SelectConfig(p=p), work_dir=str(out / "work"))
+                                    select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
+                                    budget=budget, work_dir=str(out / "work"))
         moe_model, report = moee.extract(dense, calib, config)
         moe_macs = moee.count_macs(moe_model, probe)
         row = {"p": p, "moe_layers": len(moe_model.moe_layers()),
@@ -97,10 +106,10 @@ def main() -> None:
                "before_kd": fidelity(e_dense, embed(moe_model, held_out))}
         t1 = time.perf_counter()
         losses = moee.distill(moe_model, dense, calib, moee.DistillConfig(epochs=args.kd_epochs,
-                                                                            lr=5e-5))
+                                                                            lr=args.kd_lr))
         row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses),
                    after_kd=fidelity(e_dense, embed(moe_model, held_out)),
-                   layers=report.layers)
+                   layers=report.layers, budget=report.budget)
         rows.append(row)
         b, a = row["before_kd"], row["after_kd"]
         print(f"p={p}: MLP MACs {row['mlp_macs_change']:+.1%}, model MACs "
@@ -109,7 +118,8 @@ def main() -> None:
               f"top-10 {b['top10_agreement']:.2f} -> {a['top10_agreement']:.2f} "
               f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
     (out / "results.json").write_text(json.dumps(
-        {"rows": rows, "dense_macs_probe": dense_macs, "threads": torch.get_num_threads(),
+        {"rows": rows, "kd_lr": args.kd_lr, "kd_epochs": args.kd_epochs,
+         "dense_macs_probe": dense_macs, "threads": torch.get_num_threads(),
          "seconds": time.perf_counter() - t0}, indent=1))
 
 

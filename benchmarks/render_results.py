@@ -378,9 +378,19 @@ def memory_section(result: dict[str, Any]) -> str:
         + (["", f"Note: {result['note']}"] if result.get("note") else []))
 
 
+def study_section(result: dict[str, Any]) -> str:
+    """moee study: the tables it printed, from its study.json."""
+    from moee.study.report import study_tables
+
+    how = "quick" if result.get("quick") else "full"
+    return (f"`moee study{' --quick' if result.get('quick') else ''}` ({how} study, "
+            f"{result['seconds'] / 60:.0f} min on {result['threads']} threads).\n\n"
+            + study_tables(result))
+
+
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "minilm": minilm_section,
-            "memory": memory_section}
+            "memory": memory_section, "study": study_section}
 
 
 def render(folder: Path) -> str:

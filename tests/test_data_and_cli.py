@@ -67,3 +67,19 @@ def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():
     assert cluster("demo", "--max-experts", "0").max_clusters is None
     assert cluster("extract", "--out", "x").max_clusters is None
     assert cluster("extract", "--out", "x", "--max-experts", "4").max_clusters == 4
+
+
+def test_cli_method_and_mac_budget_reach_the_config():
+    from moee.cli import build_parser, extract_config
+
+    parser = build_parser()
+    config = extract_config(parser.parse_args(
+        ["extract", "--out", "x", "--method", "random", "--target-macs", "0.6",
+         "--budget-scope", "mlp"]))
+    assert (config.cluster.algorithm, config.select.criterion, config.router.centres) == (
+        "random", "random", "random")
+    assert (config.budget.target_macs, config.budget.scope) == (0.6, "mlp")
+    plain = extract_config(parser.parse_args(["extract", "--out", "x"]))
+    assert plain.budget.target_macs is None and plain.cluster.algorithm == "hdbscan"
+    study = parser.parse_args(["study", "--quick", "--out", "s"])
+    assert study.quick and study.kd_epochs is None

@@ -46,7 +46,7 @@ class ExtractionReport:
         return asdict(self)
 
     def table(self) -> str:
-        head = (f"{'layer':<22}{'experts':>8}{'noise':>7}{'stab.':>7}{'kept':>6}"
+        head = (f"{'layer':<22}{'p':>6}{'experts':>8}{'noise':>7}{'stab.':>7}{'kept':>6}"
                 f"{'sizes (min/mean/max)':>22}{'top load':>9}{'act/tok':>8}{'sec':>6}")
         lines = [head]
         for r in self.layers:
@@ -57,8 +57,13 @@ class ExtractionReport:
                 s = r["expert_sizes"]
                 sizes = f"{min(s)}/{sum(s) / len(s):.0f}/{max(s)}"
                 top, act = f"{max(r['load_share']):.0%}", f"{r['active_neurons_per_token']:.0f}"
-            lines.append(f"{r['site']:<22}{r['experts']:>8}{r['noise_fraction']:>7.0%}{stab:>7}"
+            p = "dense" if r.get("p") is None else f"{r['p']:g}"
+            lines.append(f"{r['site']:<22}{p:>6}{r['experts']:>8}{r['noise_fraction']:>7.0%}{stab:>7}"
                          f"{r['kept_neurons']:>6}{sizes:>22}{top:>9}{act:>8}{r['seconds']:>6.1f}")
+        if self.budget:
+            lines.append(f"MAC budget {self.budget['target_macs']:g} of dense "
+                         f"({self.budget['scope']}): {self.budget['predicted_fraction']:.3f} "
+                         "predicted on the probe batches")
         return "\n".join(lines)
 
 
