@@ -1,4 +1,4 @@
-"""`moee` command line: demo, study, train-base, extract, finetune, evaluate, calibrate, bench.
+"""`moee` command line: demo, study, extract, finetune, evaluate, analyze, calibrate, bench.
 
 Thin over the Python API; every default comes from the config dataclasses. moee's own errors
 print as one line (exit code 2); anything else shows its traceback.
@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from moee.cli.commands import (
+    cmd_analyze,
     cmd_calibrate,
     cmd_demo,
     cmd_evaluate,
@@ -105,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --data: batches of it to evaluate on (default %(default)s)")
     add_data_args(ev, text=True)
     ev.set_defaults(func=cmd_evaluate)
+
+    an = sub.add_parser("analyze", help="figures and an HTML report of a MoE checkpoint: "
+                        "expert sizes, pruned neurons, centre similarity, overlap, routing")
+    add_checkpoint_arg(an)
+    an.add_argument("--dense", default="default", help="the dense model it came from")
+    an.add_argument("--out", required=True, help="folder for report.html and the PNGs")
+    an.add_argument("--images", type=int, default=2000,
+                    help="Fashion-MNIST test images for routing per class")
+    add_data_args(an)
+    an.set_defaults(func=cmd_analyze)
 
     cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "
                                            "and keep the fastest (saved with the checkpoint)")

@@ -138,6 +138,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from moee.adapters import find_mlp_sites
+    from moee.analysis import analyse_layers, routing_by_class, write_report
+    from moee.moe_model import MoEModel
+
+    moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
+    dense = load_dense(args.dense)[0]
+    widths = {s.name: s.weights().hidden_size for s in find_mlp_sites(dense, validate=False)}
+    by_class = names = None
+    config = moe_model.config
+    if (getattr(config, "num_channels", None), getattr(config, "image_size", None)) == (1, 28):
+        from moee.demo import FASHION_MNIST_CLASSES, image_batches, load_fashion_mnist
+
+        test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
+        by_class = routing_by_class(moe_model, image_batches(test_x, test_y, 500, args.images),
+                                    len(FASHION_MNIST_CLASSES))
+        names = list(FASHION_MNIST_CLASSES)
+    else:
+        print("routing per class: only for checkpoints taking Fashion-MNIST images; skipped")
+    path = write_report(analyse_layers(moe_model, widths), args.out,
+                        f"moee analysis of {args.checkpoint}", by_class, names)
+    print(f"Report: {path} (figures beside it)")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moee.api import calibrate
     from moee.demo import load_fashion_mnist, normalize_images
