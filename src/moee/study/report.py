@@ -18,8 +18,10 @@ def _cells(row: dict, stage: str, dense: dict) -> str:
 def study_tables(results: dict[str, Any]) -> str:
     """One Markdown table per group: top-1 and MACs against dense, before and after KD."""
     dense, kd = results["dense"], results["kd_epochs"]
-    head = ("| point | top-1 before KD | Δ MACs | Δ exec MACs | top-1 after "
-            f"{kd:g} epoch KD | Δ MACs | Δ exec MACs |\n|---|---|---|---|---|---|---|")
+    head = "| point | top-1 before KD | Δ MACs | Δ exec MACs |"
+    if kd > 0:
+        head += f" top-1 after {kd:g} epoch KD | Δ MACs | Δ exec MACs |"
+    head += "\n|" + "---|" * head.count(" |")
     lines = [f"Dense: {dense['top1']:.2%} top-1 on {results['test_images']:,} test images, "
              f"{dense['macs_per_image'] / 1e6:.2f} M MACs per image. Δ MACs: the model's "
              "routed MACs; Δ exec MACs: what the engine runs at a batch of 64 images."]
@@ -28,8 +30,8 @@ def study_tables(results: dict[str, Any]) -> str:
         lines += ["", f"**{group}**", "", head]
         for r in results["rows"]:
             if r["group"] == group:
-                lines.append(f"| {r['name']} |{_cells(r, 'before_kd', dense)} |"
-                             f"{_cells(r, 'after_kd', dense)} |")
+                after = f"{_cells(r, 'after_kd', dense)} |" if kd > 0 else ""
+                lines.append(f"| {r['name']} |{_cells(r, 'before_kd', dense)} |{after}")
     return "\n".join(lines)
 
 

@@ -92,8 +92,9 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
     for point in tqdm(points, desc="study points"):
         key = _key(point, kd_epochs, limit)
         path = out / "points" / f"{key}.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
+        names = {"group": point.group, "name": point.name, "series": point.series}
+        if path.is_file():  # the same extraction may appear in two groups under two names
+            rows.append({**json.loads(path.read_text()), **names})
             reused += 1
             continue
         row = _run_point(point, dense, (train_x, test_x, test_y), config, kd_epochs, limit,
