@@ -82,4 +82,5 @@ def test_cli_method_and_mac_budget_reach_the_config():
     plain = extract_config(parser.parse_args(["extract", "--out", "x"]))
     assert plain.budget.target_macs is None and plain.cluster.algorithm == "hdbscan"
     study = parser.parse_args(["study", "--quick", "--out", "s"])
-    assert study.quick and study.kd_epochs is None
+    assert study.quick and study.kd_epochs is None and study.only is None
+    assert parser.parse_args(["study", "--only", "budget", "p=0.7"]).only == ["budget", "p=0.7"]

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="distillation epochs per point (default: 0 quick, 1 full)")
     st.add_argument("--test-images", type=int, default=None,
                     help="test images per evaluation (default: 2,000 quick, all full)")
+    st.add_argument("--only", nargs="+", metavar="TEXT",
+                    help="run only the points whose group or name contains one of these, "
+                    "e.g. --only 'moee p=0.7' 'budget 50%%'")
     st.add_argument("--out", default="runs/study")
     st.add_argument("--seed", type=int, default=0)
     add_data_args(st)

@@ -31,7 +31,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     run_study(StudyConfig(out=args.out, quick=args.quick, kd_epochs=args.kd_epochs,
                           test_images=args.test_images, seed=args.seed, data_dir=args.data_dir,
-                          download=args.download))
+                          download=args.download, only=tuple(args.only or ())))
     return 0
 
 

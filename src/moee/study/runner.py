@@ -34,6 +34,7 @@ class StudyConfig:
     kd_epochs: float | None = None  # None: 0 for the quick study, 1 for the full one
     test_images: int | None = None  # None: 2,000 for the quick study, all for the full one
     base: ExtractConfig | None = None  # None: the demo's extraction settings
+    only: tuple[str, ...] = ()  # run only the points whose group or name contains one of these
     seed: int = 0
     data_dir: str | None = None
     download: bool = False
@@ -88,6 +89,8 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
     dense = load_default_model()
     dense_row = _measure(dense, test_x, test_y, limit)
     points = study_points(config.base or demo_extract_config(), config.quick)
+    if config.only:
+        points = [p for p in points if any(o in p.group or o in p.name for o in config.only)]
     rows, reused = [], 0
     for point in tqdm(points, desc="study points"):
         key = _key(point, kd_epochs, limit)
