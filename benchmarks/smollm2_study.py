@@ -156,7 +156,8 @@ def main() -> None:
                     help="p values a layer may take in budget mode")
     ap.add_argument("--probe-batches", type=int, default=1,
                     help="calibration batches (4 x 256 tokens) sensitivity is measured on")
-    ap.add_argument("--speed-p", default=None, help="time decoding at these p (default: last)")
+    ap.add_argument("--speed-p", default=None,
+                    help="time decoding at these p (default: last; '' = none)")
     ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens")
     ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
     ap.add_argument("--cluster-tokens", type=int, default=None,
@@ -212,8 +213,8 @@ def main() -> None:
                             budget=report.budget))
         moes[p].save_pretrained(out / checkpoint_name(p))
     last = list(moes)[-1]
-    speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",")]
-               if args.speed_p else [last])
+    speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",") if v]
+               if args.speed_p is not None else [last])
     routing = {r["p"]: r["routing"] for r in rows[1:]}
     speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p)
              for p in speed_p]

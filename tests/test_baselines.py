@@ -64,3 +64,43 @@ def test_unknown_method_and_centres_are_config_errors(tmp_path):
         moee.RouterConfig(centres="median")
     assert dataclasses.asdict(_config(tmp_path).with_method("moee")) == dataclasses.asdict(
         _config(tmp_path))
+
+
+def test_carving_shares_the_most_active_neurons_and_balances_the_rest():
+    from moee.carve import carve_layer
+
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(2000, 96)).astype(np.float32)
+    hidden[:, :10] *= 5  # ten neurons active on almost every token
+    config = moee.CarveConfig(active=0.4, experts=4, tokens=1000)
+    experts, reps, shared_n = carve_layer(hidden, 96, config)
+    assert shared_n == round(96 * (0.4 - 0.25) / 0.75)  # active = shared + routed / experts
+    shared = set.intersection(*(set(e.tolist()) for e in experts))
+    assert set(range(10)) <= shared and len(shared) == shared_n
+    routed = [set(e.tolist()) - shared for e in experts]
+    assert max(map(len, routed)) - min(map(len, routed)) <= 1  # balanced
+    assert set().union(*routed, shared) == set(range(96))  # every neuron kept, none twice
+    assert sum(map(len, routed)) == 96 - shared_n
+    assert all(int(r) in g for r, g in zip(reps, routed, strict=True))  # its own expert's
+
+
+def test_cmoe_method_extracts_with_dot_routing_saves_and_loads(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    config = _config(tmp_path).with_method("cmoe")
+    assert config.router.metric == "dot" and config.carve == moee.CarveConfig()
+    moe_model, report = moee.extract(vit, batches, config)
+    for layer, row in zip(moe_model.moe_layers().values(), report.layers, strict=True):
+        assert layer.metric == "dot" and layer.num_experts == 8
+        assert layer.fc1.out_features == 48  # carving prunes nothing
+        assert row["active_neurons_per_token"] == pytest.approx(0.4 * 48, abs=1.0)
+        t = torch.randn(20, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(t), layer.forward_reference(t), atol=1e-5,
+                                       rtol=1e-5)
+    loaded = moee.MoEModel.from_pretrained(moe_model.save_pretrained(tmp_path / "ckpt"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images[:4]).logits, moe_model(images[:4]).logits)
+    with pytest.raises(moee.ConfigError, match="carve"):
+        dataclasses.replace(config, budget=moee.BudgetConfig(target_macs=0.5))
+    with pytest.raises(moee.ConfigError, match="carve.active"):
+        moee.CarveConfig(active=0.1, experts=4)

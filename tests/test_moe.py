@@ -34,19 +34,21 @@ def test_one_full_expert_equals_dense_mlp():
     torch.testing.assert_close(moe(x), fc2(F.gelu(fc1(x))), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_routing_equals_argmax_similarity(metric):
     centres = torch.randn(4, D)
     moe = make_moe([[0], [1], [2], [3]], centres, metric)
     x = torch.randn(200, D)
     if metric == "cosine":
         expected = F.cosine_similarity(x[:, None], centres[None], dim=-1).argmax(-1)
+    elif metric == "dot":
+        expected = (x @ centres.T).argmax(-1)
     else:
         expected = torch.cdist(x, centres).argmin(-1)
     assert torch.equal(moe.route(x), expected)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_forward_equals_per_token_reference(metric):
     g = torch.Generator().manual_seed(3)
     experts = [torch.randperm(H, generator=g)[: 5 + 7 * i].tolist() for i in range(4)]
@@ -119,7 +121,7 @@ def test_single_expert_batch_shortcut_matches_reference():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_route_tokens_on_recorded_inputs_matches_the_module(metric):
     from moee.fit import route_tokens
 
@@ -142,7 +144,7 @@ def _random_moe(metric="cosine", activation=None):
 
 @pytest.mark.parametrize("execution", ["experts", "masked", "grouped"])
 @pytest.mark.parametrize("presliced", [True, False])
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_every_exact_execution_equals_per_token_reference(execution, presliced, metric):
     moe = _random_moe(metric)
     moe.configure(execution=execution, presliced=presliced, small_batch_tokens=0)  # real loop

@@ -37,13 +37,15 @@ def test_selection_is_the_smallest_top_set_reaching_p(s, p):
 
 
 @given(st.integers(1, 6), st.integers(2, 8), st.integers(1, 20), st.sampled_from(
-    ["cosine", "euclidean"]), st.integers(0, 2**31 - 1))
+    ["cosine", "euclidean", "dot"]), st.integers(0, 2**31 - 1))
 def test_route_is_the_most_similar_centre(k, d, n, metric, seed):
     g = torch.Generator().manual_seed(seed)
     centres, x = torch.randn(k, d, generator=g), torch.randn(n, d, generator=g)
     got = route(x, router_weights(centres, metric))
     if metric == "cosine":
         sim = F.cosine_similarity(x[:, None], centres[None], dim=-1)
+    elif metric == "dot":
+        sim = x @ centres.T
     else:
         sim = -torch.cdist(x, centres) ** 2
     best = sim.max(-1).values

@@ -11,6 +11,7 @@ from moee.adapters import MLPSite, MLPWeights, find_mlp_sites, list_adapters, re
 from moee.api import ExtractionReport, calibrate, extract
 from moee.config import (
     BudgetConfig,
+    CarveConfig,
     ClusterConfig,
     DistillConfig,
     ExtractConfig,
@@ -42,8 +43,8 @@ from moee.moe_model import MoEModel, load
 from moee.text import read_texts, token_batches
 
 __all__ = [
-    "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CheckpointError", "ClusterConfig",
-    "ConfigError",
+    "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CarveConfig", "CheckpointError",
+    "ClusterConfig", "ConfigError",
     "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
     "ExtractionReport", "MLPSite", "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",

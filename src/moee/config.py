@@ -2,72 +2,22 @@
 
 from __future__ import annotations
 
-import numbers
 import os
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Union
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from moee.engine.routing import ROUTER_METRICS
 from moee.errors import ConfigError
+from moee.validation import check, check_types
 
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
 SELECT_CRITERIA = ("variance", "magnitude", "random")
 ROUTER_CENTRES = ("input_mean", "random")
-METHODS = ("moee", "random")
+METHODS = ("moee", "random", "cmoe")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
-           "SELECT_CRITERIA",
-           "BudgetConfig", "ClusterConfig", "ConfigError", "DistillConfig", "ExtractConfig",
-           "RecordConfig", "RouterConfig", "SelectConfig"]
-
-def _check(ok: bool, name: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {msg}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether `value` has the annotated type (int: any integer but bool; float: any real)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(hint))
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float):
-        kind = numbers.Integral if hint is int else numbers.Real
-        return isinstance(value, kind) and not isinstance(value, bool)
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        return isinstance(value, (tuple, list)) and all(_matches(v, item) for v in value)
-    return isinstance(value, origin or hint)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars and lists as the Python values JSON and the stages expect."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return tuple(_plain(v) for v in value) if isinstance(value, list) else value
-
-
-def _check_types(config: Any, section: str) -> None:
-    """Every field holds its annotated type (a wrong type fails here, naming the field, not
-    deep inside a stage, e.g. n_tokens="100" in a memmap shape); numbers become plain."""
-    hints = typing.get_type_hints(type(config))
-    for f in fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        if not _matches(value, hint):
-            raise ConfigError(f"{section}.{f.name}: must be of type "
-                              f"{getattr(hint, '__name__', hint)}, got "
-                              f"{type(value).__name__} {value!r}")
-        if _plain(value) is not value:
-            object.__setattr__(config, f.name, _plain(value))  # frozen: set once, here
+           "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
+           "DistillConfig", "ExtractConfig", "RecordConfig", "RouterConfig", "SelectConfig"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +28,10 @@ class RecordConfig:
     dtype: str = "float16"  # storage dtype of the on-disk store
 
     def __post_init__(self) -> None:
-        _check_types(self, "record")
-        _check(self.n_tokens > 0, "record.n_tokens",
+        check_types(self, "record")
+        check(self.n_tokens > 0, "record.n_tokens",
                f"must be an integer > 0, got {self.n_tokens!r}")
-        _check(self.dtype in ("float16", "float32"), "record.dtype",
+        check(self.dtype in ("float16", "float32"), "record.dtype",
                f"must be 'float16' or 'float32', got {self.dtype!r}")
 
 
@@ -112,20 +62,20 @@ class ClusterConfig:
     max_clusters: int | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self, "cluster")
-        _check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
+        check_types(self, "cluster")
+        check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
                f"must be one of {CLUSTER_ALGORITHMS}, got {self.algorithm!r}")
-        _check(0 < self.min_cluster_fraction < 1, "cluster.min_cluster_fraction",
+        check(0 < self.min_cluster_fraction < 1, "cluster.min_cluster_fraction",
                f"must be in (0, 1), got {self.min_cluster_fraction}")
-        _check(self.min_samples is None or self.min_samples >= 1, "cluster.min_samples",
+        check(self.min_samples is None or self.min_samples >= 1, "cluster.min_samples",
                f"must be >= 1 or None, got {self.min_samples}")
-        _check(self.reduce_dims is None or self.reduce_dims >= 1, "cluster.reduce_dims",
+        check(self.reduce_dims is None or self.reduce_dims >= 1, "cluster.reduce_dims",
                f"must be >= 1 or None, got {self.reduce_dims}")
-        _check(self.max_tokens is None or self.max_tokens >= 2, "cluster.max_tokens",
+        check(self.max_tokens is None or self.max_tokens >= 2, "cluster.max_tokens",
                f"must be >= 2 or None, got {self.max_tokens}")
-        _check(self.n_clusters >= 1, "cluster.n_clusters", f"must be >= 1, got {self.n_clusters}")
-        _check(self.eps > 0, "cluster.eps", f"must be > 0, got {self.eps}")
-        _check(self.max_clusters is None or self.max_clusters >= 1, "cluster.max_clusters",
+        check(self.n_clusters >= 1, "cluster.n_clusters", f"must be >= 1, got {self.n_clusters}")
+        check(self.eps > 0, "cluster.eps", f"must be > 0, got {self.eps}")
+        check(self.max_clusters is None or self.max_clusters >= 1, "cluster.max_clusters",
                f"must be >= 1 or None, got {self.max_clusters}")
 
 
@@ -152,11 +102,11 @@ class SelectConfig:
         return cls(criterion=criterion, p=p, tokens="cluster", compensate_mean=False)
 
     def __post_init__(self) -> None:
-        _check_types(self, "select")
-        _check(self.criterion in SELECT_CRITERIA, "select.criterion",
+        check_types(self, "select")
+        check(self.criterion in SELECT_CRITERIA, "select.criterion",
                f"must be one of {SELECT_CRITERIA}, got {self.criterion!r}")
-        _check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
-        _check(self.tokens in ("cluster", "routed"), "select.tokens",
+        check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
+        check(self.tokens in ("cluster", "routed"), "select.tokens",
                f"must be 'cluster' or 'routed', got {self.tokens!r}")
 
 
@@ -170,11 +120,37 @@ class RouterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self, "router")
-        _check(self.metric in ROUTER_METRICS, "router.metric",
+        check_types(self, "router")
+        check(self.metric in ROUTER_METRICS, "router.metric",
                f"must be one of {ROUTER_METRICS}, got {self.metric!r}")
-        _check(self.centres in ROUTER_CENTRES, "router.centres",
+        check(self.centres in ROUTER_CENTRES, "router.centres",
                f"must be one of {ROUTER_CENTRES}, got {self.centres!r}")
+
+
+@dataclass(frozen=True)
+class CarveConfig:
+    """CMoE-style carving (the baseline `with_method("cmoe")`), top-1: per layer, shared
+    neurons (the most often activated) in every expert plus `experts` equal routed groups, so
+    that a token computes the share `active` of the neurons; a neuron counts as activated on
+    a token when it is among the token's `top_fraction` largest |values| (CMoE's K_a),
+    profiled on `tokens` calibration tokens; `iterations` rounds of balanced assignment."""
+
+    active: float = 0.4
+    experts: int = 8
+    top_fraction: float = 0.1
+    tokens: int = 8192
+    iterations: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self, "carve")
+        check(self.experts >= 2, "carve.experts", f"must be >= 2, got {self.experts}")
+        check(1 / self.experts <= self.active <= 1, "carve.active",
+               f"must be in [1/experts, 1], got {self.active}")
+        check(0 < self.top_fraction <= 1, "carve.top_fraction",
+               f"must be in (0, 1], got {self.top_fraction}")
+        check(self.tokens >= 2 and self.iterations >= 1, "carve.tokens",
+               "tokens must be >= 2 and iterations >= 1")
 
 
 @dataclass(frozen=True)
@@ -194,14 +170,14 @@ class BudgetConfig:
     probe_batches: int = 2
 
     def __post_init__(self) -> None:
-        _check_types(self, "budget")
-        _check(self.target_macs is None or 0 < self.target_macs < 1, "budget.target_macs",
+        check_types(self, "budget")
+        check(self.target_macs is None or 0 < self.target_macs < 1, "budget.target_macs",
                f"must be in (0, 1) or None, got {self.target_macs}")
-        _check(self.scope in ("model", "mlp"), "budget.scope",
+        check(self.scope in ("model", "mlp"), "budget.scope",
                f"must be 'model' or 'mlp', got {self.scope!r}")
-        _check(len(self.p_grid) > 0 and all(0 < p <= 1 for p in self.p_grid), "budget.p_grid",
+        check(len(self.p_grid) > 0 and all(0 < p <= 1 for p in self.p_grid), "budget.p_grid",
                f"must be values in (0, 1], got {self.p_grid}")
-        _check(self.probe_batches >= 1, "budget.probe_batches",
+        check(self.probe_batches >= 1, "budget.probe_batches",
                f"must be >= 1, got {self.probe_batches}")
 
 
@@ -214,6 +190,7 @@ class ExtractConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    carve: CarveConfig | None = None  # CMoE-style experts instead of clusters (a baseline)
     layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
     work_dir: str | os.PathLike | None = None
     progress: bool = True
@@ -222,20 +199,26 @@ class ExtractConfig:
     max_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self, "extract")
-        _check(self.max_memory_gib is None or self.max_memory_gib > 0, "extract.max_memory_gib",
+        check_types(self, "extract")
+        check(self.max_memory_gib is None or self.max_memory_gib > 0, "extract.max_memory_gib",
                f"must be > 0 or None, got {self.max_memory_gib}")
+        check(self.carve is None or self.budget.target_macs is None, "extract.carve",
+               "carved experts have no p for the MAC budget to choose: set carve.active")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def with_method(self, method: str) -> ExtractConfig:
-        """These settings under an extraction method: "moee" (unchanged) or "random" (the
-        paper's baseline: random clusters, random neurons, random routing centres)."""
-        _check(method in METHODS, "method", f"must be one of {METHODS}, got {method!r}")
+        """These settings under an extraction method: "moee" (unchanged), "random" (the
+        paper's baseline: random clusters, random neurons, random routing centres) or "cmoe"
+        (CMoE-style carving, top-1, see `CarveConfig`)."""
+        check(method in METHODS, "method", f"must be one of {METHODS}, got {method!r}")
+        r = replace
         if method == "moee":
             return self
-        r = replace
+        if method == "cmoe":
+            return r(self, carve=self.carve or CarveConfig(),
+                     router=r(self.router, metric="dot"))
         return r(self, cluster=r(self.cluster, algorithm="random", stability=False),
                  select=r(self.select, criterion="random"),
                  router=r(self.router, centres="random"))
@@ -248,6 +231,7 @@ class ExtractConfig:
             select=SelectConfig(**d.get("select", {})),
             router=RouterConfig(**d.get("router", {})),
             budget=BudgetConfig(**d.get("budget", {})),
+            carve=CarveConfig(**d["carve"]) if d.get("carve") else None,
             layers=tuple(d["layers"]) if d.get("layers") is not None else None,
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),
@@ -276,11 +260,11 @@ class DistillConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _check_types(self, "distill")
-        _check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
-        _check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
-        _check(self.temperature > 0, "distill.temperature", "must be > 0")
-        _check(self.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
-        _check(self.loss in DISTILL_LOSSES, "distill.loss",
+        check_types(self, "distill")
+        check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
+        check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
+        check(self.temperature > 0, "distill.temperature", "must be > 0")
+        check(self.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
+        check(self.loss in DISTILL_LOSSES, "distill.loss",
                f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")

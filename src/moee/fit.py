@@ -4,6 +4,7 @@ milliseconds, so a uniform `p`, a p sweep and the MAC-budget mode all start from
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.build import LayerPlan, left_out_mean_output
+from moee.carve import carve_layer
 from moee.cluster import cluster_layer
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
@@ -45,6 +47,7 @@ class LayerFit:
     stats: ClusterStats | None = None  # the statistics experts are selected from
     load: np.ndarray | None = None  # (k,) share of calibration tokens routed to each expert
     metric: str = "cosine"
+    carved: LayerPlan | None = None  # CMoE-style experts: the plan whatever p
 
     @property
     def width(self) -> int:
@@ -52,6 +55,8 @@ class LayerFit:
 
     def plan(self, select: SelectConfig) -> LayerPlan | None:
         """The layer's experts at `select.p` (None when it stays dense)."""
+        if self.carved is not None:
+            return self.carved
         if self.stats is None:
             return None
         experts = select_experts(self.stats, select)
@@ -79,6 +84,8 @@ class LayerFit:
 def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig,
               work: Path) -> tuple[LayerFit, bool]:
     """(the layer's fit, whether its clustering was reused from `work`)."""
+    if config.carve is not None:
+        return _carve(store, site, i, config), False
     hidden = store.hidden(i)
     key = clustering_key(store.origin, config.cluster, i)
     clustering = load_clustering(work, i, key, store.n_tokens)
@@ -108,6 +115,23 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     fit.stats = stats
     fit.row["cluster_tokens"] = stats.counts.astype(int).tolist()
     return fit, reused
+
+
+def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig) -> LayerFit:
+    """CMoE-style experts; the router scores each expert by its representative neuron's
+    pre-activation (gate row when gated, else up row; its bias is left out)."""
+    t0 = time.perf_counter()
+    w = site.weights()
+    experts, reps, shared = carve_layer(store.hidden(i), w.hidden_size, config.carve)
+    rows = (w.gate if w.gate is not None else w.up)[torch.as_tensor(reps)]
+    centres = rows.detach().float().cpu().numpy()
+    plan = LayerPlan(site.name, experts, centres, "dot", None)
+    routed = route_tokens(store.inputs(i), centres, "dot")
+    row = {"site": site.name, "hidden": w.hidden_size, "experts": len(experts),
+           "noise_fraction": 0.0, "stability": None, "shared_neurons": shared,
+           "seconds": time.perf_counter() - t0, "kept_neurons": w.hidden_size}
+    load = np.bincount(routed, minlength=len(experts)) / len(routed)
+    return LayerFit(i, site, row, load=load, metric="dot", carved=plan)
 
 
 def fit_layers(store: ActivationStore, sites: list[MLPSite], chosen: list[int],

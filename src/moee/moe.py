@@ -237,6 +237,8 @@ class MoEMLP(nn.Module):
             centres = self.router_centres.to(r.dtype)
             if self.metric == "cosine":
                 sim = F.cosine_similarity(r[None], centres, dim=-1)
+            elif self.metric == "dot":
+                sim = centres @ r
             else:
                 sim = -((r[None] - centres) ** 2).sum(-1)
             e = int(sim.argmax())

@@ -10,6 +10,7 @@ from moee.config import (
     METHODS,
     ROUTER_METRICS,
     SELECT_CRITERIA,
+    CarveConfig,
     DistillConfig,
     ExtractConfig,
 )
@@ -67,7 +68,13 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="memory for clustering a layer; beyond it a subsample is clustered and "
                    "the rest assigned (default: every token)")
     p.add_argument("--method", default="moee", choices=METHODS,
-                   help="moee, or random (random clusters, neurons and routing: the baseline)")
+                   help="moee; random (random clusters, neurons and routing); cmoe (CMoE-style "
+                   "shared + balanced routed experts, top-1)")
+    carve = CarveConfig()
+    p.add_argument("--cmoe-active", type=float, default=carve.active, metavar="FRACTION",
+                   help="cmoe: share of a layer's neurons one token computes")
+    p.add_argument("--cmoe-experts", type=int, default=carve.experts,
+                   help="cmoe: routed experts per layer")
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
                    "dense) from measured sensitivity to reach this fraction of the dense MACs; "
@@ -91,7 +98,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              router=r(base.router, metric=args.metric),
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
-             max_memory_gib=args.max_memory).with_method(args.method)
+             max_memory_gib=args.max_memory,
+             carve=CarveConfig(active=args.cmoe_active, experts=args.cmoe_experts)
+             if args.method == "cmoe" else None).with_method(args.method)
 
 
 def add_kd_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROUTER_METRICS = ("cosine", "euclidean")
+ROUTER_METRICS = ("cosine", "euclidean", "dot")
 Router = tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -13,13 +13,16 @@ def router_weights(centres: torch.Tensor, metric: str) -> Router:
     """(k, d) matrix W and optional (k,) offset b such that argmax(x @ W.T + b) is the route.
 
     Cosine: argmax x·c/|c| (|x| does not change the argmax); Euclidean: argmin |x-c|^2 =
-    argmax x·c - |c|^2/2. Kept (k, d) for F.linear: with few experts that layout measured
-    3.5x faster on CPU than x @ (d, k).
+    argmax x·c - |c|^2/2; dot: argmax x·c (CMoE-style carving, where each centre is a
+    representative neuron's weight row). Kept (k, d) for F.linear: with few experts that
+    layout measured 3.5x faster on CPU than x @ (d, k).
     """
     if metric not in ROUTER_METRICS:
         raise ValueError(f"metric must be one of {ROUTER_METRICS}, got {metric!r}")
     if metric == "cosine":
         return F.normalize(centres, dim=-1).contiguous(), None
+    if metric == "dot":
+        return centres.contiguous(), None
     return centres.contiguous(), -0.5 * (centres * centres).sum(-1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from moee.config import BudgetConfig, ExtractConfig
+from moee.config import BudgetConfig, CarveConfig, ExtractConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,10 @@ def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
     for method in ("moee", "random"):
         for p in ps:
             config = r(base, select=r(base.select, p=p)).with_method(method)
-            points.append(StudyPoint("p sweep", f"{method} p={p}", f"{method}, one p", config))
+            points.append(StudyPoint("methods", f"{method} p={p}", f"{method}, one p", config))
+    for a in (0.5, 0.4, 0.3) if quick else (0.6, 0.5, 0.4, 0.3, 0.25):
+        config = r(base, carve=CarveConfig(active=a)).with_method("cmoe")
+        points.append(StudyPoint("methods", f"cmoe active={a}", "cmoe (top-1)", config))
     for t in targets:
         config = r(base, budget=BudgetConfig(target_macs=t))
         points.append(StudyPoint("budget", f"budget {t:.0%} of dense MACs", "moee, MAC budget",
