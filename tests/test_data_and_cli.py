@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import fake_dataset, write_idx
 
+import moee
 from moee.cli import main
 from moee.demo import FashionMNISTNotFound, load_fashion_mnist
 from moee.demo.fashion_mnist import read_idx
@@ -81,6 +82,11 @@ def test_cli_method_and_mac_budget_reach_the_config():
     assert (config.budget.target_macs, config.budget.scope) == (0.6, "mlp")
     plain = extract_config(parser.parse_args(["extract", "--out", "x"]))
     assert plain.budget.target_macs is None and plain.cluster.algorithm == "hdbscan"
+    assert plain.carve is None
+    cmoe = extract_config(parser.parse_args(["extract", "--out", "x", "--method", "cmoe",
+                                             "--cmoe-active", "0.3", "--cmoe-experts", "6"]))
+    assert cmoe.carve == moee.CarveConfig(active=0.3, experts=6)
+    assert cmoe.router.metric == "dot"
     study = parser.parse_args(["study", "--quick", "--out", "s"])
     assert study.quick and study.kd_epochs is None and study.only is None
     assert parser.parse_args(["study", "--only", "budget", "p=0.7"]).only == ["budget", "p=0.7"]
