@@ -59,7 +59,7 @@ def test_random_method_extracts_saves_and_loads(vit, images, tmp_path):
 
 def test_unknown_method_and_centres_are_config_errors(tmp_path):
     with pytest.raises(moee.ConfigError, match="method"):
-        _config(tmp_path).with_method("moefication")
+        _config(tmp_path).with_method("lora")
     with pytest.raises(moee.ConfigError, match="router.centres"):
         moee.RouterConfig(centres="median")
     assert dataclasses.asdict(_config(tmp_path).with_method("moee")) == dataclasses.asdict(
@@ -104,3 +104,40 @@ def test_cmoe_method_extracts_with_dot_routing_saves_and_loads(vit, images, tmp_
         dataclasses.replace(config, budget=moee.BudgetConfig(target_macs=0.5))
     with pytest.raises(moee.ConfigError, match="carve.active"):
         moee.CarveConfig(active=0.1, experts=4)
+
+
+def test_moefication_subsets_route_exactly_as_top_k_groups():
+    from moee.carve import moefication_layer
+
+    rng = np.random.default_rng(2)
+    rows = rng.normal(size=(64, 12))
+    config = moee.CarveConfig(style="moefication", experts=4, top_k=2)
+    experts, centres = moefication_layer(rows, config)
+    assert len(experts) == 6 and centres.shape == (6, 12)  # C(4, 2) subsets
+    groups = [set(e.tolist()) for e in experts[:3]]  # (0,1), (0,2), (0,3): group 0 in each
+    group0 = set.intersection(*groups)
+    assert len(group0) == 16  # balanced: 64 neurons in 4 groups of 16
+    assert all(len(e) == 32 for e in experts)
+    # top-1 over subsets scored by summed centres picks the top-2 groups of each token
+    group_centres = np.linalg.lstsq(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1],
+                                              [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]]),
+                                    centres, rcond=None)[0]  # (4, 12)
+    x = rng.normal(size=(200, 12))
+    top2 = np.sort(np.argsort(-(x @ group_centres.T), axis=1)[:, :2], axis=1)
+    subsets = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    chosen = np.array(subsets)[(x @ centres.T).argmax(1)]
+    np.testing.assert_array_equal(chosen, top2)
+
+
+def test_moefication_method_extracts_top_k_of_groups(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    config = _config(tmp_path).with_method("moefication")
+    moe_model, report = moee.extract(vit, batches, config)
+    for layer, row in zip(moe_model.moe_layers().values(), report.layers, strict=True):
+        assert layer.num_experts == 28  # C(8, 2)
+        assert set(layer.expert_sizes()) == {12}  # 2 groups of 48 / 8 neurons
+        assert row["active_neurons_per_token"] == pytest.approx(12)
+        t = torch.randn(20, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(t), layer.forward_reference(t), atol=1e-5,
+                                       rtol=1e-5)

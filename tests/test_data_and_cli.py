@@ -84,9 +84,12 @@ def test_cli_method_and_mac_budget_reach_the_config():
     assert plain.budget.target_macs is None and plain.cluster.algorithm == "hdbscan"
     assert plain.carve is None
     cmoe = extract_config(parser.parse_args(["extract", "--out", "x", "--method", "cmoe",
-                                             "--cmoe-active", "0.3", "--cmoe-experts", "6"]))
+                                             "--active", "0.3", "--groups", "6"]))
     assert cmoe.carve == moee.CarveConfig(active=0.3, experts=6)
     assert cmoe.router.metric == "dot"
+    moef = extract_config(parser.parse_args(["extract", "--out", "x", "--method", "moefication",
+                                             "--top-k", "3"]))
+    assert moef.carve == moee.CarveConfig(style="moefication", top_k=3)
     study = parser.parse_args(["study", "--quick", "--out", "s"])
     assert study.quick and study.kd_epochs is None and study.only is None
     assert parser.parse_args(["study", "--only", "budget", "p=0.7"]).only == ["budget", "p=0.7"]

@@ -1,10 +1,21 @@
-"""CMoE-style carving (Pei et al., "CMoE: Converting Mixture-of-Experts from Dense to
-Accelerate LLM Inference", 2025), the top-1 variant moee's engine runs: neurons activated on
-most tokens become a shared part of every expert; the others are split into equal-size routed
-experts by balanced assignment of their activation patterns; each expert is routed to by its
-representative neuron. Pure statistics on recorded activations, like `moee.select`."""
+"""The baselines that group neurons instead of tokens, as plain statistics like `moee.select`.
+
+CMoE-style carving (Pei et al., "CMoE: Converting Mixture-of-Experts from Dense to Accelerate
+LLM Inference", 2025), the top-1 variant: neurons activated on most tokens become a shared
+part of every expert; the others are split into equal-size routed experts by balanced
+assignment of their activation patterns; each expert is routed to by its representative
+neuron.
+
+MoEfication (Zhang et al., "MoEfication: Transformer Feed-forward Layers are Mixtures of
+Experts", 2022): balanced clustering of the neurons' input weights into groups, each group
+scored by the mean of its neurons' weight rows (its similarity router), the top-k groups run
+per token. Top-k of linear scores is top-1 over every k-subset of groups scored by the sum of
+their centres, so each subset becomes one expert (the union of its groups) and moee's top-1
+engine runs MoEfication's routing exactly."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -66,3 +77,17 @@ def carve_layer(hidden: np.ndarray, width: int, config: CarveConfig
                      for g, c in zip(groups, centroids, strict=True)])
     experts = [np.sort(np.concatenate([shared, rest[g]])) for g in groups]
     return experts, reps, shared_n
+
+
+def moefication_layer(rows: np.ndarray, config: CarveConfig
+                      ) -> tuple[list[np.ndarray], np.ndarray]:
+    """(experts as dense neuron ids, (subsets, d) router centres) from the neurons' input
+    weight rows (H, d): `config.experts` balanced groups of rows, every `config.top_k`-subset
+    of them one expert scored by the sum of its groups' mean rows (metric "dot")."""
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    groups, _ = balanced_groups(unit.astype(np.float32), config.experts, config.iterations,
+                                config.seed)
+    centres = np.stack([rows[g].mean(0) for g in groups])  # the similarity router
+    subsets = list(itertools.combinations(range(config.experts), config.top_k))
+    experts = [np.sort(np.concatenate([groups[g] for g in s])) for s in subsets]
+    return experts, np.stack([centres[list(s)].sum(0) for s in subsets])

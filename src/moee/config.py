@@ -13,7 +13,7 @@ from moee.validation import check, check_types
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
 SELECT_CRITERIA = ("variance", "magnitude", "random")
 ROUTER_CENTRES = ("input_mean", "random")
-METHODS = ("moee", "random", "cmoe")
+METHODS = ("moee", "random", "cmoe", "moefication")
 DISTILL_LOSSES = ("auto", "kl", "mse")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
@@ -129,13 +129,17 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class CarveConfig:
-    """CMoE-style carving (the baseline `with_method("cmoe")`), top-1: per layer, shared
-    neurons (the most often activated) in every expert plus `experts` equal routed groups, so
-    that a token computes the share `active` of the neurons; a neuron counts as activated on
-    a token when it is among the token's `top_fraction` largest |values| (CMoE's K_a),
-    profiled on `tokens` calibration tokens; `iterations` rounds of balanced assignment."""
+    """Experts from groups of neurons, the baselines. `style="cmoe"` (`with_method("cmoe")`),
+    top-1: shared neurons (the most often activated) in every expert plus `experts` equal
+    routed groups, so that a token computes the share `active` of the neurons; a neuron
+    counts as activated on a token when among its `top_fraction` largest |values| (CMoE's
+    K_a), profiled on `tokens` calibration tokens. `style="moefication"`: `experts` balanced
+    groups of the neurons' input weights, the `top_k` most similar per token (a token
+    computes top_k / experts of the neurons). `iterations`: rounds of balanced assignment."""
 
+    style: str = "cmoe"
     active: float = 0.4
+    top_k: int = 2
     experts: int = 8
     top_fraction: float = 0.1
     tokens: int = 8192
@@ -144,7 +148,11 @@ class CarveConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "carve")
+        check(self.style in ("cmoe", "moefication"), "carve.style",
+              f"must be 'cmoe' or 'moefication', got {self.style!r}")
         check(self.experts >= 2, "carve.experts", f"must be >= 2, got {self.experts}")
+        check(1 <= self.top_k < self.experts, "carve.top_k",
+              f"must be in [1, experts), got {self.top_k}")
         check(1 / self.experts <= self.active <= 1, "carve.active",
                f"must be in [1/experts, 1], got {self.active}")
         check(0 < self.top_fraction <= 1, "carve.top_fraction",
@@ -211,14 +219,15 @@ class ExtractConfig:
     def with_method(self, method: str) -> ExtractConfig:
         """These settings under an extraction method: "moee" (unchanged), "random" (the
         paper's baseline: random clusters, random neurons, random routing centres) or "cmoe"
-        (CMoE-style carving, top-1, see `CarveConfig`)."""
+        (CMoE-style carving, top-1) or "moefication" (balanced neuron groups, top-k), see
+        `CarveConfig`."""
         check(method in METHODS, "method", f"must be one of {METHODS}, got {method!r}")
         r = replace
         if method == "moee":
             return self
-        if method == "cmoe":
-            return r(self, carve=self.carve or CarveConfig(),
-                     router=r(self.router, metric="dot"))
+        if method in ("cmoe", "moefication"):
+            carve = r(self.carve or CarveConfig(), style=method)
+            return r(self, carve=carve, router=r(self.router, metric="dot"))
         return r(self, cluster=r(self.cluster, algorithm="random", stability=False),
                  select=r(self.select, criterion="random"),
                  router=r(self.router, centres="random"))

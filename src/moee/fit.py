@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.build import LayerPlan, left_out_mean_output
-from moee.carve import carve_layer
+from moee.carve import carve_layer, moefication_layer
 from moee.cluster import cluster_layer
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
@@ -118,13 +118,18 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
 
 
 def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig) -> LayerFit:
-    """CMoE-style experts; the router scores each expert by its representative neuron's
-    pre-activation (gate row when gated, else up row; its bias is left out)."""
+    """Experts from neuron groups (`moee.carve`): CMoE-style, each expert scored by its
+    representative neuron's pre-activation, or MoEfication, by its groups' mean rows (gate
+    rows when gated, else up rows; biases left out)."""
     t0 = time.perf_counter()
     w = site.weights()
-    experts, reps, shared = carve_layer(store.hidden(i), w.hidden_size, config.carve)
-    rows = (w.gate if w.gate is not None else w.up)[torch.as_tensor(reps)]
-    centres = rows.detach().float().cpu().numpy()
+    first = (w.gate if w.gate is not None else w.up).detach().float().cpu().numpy()
+    shared = 0
+    if config.carve.style == "moefication":
+        experts, centres = moefication_layer(first, config.carve)
+    else:
+        experts, reps, shared = carve_layer(store.hidden(i), w.hidden_size, config.carve)
+        centres = first[reps]
     plan = LayerPlan(site.name, experts, centres, "dot", None)
     routed = route_tokens(store.inputs(i), centres, "dot")
     row = {"site": site.name, "hidden": w.hidden_size, "experts": len(experts),

@@ -68,13 +68,16 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="memory for clustering a layer; beyond it a subsample is clustered and "
                    "the rest assigned (default: every token)")
     p.add_argument("--method", default="moee", choices=METHODS,
-                   help="moee; random (random clusters, neurons and routing); cmoe (CMoE-style "
-                   "shared + balanced routed experts, top-1)")
+                   help="moee; or a baseline: random (random clusters, neurons and routing), "
+                   "cmoe (shared + balanced routed neuron groups, top-1), moefication "
+                   "(balanced neuron groups, top-k)")
     carve = CarveConfig()
-    p.add_argument("--cmoe-active", type=float, default=carve.active, metavar="FRACTION",
+    p.add_argument("--groups", type=int, default=carve.experts,
+                   help="cmoe / moefication: neuron groups per layer")
+    p.add_argument("--active", type=float, default=carve.active, metavar="FRACTION",
                    help="cmoe: share of a layer's neurons one token computes")
-    p.add_argument("--cmoe-experts", type=int, default=carve.experts,
-                   help="cmoe: routed experts per layer")
+    p.add_argument("--top-k", type=int, default=carve.top_k,
+                   help="moefication: groups one token computes")
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
                    "dense) from measured sensitivity to reach this fraction of the dense MACs; "
@@ -99,8 +102,8 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
              max_memory_gib=args.max_memory,
-             carve=CarveConfig(active=args.cmoe_active, experts=args.cmoe_experts)
-             if args.method == "cmoe" else None).with_method(args.method)
+             carve=CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k)
+             if args.method in ("cmoe", "moefication") else None).with_method(args.method)
 
 
 def add_kd_args(p: argparse.ArgumentParser) -> None:

@@ -43,6 +43,9 @@ def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
     for a in (0.5, 0.4, 0.3) if quick else (0.6, 0.5, 0.4, 0.3, 0.25):
         config = r(base, carve=CarveConfig(active=a)).with_method("cmoe")
         points.append(StudyPoint("methods", f"cmoe active={a}", "cmoe (top-1)", config))
+    for k in (4, 3, 2):  # of 8 groups
+        config = r(base, carve=CarveConfig(top_k=k)).with_method("moefication")
+        points.append(StudyPoint("methods", f"moefication top-{k} of 8", "moefication", config))
     for t in targets:
         config = r(base, budget=BudgetConfig(target_macs=t))
         points.append(StudyPoint("budget", f"budget {t:.0%} of dense MACs", "moee, MAC budget",
