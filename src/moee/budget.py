@@ -127,7 +127,9 @@ def measure_options(dense: nn.Module, student: nn.Module, student_sites: dict[st
                     options.append(Option(p, _option_macs(fit, plan, n), loss))
                 previous = plan
                 bar.update(1)
-            if fit.stats is not None:  # back to dense-equivalent: all neurons, one expert
+            if fit.stats is None:  # no cluster: only the dense option
+                bar.update(len(grid))
+            else:  # back to dense-equivalent: all neurons, one expert
                 whole = LayerPlan(fit.site.name, [np.arange(fit.width)],
                                   fit.stats.input_mean[:1].astype(np.float32), fit.metric)
                 site.install(build_moe_mlp(site, whole).eval())
