@@ -147,7 +147,7 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    if not results["blocks"]:
+    if not any(r["images"] for r in results["blocks"]):  # token-count rows only: no x axis
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for active in (0.25, 0.5):
@@ -164,6 +164,7 @@ def plot(results, path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
