@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.adapters import MLPSite
+from moee.adapters import MLPSite, entry_input
 from moee.atomic import write_json
 from moee.batches import Batch, call_model, output_tensor
 from moee.build import LayerPlan, build_moe_mlp
@@ -52,8 +52,6 @@ class Allocation:
 
     choice: list[Option]
     fraction: float  # predicted MACs / dense MACs in the budget's scope
-    dense_macs: float
-    table: list[list[Option]]
 
 
 @torch.inference_mode()
@@ -64,8 +62,7 @@ def _tokens_per_layer(model: nn.Module, sites: Sequence[MLPSite], probe: list[Ba
 
     def hook(i):
         def count(_m, args, kwargs):
-            x = args[0] if args else next(v for v in kwargs.values()
-                                          if isinstance(v, torch.Tensor))
+            x = entry_input(args, kwargs)
             counts[i] += x.numel() // x.shape[-1]
         return count
 
@@ -226,13 +223,12 @@ def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Mo
     if table is None:
         table = measure_options(dense, student, by_name, fits, probe, config, tokens)
         write_json(path, {"key": key, "table": [[asdict(o) for o in row] for row in table]})
-    mlp_dense = sum(n * s.weights().hidden_size * s.weights().params_per_neuron
-                    for n, s in zip(tokens_all, dense_sites, strict=True))
-    fitted_dense = sum(row[0].macs for row in table)
     if config.budget.scope == "model":
         dense_macs = float(sum(count_macs(dense, b) for b in probe))
     else:
-        dense_macs = float(mlp_dense)
+        dense_macs = float(sum(n * w.hidden_size * w.params_per_neuron for n, w in
+                               zip(tokens_all, (s.weights() for s in dense_sites), strict=True)))
+    fitted_dense = sum(row[0].macs for row in table)
     choice, fraction = allocate(table, dense_macs - fitted_dense, dense_macs,
                                 config.budget.target_macs)
-    return Allocation(choice, fraction, dense_macs, table)
+    return Allocation(choice, fraction)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.adapters import MLPSite
+from moee.adapters import MLPSite, entry_input
 from moee.atomic import write_json
 from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
@@ -126,8 +126,7 @@ def record_activations(
         weights = site.weights()
 
         def hook(_module, args, kwargs):
-            x = args[0] if args else next(v for v in kwargs.values()
-                                          if isinstance(v, torch.Tensor))  # the MLP input
+            x = entry_input(args, kwargs)
             start = filled[i]
             take = min(n - start, x.numel() // x.shape[-1])
             if take <= 0:

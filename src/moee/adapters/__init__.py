@@ -7,8 +7,14 @@ block it finds on a probe.
 
 from moee.adapters import layouts as _layouts  # noqa: F401  (registers the built-in adapters)
 from moee.adapters.registry import find_mlp_sites, list_adapters, register_adapter
-from moee.adapters.site import MLPSite, MLPWeights, linear_weights, validate_site
+from moee.adapters.site import (
+    MLPSite,
+    MLPWeights,
+    entry_input,
+    linear_weights,
+    validate_site,
+)
 from moee.errors import NoMLPBlocksError
 
-__all__ = ["MLPSite", "MLPWeights", "NoMLPBlocksError", "find_mlp_sites", "linear_weights",
-           "list_adapters", "register_adapter", "validate_site"]
+__all__ = ["MLPSite", "MLPWeights", "NoMLPBlocksError", "entry_input", "find_mlp_sites",
+           "linear_weights", "list_adapters", "register_adapter", "validate_site"]

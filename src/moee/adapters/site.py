@@ -84,6 +84,12 @@ class MLPSite:
     reference: Callable[[torch.Tensor], torch.Tensor]
 
 
+def entry_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The MLP input as a forward pre-hook on `MLPSite.entry` (with_kwargs=True) sees it: the
+    first positional argument, else the first tensor passed by keyword."""
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
