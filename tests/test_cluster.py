@@ -77,3 +77,39 @@ def test_a_clustered_subsample_assigns_the_rest_and_leaves_outliers_noise():
         assert len(np.unique(truth[result.labels[:1200] == c])) == 1
     assert (result.labels[1200:] == -1).all()
     assert result.noise_fraction == pytest.approx((result.labels < 0).mean())
+
+
+def test_unstable_layer_remedies_act_only_below_their_threshold():
+    x = np.random.default_rng(1).uniform(size=(400, 6))  # no structure: k-means cuts vary
+    base = ClusterConfig(algorithm="kmeans", n_clusters=4, min_cluster_fraction=0.05,
+                         reduce_dims=None)
+    plain = cluster_layer(x, base)
+    s = plain.stability
+    assert plain.n_clusters == 4 and -1 < s < 0.99
+    above = ClusterConfig(**{**base.__dict__, "dense_below_stability": s - 0.01,
+                             "merge_below_stability": s - 0.01})
+    assert np.array_equal(cluster_layer(x, above).labels, plain.labels)
+    dense = cluster_layer(x, ClusterConfig(**{**base.__dict__, "dense_below_stability": s + 0.01}))
+    assert dense.n_clusters == 0 and (dense.labels == -1).all() and dense.stability == s
+    merged = cluster_layer(x, ClusterConfig(**{**base.__dict__,
+                                              "merge_below_stability": s + 0.01}))
+    assert merged.n_clusters == 1
+    assert np.array_equal(merged.labels, np.where(plain.labels >= 0, 0, -1))
+
+
+def test_a_remedy_needs_the_stability_score():
+    from moee.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dense_below_stability"):
+        ClusterConfig(stability=False, dense_below_stability=0.5)
+
+
+def test_unset_optional_settings_leave_cache_keys_unchanged():
+    from moee.cluster_cache import clustering_key
+    from moee.config import settings_dict
+
+    base = ClusterConfig()
+    assert "dense_below_stability" not in settings_dict(base)
+    assert clustering_key({}, base, 0) != clustering_key({}, ClusterConfig(
+        dense_below_stability=0.2), 0)
+    assert settings_dict(ClusterConfig(max_clusters=3))["max_clusters"] == 3

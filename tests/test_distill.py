@@ -162,6 +162,35 @@ def test_dict_batches_use_mse_over_real_tokens_only(tmp_path):
     assert student.training is False
 
 
+def test_pooled_cosine_loss_is_one_minus_cosine_of_masked_mean_embeddings(tmp_path):
+    teacher = tiny_bert(dropout=0.0)
+    student = extract_bert(teacher, tmp_path)
+    batch = text_batches(1, seed=5)[0]
+    mask = batch["attention_mask"]
+    assert not mask.bool().all()  # the batch has padding
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student far enough from its teacher for fp32 to resolve the loss
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    student.train()
+    with torch.no_grad():
+        s = student(**batch).last_hidden_state.double()
+        t = teacher(**batch).last_hidden_state.double()
+    # Reference written per sentence: the mean of its real tokens, then 1 - cosine.
+    per_sentence = []
+    for i in range(len(mask)):
+        real = mask[i].bool()
+        a, b = s[i][real].mean(0), t[i][real].mean(0)
+        per_sentence.append(1 - float(a @ b / (a.norm() * b.norm())))
+    want = sum(per_sentence) / len(per_sentence)
+    with_padding = float((1 - F.cosine_similarity(s.mean(1), t.mean(1), dim=-1)).mean())
+    assert abs(want - with_padding) > 1e-3 * want  # padding would change the value
+
+    losses = moee.distill(student, teacher, [batch],
+                          moee.DistillConfig(epochs=1, lr=1e-3, loss="pooled_cosine"))
+    assert losses[0] == pytest.approx(want, rel=1e-4)
+
+
 def test_sequence_classification_logits_are_not_masked_as_tokens():
     from transformers import BertForSequenceClassification
 

@@ -28,7 +28,7 @@ from moee.adapters import MLPSite, entry_input
 from moee.atomic import write_json
 from moee.batches import Batch, call_model, output_tensor
 from moee.build import LayerPlan, build_moe_mlp
-from moee.config import DistillConfig, ExtractConfig
+from moee.config import DistillConfig, ExtractConfig, settings_dict
 from moee.distill import loss_kind, output_loss
 from moee.errors import ConfigError
 from moee.evaluate import count_macs
@@ -196,8 +196,9 @@ def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batc
     h = new_digest()
     for batch in probe:
         update_batch_digest(h, batch)
-    body = {"store": origin, "cluster": asdict(config.cluster), "layers": layers,
-            "select": asdict(replace(config.select, p=1.0)), "router": asdict(config.router),
+    body = {"store": origin, "cluster": settings_dict(config.cluster), "layers": layers,
+            "select": settings_dict(replace(config.select, p=1.0)),
+            "router": settings_dict(config.router),
             "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest()}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

@@ -146,8 +146,22 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
     if len(rows) < n and k > 0:
         _assign_rest(hidden, labels, rows, z, transform)
     stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
+    labels, k = _unstable_remedy(labels, k, stability, config)
     return LayerClustering(labels, k, float((labels < 0).mean()), stability,
                            time.perf_counter() - t0)
+
+
+def _unstable_remedy(labels: np.ndarray, k: int, stability: float | None,
+                     config: ClusterConfig) -> tuple[np.ndarray, int]:
+    """A layer whose clusters do not survive a split of the data: no cluster (the layer stays
+    dense) below `dense_below_stability`, one cluster below `merge_below_stability`."""
+    if stability is None or k == 0:
+        return labels, k
+    if config.dense_below_stability is not None and stability < config.dense_below_stability:
+        return np.full_like(labels, -1), 0
+    if config.merge_below_stability is not None and stability < config.merge_below_stability:
+        return np.where(labels >= 0, 0, -1), 1
+    return labels, k
 
 
 def _assign_rest(hidden: np.ndarray, labels: np.ndarray, rows: np.ndarray, z: np.ndarray,

@@ -14,7 +14,7 @@ CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random"
 SELECT_CRITERIA = ("variance", "magnitude", "random")
 ROUTER_CENTRES = ("input_mean", "random")
 METHODS = ("moee", "random", "cmoe", "moefication")
-DISTILL_LOSSES = ("auto", "kl", "mse")
+DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
            "DistillConfig", "ExtractConfig", "RecordConfig", "RouterConfig", "SelectConfig"]
@@ -48,6 +48,10 @@ class ClusterConfig:
     `max_clusters` (not in the paper; None = off): merge the closest clusters until at most this
     many remain. Fewer, larger experts cost more active neurons per token but make fewer kernel
     calls and fewer overlapping weight copies (a smaller model when experts overlap a lot).
+    Remedies for unstable layers (not in the paper; None = off), read against the layer's
+    `stability` score: below `dense_below_stability` the layer keeps no cluster (it stays
+    dense); below `merge_below_stability` its clusters merge into one (a single expert: the
+    layer is pruned to the neurons its tokens need, no routing).
     """
 
     algorithm: str = "hdbscan"
@@ -60,9 +64,15 @@ class ClusterConfig:
     eps: float = 0.5
     seed: int = 0
     max_clusters: int | None = None
+    dense_below_stability: float | None = None
+    merge_below_stability: float | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "cluster")
+        for name in ("dense_below_stability", "merge_below_stability"):
+            value = getattr(self, name)
+            check(value is None or (-1 <= value <= 1 and self.stability), f"cluster.{name}",
+                  f"must be None or in [-1, 1] with cluster.stability on, got {value}")
         check(self.algorithm in CLUSTER_ALGORITHMS, "cluster.algorithm",
                f"must be one of {CLUSTER_ALGORITHMS}, got {self.algorithm!r}")
         check(0 < self.min_cluster_fraction < 1, "cluster.min_cluster_fraction",
@@ -255,8 +265,10 @@ class DistillConfig:
     `epochs`: passes over the batches given to `moee.distill` (fractions allowed when the data
     has a length). `lr`: AdamW's peak rate under a cosine schedule after `warmup_steps`;
     3e-4 is what the embedded default measured best at (docs/method.md). `loss`: "kl" on
-    temperature-softened logits, "mse" on hidden states (encoders), "auto" = "kl" when the
-    output has logits. `seed` seeds the run's random draws (e.g. dropout).
+    temperature-softened logits, "mse" on hidden states (encoders), "pooled_cosine" = 1 − cosine
+    of the hidden states mean-pooled over real tokens (the sentence embedding a
+    sentence-transformers encoder returns), "auto" = "kl" when the output has logits, else "mse".
+    `seed` seeds the run's random draws (e.g. dropout).
     """
 
     epochs: float = 1.0
@@ -277,3 +289,16 @@ class DistillConfig:
         check(self.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
         check(self.loss in DISTILL_LOSSES, "distill.loss",
                f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")
+
+
+def settings_dict(config: Any) -> Any:
+    """A config as plain data for the keys of cached results, with every None-valued setting
+    left out: a new optional setting (None by default) leaves the keys of results cached
+    before it existed unchanged, and they stay valid."""
+    if hasattr(config, "__dataclass_fields__"):
+        config = asdict(config)
+    if isinstance(config, dict):
+        return {k: settings_dict(v) for k, v in config.items() if v is not None}
+    if isinstance(config, (list, tuple)):
+        return [settings_dict(v) for v in config]
+    return config

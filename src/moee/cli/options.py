@@ -7,6 +7,7 @@ import dataclasses
 
 from moee.config import (
     CLUSTER_ALGORITHMS,
+    DISTILL_LOSSES,
     METHODS,
     ROUTER_METRICS,
     SELECT_CRITERIA,
@@ -52,6 +53,10 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--max-experts", type=int, default=c.max_clusters or 0,
                    help="merge the closest clusters until at most this many experts remain "
                    "per layer (not in the paper; default %(default)s, 0 = off)")
+    p.add_argument("--dense-below-stability", type=float, default=c.dense_below_stability,
+                   metavar="S", help="keep a layer dense when its cluster stability is below S")
+    p.add_argument("--merge-below-stability", type=float, default=c.merge_below_stability,
+                   metavar="S", help="give a layer one expert when its stability is below S")
     p.add_argument("--reduce-dims", type=int, default=c.reduce_dims or 0,
                    help="PCA dims before clustering (default %(default)s, 0 = off)")
     p.add_argument("--criterion", default=s.criterion, choices=SELECT_CRITERIA)
@@ -95,7 +100,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        min_cluster_fraction=args.min_cluster_fraction,
                        min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
                        stability=not args.no_stability, seed=args.seed,
-                       max_clusters=args.max_experts or None),
+                       max_clusters=args.max_experts or None,
+                       dense_below_stability=args.dense_below_stability,
+                       merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
                       compensate_mean=not args.no_compensate),
              router=r(base.router, metric=args.metric),
@@ -112,9 +119,13 @@ def add_kd_args(p: argparse.ArgumentParser) -> None:
     d = DistillConfig()
     p.add_argument("--kd-epochs", type=float, default=d.epochs, help="KD epochs (fractions ok)")
     p.add_argument("--kd-lr", type=float, default=d.lr)
+    p.add_argument("--kd-loss", choices=DISTILL_LOSSES, default=d.loss,
+                   help="auto: KL on logits, else MSE on hidden states; pooled_cosine for "
+                        "sentence encoders")
     p.add_argument("--kd-batch-size", type=int, default=DemoConfig.kd_batch_size)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
-    return DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, seed=args.seed, device=args.device)
+    return DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss, seed=args.seed,
+                         device=args.device)
