@@ -58,3 +58,45 @@ def test_a_small_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch)
     again = run_study(config, say=lambda *_: None)
     assert again["points_reused"] == len(chosen)
     assert again["rows"] == results["rows"]
+
+
+def test_matching_solves_a_continuous_knob_and_picks_the_nearest_choice():
+    from moee.study.matching import knobs, solve
+
+    base = _base()
+    by_series = {k.series: k for k in knobs(base)}
+    calls = []
+
+    def measure(config):  # a monotone stand-in for extract + count: 0.3 + 0.6 p^2
+        calls.append(config)
+        return 0.3 + 0.6 * config.select.p ** 2
+
+    label, config, f = solve(by_series["moee, one p"], base, 0.5, measure)
+    assert abs(f - 0.5) <= 0.005 and config.select.p == pytest.approx(float(label), abs=1e-4)
+    assert len(calls) <= 10
+    moefication = by_series["moefication"]
+    share = lambda c: c.carve.top_k / c.carve.experts  # noqa: E731
+    label, config, f = solve(moefication, base, 0.55, lambda c: 0.4 + 0.5 * share(c))
+    best = min(moefication.choices, key=lambda lc: abs(0.4 + 0.5 * share(lc[1]) - 0.55))
+    assert f == pytest.approx(0.4 + 0.5 * share(best[1]))
+    assert config.carve.style == "moefication"
+
+
+def test_matched_points_meet_the_target_and_are_reused(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    fake_dataset(data, 64)
+    config = StudyConfig(out=str(tmp_path / "study"), quick=True, test_images=64,
+                         base=_base(), data_dir=str(data), only=("moee, one p at 60%",))
+    results = run_study(config, say=lambda *_: None)
+    (row,) = results["rows"]
+    assert row["group"] == "matched" and row["name"].startswith("moee, one p at 60%")
+    ratio = (row["before_kd"]["executed_macs_per_image"]
+             / results["dense"]["executed_macs_per_image"])
+    assert ratio == pytest.approx(0.6, abs=0.02)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a solved knob was searched again")
+
+    monkeypatch.setattr("moee.study.matching.solve", fail)
+    assert run_study(config, say=lambda *_: None)["rows"] == results["rows"]

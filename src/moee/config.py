@@ -163,7 +163,7 @@ class CarveConfig:
         check(self.experts >= 2, "carve.experts", f"must be >= 2, got {self.experts}")
         check(1 <= self.top_k < self.experts, "carve.top_k",
               f"must be in [1, experts), got {self.top_k}")
-        check(1 / self.experts <= self.active <= 1, "carve.active",
+        check(self.style != "cmoe" or 1 / self.experts <= self.active <= 1, "carve.active",
                f"must be in [1/experts, 1], got {self.active}")
         check(0 < self.top_fraction <= 1, "carve.top_fraction",
                f"must be in (0, 1], got {self.top_fraction}")

@@ -19,8 +19,12 @@ from moee.demo import TrainingBatches, image_batches, load_default_model, load_f
 from moee.demo.pipeline import calibration_batches, demo_extract_config
 from moee.distill import distill
 from moee.evaluate import count_macs, evaluate
+from moee.study.matching import matched_points
 from moee.study.points import StudyPoint, study_points
 from moee.study.report import study_tables, write_plot
+
+MATCHED_TARGETS = (0.6, 0.5)  # fractions of dense executed MACs the methods are matched at
+MATCHED_TARGETS_FULL = (0.7, 0.6, 0.5)
 
 
 @dataclass
@@ -52,6 +56,15 @@ def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
     return {"top1": evaluate(model, image_batches(test_x, test_y, 500, limit)),
             "macs_per_image": count_macs(model, x) / len(x),
             "executed_macs_per_image": count_macs(model, x64, executed=True) / len(x64)}
+
+
+def _executed_fraction(config: ExtractConfig, dense, train_x, seed: int, work: Path,
+                       x64: torch.Tensor, dense_executed: float) -> float:
+    """Executed MACs at a batch of 64 test images, as a fraction of dense: what matching
+    solves each method's knob for."""
+    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False)
+    moe_model, _ = extract(dense, calibration_batches(train_x, seed), ex)
+    return count_macs(moe_model, x64, executed=True) / dense_executed
 
 
 def _run_point(point: StudyPoint, dense, data, config: StudyConfig, kd_epochs: float,
@@ -88,9 +101,17 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
     limit = config.test_images or (2000 if config.quick else len(test_x))
     dense = load_default_model()
     dense_row = _measure(dense, test_x, test_y, limit)
-    points = study_points(config.base or demo_extract_config(), config.quick)
+    base = config.base or demo_extract_config()
+    points = study_points(base, config.quick)
     if config.only:
         points = [p for p in points if any(o in p.group or o in p.name for o in config.only)]
+    x64 = next(image_batches(test_x, None, 64))[0]
+    dense_executed = count_macs(dense, x64, executed=True)
+    points += matched_points(
+        base, MATCHED_TARGETS if config.quick else MATCHED_TARGETS_FULL,
+        lambda c: _executed_fraction(c, dense, train_x, config.seed, out / "work", x64,
+                                     dense_executed),
+        out / "matched.json", config.only)
     rows, reused = [], 0
     for point in tqdm(points, desc="study points"):
         key = _key(point, kd_epochs, limit)

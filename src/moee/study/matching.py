@@ -1,0 +1,122 @@
+"""Methods compared at the same executed MACs: each method's knob solved for a target fraction
+of the dense model's executed MACs, by measuring extractions (no library searches a
+monotone knob through an expensive, cached black box, hence these few lines)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from moee.atomic import write_json
+from moee.config import BudgetConfig, CarveConfig, ExtractConfig, settings_dict
+from moee.study.points import StudyPoint
+
+Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One method's setting that moves its MACs up as it grows: continuous in [low, high],
+    or one of `choices` (each a label and its config)."""
+
+    series: str
+    configure: Callable[[ExtractConfig, float], ExtractConfig] | None = None
+    low: float = 0.0
+    high: float = 1.0
+    choices: tuple[tuple[str, ExtractConfig], ...] = ()
+
+
+def knobs(base: ExtractConfig) -> list[Knob]:
+    """MoEE (one p), its MAC budget, the random baseline, CMoE-style and MoEfication."""
+    r = replace
+    p = lambda c, v: r(c, select=r(c.select, p=round(v, 4)))  # noqa: E731
+    moefication = tuple(
+        (f"top-{k} of {e}", r(base, carve=CarveConfig("moefication", experts=e, top_k=k)))
+        for e in range(2, 9) for k in range(1, e))  # C(8, 4) = 70 expert copies at most
+    return [
+        Knob("moee, one p", p, 0.3, 0.99),
+        Knob("moee, MAC budget", lambda c, v: r(c, budget=BudgetConfig(target_macs=round(v, 4))),
+             0.25, 0.95),
+        Knob("random", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
+        Knob("cmoe (top-1)", lambda c, v: r(c, carve=CarveConfig(active=round(v, 4))).with_method(
+            "cmoe"), 0.125, 1.0),
+        Knob("moefication", choices=tuple((label, c.with_method("moefication"))
+                                          for label, c in moefication)),
+    ]
+
+
+def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
+          tolerance: float = 0.005, steps: int = 8) -> tuple[str, ExtractConfig, float]:
+    """The knob's setting whose measured MACs fraction is closest to `target` (a label, the
+    config, the fraction): regula falsi on a continuous knob, stopping within `tolerance`;
+    for choices, the nearest of a line fitted through the smallest and largest, then its
+    neighbours until one lands within `tolerance`."""
+    tried: list[tuple[float, str, ExtractConfig, float]] = []
+
+    def probe(label: str, config: ExtractConfig) -> float:
+        f = measure(config)
+        tried.append((abs(f - target), label, config, f))
+        return f
+
+    if knob.choices:
+        share = [_active_share(c) for _, c in knob.choices]
+        lo, hi = min(range(len(share)), key=share.__getitem__), max(range(len(share)),
+                                                                    key=share.__getitem__)
+        f_lo, f_hi = probe(*knob.choices[lo]), probe(*knob.choices[hi])
+        slope = (f_hi - f_lo) / (share[hi] - share[lo])
+        order = sorted(range(len(share)), key=lambda i: abs(f_lo + slope * (share[i] - share[lo])
+                                                            - target))
+        for i in order[:3]:
+            if min(tried, key=lambda t: t[0])[0] <= tolerance:
+                break
+            if i not in (lo, hi):
+                probe(*knob.choices[i])
+    else:
+        a, b = knob.low, knob.high
+        fa, fb = probe(f"{a:.4g}", knob.configure(base, a)), probe(f"{b:.4g}",
+                                                                   knob.configure(base, b))
+        for _ in range(steps):
+            if min(tried, key=lambda t: t[0])[0] <= tolerance or not fa < target < fb:
+                break
+            v = a + (target - fa) * (b - a) / (fb - fa)
+            v = min(max(v, a + 0.02 * (b - a)), b - 0.02 * (b - a))  # never stall at an end
+            fv = probe(f"{v:.4g}", knob.configure(base, v))
+            if fv < target:
+                a, fa = v, fv
+            else:
+                b, fb = v, fv
+    _, label, config, f = min(tried, key=lambda t: t[0])
+    return label, config, f
+
+
+def _active_share(config: ExtractConfig) -> float:
+    c = config.carve
+    return c.top_k / c.experts
+
+
+def matched_points(base: ExtractConfig, targets: tuple[float, ...], measure: Measure,
+                   cache: Path, only: tuple[str, ...] = ()) -> list[StudyPoint]:
+    """One point per method and target, the knob solved by `measure`; each solution is kept
+    in `cache` (a JSON file keyed by method, target and the base settings) for reruns."""
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    digest = hashlib.sha256(json.dumps(settings_dict(replace(base, work_dir=None)),
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    points = []
+    for target in targets:
+        for knob in knobs(base):
+            name = f"{knob.series} at {target:.0%} exec MACs"
+            if only and not any(o in "matched" or o in name for o in only):
+                continue
+            key = f"{name}|{digest}"
+            if key not in saved:
+                label, _, f = solve(knob, base, target, measure)
+                saved[key] = {"label": label, "fraction": f}
+                write_json(cache, saved)
+            label = saved[key]["label"]
+            config = (dict(knob.choices)[label] if knob.choices
+                      else knob.configure(base, float(label)))
+            points.append(StudyPoint("matched", f"{name}: {label}", knob.series, config))
+    return points
