@@ -44,6 +44,21 @@ def test_extract_end_to_end(vit, images, tmp_path):
         assert a.dense_experts() == b.dense_experts()
 
 
+def test_stability_remedies_reuse_the_cached_clusterings(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    _, plain = moee.extract(vit, batches, small_config(tmp_path))
+    stability = [r["stability"] for r in plain.layers]
+    assert min(stability) < max(stability), stability  # the two layers differ
+    threshold = (min(stability) + max(stability)) / 2
+    _, merged = moee.extract(vit, batches,
+                             small_config(tmp_path, merge_below_stability=threshold))
+    assert "clusterings of 2 of 2 layers reused" in merged.activations
+    assert [r["experts"] for r in merged.layers] == [
+        1 if s < threshold else r["experts"] for s, r in zip(stability, plain.layers, strict=True)]
+    _, dense = moee.extract(vit, batches, small_config(tmp_path, dense_below_stability=threshold))
+    assert [r["experts"] == 0 for r in dense.layers] == [s < threshold for s in stability]
+
+
 def test_stale_activations_are_recorded_anew_and_the_reason_is_given(vit, images, tmp_path):
     batches = [images[i : i + 40] for i in range(0, 240, 40)]
     moee.extract(vit, batches, small_config(tmp_path))

@@ -7,7 +7,7 @@ HDBSCAN (fast_hdbscan) is the paper's choice; DBSCAN, OPTICS, k-means and BIRCH
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -146,22 +146,21 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
     if len(rows) < n and k > 0:
         _assign_rest(hidden, labels, rows, z, transform)
     stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
-    labels, k = _unstable_remedy(labels, k, stability, config)
-    return LayerClustering(labels, k, float((labels < 0).mean()), stability,
-                           time.perf_counter() - t0)
+    return unstable_remedy(LayerClustering(labels, k, float((labels < 0).mean()), stability,
+                                           time.perf_counter() - t0), config)
 
 
-def _unstable_remedy(labels: np.ndarray, k: int, stability: float | None,
-                     config: ClusterConfig) -> tuple[np.ndarray, int]:
+def unstable_remedy(c: LayerClustering, config: ClusterConfig) -> LayerClustering:
     """A layer whose clusters do not survive a split of the data: no cluster (the layer stays
     dense) below `dense_below_stability`, one cluster below `merge_below_stability`."""
-    if stability is None or k == 0:
-        return labels, k
-    if config.dense_below_stability is not None and stability < config.dense_below_stability:
-        return np.full_like(labels, -1), 0
-    if config.merge_below_stability is not None and stability < config.merge_below_stability:
-        return np.where(labels >= 0, 0, -1), 1
-    return labels, k
+    s, dense, merge = c.stability, config.dense_below_stability, config.merge_below_stability
+    if s is None or c.n_clusters == 0:
+        return c
+    if dense is not None and s < dense:
+        return replace(c, labels=np.full_like(c.labels, -1), n_clusters=0)
+    if merge is not None and s < merge:
+        return replace(c, labels=np.where(c.labels >= 0, 0, -1), n_clusters=1)
+    return c
 
 
 def _assign_rest(hidden: np.ndarray, labels: np.ndarray, rows: np.ndarray, z: np.ndarray,

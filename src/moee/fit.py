@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from moee.adapters import MLPSite
 from moee.build import LayerPlan, left_out_mean_output
 from moee.carve import carve_layer, moefication_layer
-from moee.cluster import cluster_layer
+from moee.cluster import cluster_layer, unstable_remedy
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
 from moee.engine import route, router_weights
@@ -87,12 +87,15 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     if config.carve is not None:
         return _carve(store, site, i, config), False
     hidden = store.hidden(i)
-    key = clustering_key(store.origin, config.cluster, i)
+    # The cache holds clusterings before any remedy: the remedies reuse them.
+    plain = replace(config.cluster, dense_below_stability=None, merge_below_stability=None)
+    key = clustering_key(store.origin, plain, i)
     clustering = load_clustering(work, i, key, store.n_tokens)
     reused = clustering is not None
     if clustering is None:
-        clustering = cluster_layer(hidden, config.cluster)
+        clustering = cluster_layer(hidden, plain)
         save_clustering(work, i, key, clustering)
+    clustering = unstable_remedy(clustering, config.cluster)
     width = site.weights().hidden_size
     row = {"site": site.name, "hidden": width, "experts": clustering.n_clusters,
            "noise_fraction": clustering.noise_fraction, "stability": clustering.stability,

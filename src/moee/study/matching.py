@@ -40,7 +40,7 @@ def knobs(base: ExtractConfig) -> list[Knob]:
         Knob("moee, one p", p, 0.3, 0.99),
         Knob("moee, MAC budget", lambda c, v: r(c, budget=BudgetConfig(target_macs=round(v, 4))),
              0.25, 0.95),
-        Knob("random", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
+        Knob("random, one p", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
         Knob("cmoe (top-1)", lambda c, v: r(c, carve=CarveConfig(active=round(v, 4))).with_method(
             "cmoe"), 0.125, 1.0),
         Knob("moefication", choices=tuple((label, c.with_method("moefication"))

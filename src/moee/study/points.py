@@ -29,6 +29,19 @@ def _ablation(base: ExtractConfig) -> list[StudyPoint]:
         ("+ variance selection", variance), ("+ input routing (MoEE)", base))]
 
 
+def _remedies(base: ExtractConfig) -> list[StudyPoint]:
+    """Remedies for layers whose clusters do not survive a split of the data, and for many
+    small experts, each added alone to one setting."""
+    r, c = replace, base.cluster
+    return [StudyPoint("remedies", name, "remedies", config) for name, config in (
+        (f"p={base.select.p}, no remedy", base),
+        ("+ layers with stability < 0.5 stay dense",
+         r(base, cluster=r(c, dense_below_stability=0.5))),
+        ("+ layers with stability < 0.5 get one expert",
+         r(base, cluster=r(c, merge_below_stability=0.5))),
+        ("+ at most 2 experts a layer", r(base, cluster=r(c, max_clusters=2))))]
+
+
 def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
     """The points of the quick or the full study, from the settings `base` (its `select.p` is
     the ablation's p)."""
@@ -50,6 +63,7 @@ def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
         config = r(base, budget=BudgetConfig(target_macs=t))
         points.append(StudyPoint("budget", f"budget {t:.0%} of dense MACs", "moee, MAC budget",
                                  config))
+    points += _remedies(r(base, select=r(base.select, p=0.7)))
     if quick:
         return points
     for algorithm in ("kmeans", "birch"):

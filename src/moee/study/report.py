@@ -50,7 +50,7 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.5), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
         series = dict.fromkeys(r["series"] for r in results["rows"]
-                               if r["series"] not in ("ablation", "variants", "calibration"))
+                               if r["series"] not in ("ablation", "variants", "calibration", "remedies"))
         for s in series:
             pts = sorted((r[stage]["macs_per_image"] / dense["macs_per_image"],
                           r[stage]["top1"]) for r in results["rows"] if r["series"] == s)
