@@ -49,8 +49,8 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
     stages = ["before_kd"] + (["after_kd"] if results["kd_epochs"] > 0 else [])
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.5), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
-        series = dict.fromkeys(r["series"] for r in results["rows"]
-                               if r["series"] not in ("ablation", "variants", "calibration", "remedies"))
+        series = dict.fromkeys(r["series"] for r in results["rows"] if r["series"] not in
+                               ("ablation", "variants", "calibration", "remedies"))
         for s in series:
             pts = sorted((r[stage]["macs_per_image"] / dense["macs_per_image"],
                           r[stage]["top1"]) for r in results["rows"] if r["series"] == s)
