@@ -349,11 +349,18 @@ def minilm_section(result: dict[str, Any]) -> str:
         for stage in ("before_kd", "after_kd"):
             f = r[stage]
             rows.append([r["p"], stage.replace("_", " "), f"{r['mlp_macs_change']:+.1%}",
-                         f"{r['macs_change']:+.1%}", f"{f['mean_cosine']:.3f}",
-                         f"{f['min_cosine']:.3f}", f"{f['spearman']:.3f}",
+                         f"{r['macs_change']:+.1%}", f"{f['mean_cosine']:.4f}",
+                         f"{f['min_cosine']:.3f}", f"{f['spearman']:.4f}",
                          f"{f['top10_agreement']:.2f}"])
+    first = result["rows"][0] if result["rows"] else {}
+    kd = ""
+    if "kd_lr" in result:  # older files did not record their distillation settings
+        kd = (f" Distillation: {result.get('kd_loss', 'mse')} loss, lr {result['kd_lr']:g}, "
+              f"{result['kd_epochs']:g} epoch(s) of "
+              f"{result.get('kd_text', 'the calibration verses')}, {first.get('kd_steps')} "
+              f"steps, {first.get('kd_seconds', 0):.0f} s for the first row.")
     return ("all-MiniLM-L6-v2 (fp32), mean-pooled sentence embeddings of held-out sentences, "
-            "MoE vs dense.\n\n" + table(["p", "stage", "MLP MACs Δ", "model MACs Δ",
+            "MoE vs dense." + kd + "\n\n" + table(["p", "stage", "MLP MACs Δ", "model MACs Δ",
                                           "mean cosine", "min cosine", "Spearman", "top-10"],
                                          rows, left=2))
 
