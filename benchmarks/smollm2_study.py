@@ -78,15 +78,15 @@ def prefill_tokens_per_second(models: dict, tokens: torch.Tensor,
 
 
 def speed_rows(dense, moe, tokenizer, held_out_ids: torch.Tensor, routing: list[dict],
-               p: float | None) -> dict:
+               p: float | None, repeats: int = 3) -> dict:
     """Decoding at batch 1 (against the bytes-read ideal) and 8, and a 512-token prefill."""
     models = {"dense": dense, "moe": moe}
     one = tokenizer("In the beginning God created", return_tensors="pt")
     eight = {"input_ids": held_out_ids[:8, :16],
              "attention_mask": torch.ones_like(held_out_ids[:8, :16])}
-    out = {"p": p}
+    out = {"p": p, "repeats": repeats}
     for name, prompt in (("decode_batch1", one), ("decode_batch8", eight)):
-        speed = decode_tokens_per_second(models, prompt)
+        speed = decode_tokens_per_second(models, prompt, repeats=repeats)
         out[name] = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"]}
     dense_b, moe_b = bytes_per_token(dense, routing)
     out["decode_batch1"].update(bytes_ideal=dense_b / moe_b,
@@ -164,6 +164,8 @@ def main() -> None:
                     help="cluster a subsample of this many tokens a layer, assign the rest")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default="runs/smollm2")
+    ap.add_argument("--speed-repeats", type=int, default=3,
+                    help="interleaved rounds per decode timing (the median is reported)")
     ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
     args = ap.parse_args()
     args.gguf = args.gguf or default_gguf()
@@ -216,7 +218,8 @@ def main() -> None:
     speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",") if v]
                if args.speed_p is not None else [last])
     routing = {r["p"]: r["routing"] for r in rows[1:]}
-    speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p)
+    speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p,
+                         args.speed_repeats)
              for p in speed_p]
     prompt = tokenizer("In the beginning God created", return_tensors="pt")
     saved = Path(args.checkpoint) if args.checkpoint else out / checkpoint_name(last)
