@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--kd-epochs", type=float, default=1.0)
     ap.add_argument("--kd-lr", type=float, default=5e-5)
     ap.add_argument("--kd-loss", default="mse", choices=DISTILL_LOSSES)
+    ap.add_argument("--kd-no-dropout", action="store_true")
     ap.add_argument("--kd-text", default="Gen1:1-50:26",
                     help="bible passage to distil on (default: the calibration verses)")
     ap.add_argument("--out", default="runs/minilm")
@@ -112,7 +113,8 @@ def main() -> None:
                "before_kd": fidelity(e_dense, embed(moe_model, held_out))}
         t1 = time.perf_counter()
         losses = moee.distill(moe_model, dense, kd_data, moee.DistillConfig(
-            epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss))
+            epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss,
+            dropout=not args.kd_no_dropout))
         row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses),
                    after_kd=fidelity(e_dense, embed(moe_model, held_out)),
                    layers=report.layers, budget=report.budget)
@@ -125,7 +127,8 @@ def main() -> None:
               f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "kd_lr": args.kd_lr, "kd_epochs": args.kd_epochs,
-         "kd_loss": args.kd_loss, "kd_text": args.kd_text, "kd_batches": len(kd_data),
+         "kd_loss": args.kd_loss, "kd_dropout": not args.kd_no_dropout, "kd_text": args.kd_text,
+         "kd_batches": len(kd_data),
          "dense_macs_probe": dense_macs, "threads": torch.get_num_threads(),
          "seconds": time.perf_counter() - t0}, indent=1))
 

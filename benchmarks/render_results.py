@@ -355,7 +355,9 @@ def minilm_section(result: dict[str, Any]) -> str:
     first = result["rows"][0] if result["rows"] else {}
     kd = ""
     if "kd_lr" in result:  # older files did not record their distillation settings
-        kd = (f" Distillation: {result.get('kd_loss', 'mse')} loss, lr {result['kd_lr']:g}, "
+        kd = (f" Distillation: {result.get('kd_loss', 'mse')} loss"
+              + ("" if result.get("kd_dropout", True) else ", no dropout")
+              + f", lr {result['kd_lr']:g}, "
               f"{result['kd_epochs']:g} epoch(s) of "
               f"{result.get('kd_text', 'the calibration verses')}, {first.get('kd_steps')} "
               f"steps, {first.get('kd_seconds', 0):.0f} s for the first row.")

@@ -225,6 +225,28 @@ def test_seed_makes_dropout_runs_reproducible(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_without_dropout_the_loss_is_deterministic_and_the_moe_layers_still_learn(tmp_path):
+    teacher = tiny_bert(dropout=0.3)
+    student = extract_bert(teacher, tmp_path)
+    data = text_batches(2, seed=2)
+    runs = {}
+    for name, seed, dropout in (("a", 7, False), ("b", 8, False), ("c", 7, True)):
+        s = copy.deepcopy(student)
+        before = {n: p.clone() for n, p in s.named_parameters()}
+        runs[name] = moee.distill(s, teacher, data, moee.DistillConfig(
+            epochs=1, lr=1e-3, seed=seed, dropout=dropout))
+        moved = [n for n, p in s.named_parameters() if not torch.equal(p, before[n])]
+        assert any("intermediate" in n for n in moved)  # gradients reach the MoE layers
+    assert runs["a"] == pytest.approx(runs["b"], rel=1e-6)  # no random draw left
+    assert runs["a"][0] != pytest.approx(runs["c"][0], rel=1e-3)  # dropout changes the loss
+    # The first step's loss is the eval-mode divergence.
+    with torch.no_grad():
+        batch = data[0]
+        want = F.mse_loss(*(m(**batch).last_hidden_state[batch["attention_mask"].bool()]
+                            for m in (student.eval(), teacher.eval())))
+    assert runs["a"][0] == pytest.approx(float(want), rel=1e-4)
+
+
 # ---- bad input ----------------------------------------------------------------------------
 
 

@@ -268,7 +268,9 @@ class DistillConfig:
     temperature-softened logits, "mse" on hidden states (encoders), "pooled_cosine" = 1 − cosine
     of the hidden states mean-pooled over real tokens (the sentence embedding a
     sentence-transformers encoder returns), "auto" = "kl" when the output has logits, else "mse".
-    `seed` seeds the run's random draws (e.g. dropout).
+    `seed` seeds the run's random draws (e.g. dropout). `dropout=False` trains the student
+    without dropout: every module but the MoE layers stays in eval mode, so the loss is the
+    deterministic divergence that evaluation measures.
     """
 
     epochs: float = 1.0
@@ -279,6 +281,7 @@ class DistillConfig:
     loss: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "distill")

@@ -18,6 +18,7 @@ from moee.distributed import rank_and_world, shard
 from moee.errors import EmptyDataError
 from moee.fingerprint import model_fingerprint, new_digest, update_batch_digest
 from moee.modes import eval_mode
+from moee.moe import MoEMLP
 from moee.training_state import resume_state, save_state
 
 
@@ -134,7 +135,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
     key = _run_key(student, teacher, data, config) if state_dir is not None else ""
-    student.to(device).train()
+    student.to(device).train(config.dropout)
+    if not config.dropout:  # only the MoE layers in train mode: their differentiable path
+        for layer in student.modules():
+            if isinstance(layer, MoEMLP):
+                layer.train()
     teacher.to(device)
     trained = student
     if world > 1:

@@ -122,10 +122,13 @@ def add_kd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-loss", choices=DISTILL_LOSSES, default=d.loss,
                    help="auto: KL on logits, else MSE on hidden states; pooled_cosine for "
                         "sentence encoders")
+    p.add_argument("--kd-no-dropout", action="store_true",
+                   help="train the student without dropout (a deterministic loss)")
     p.add_argument("--kd-batch-size", type=int, default=DemoConfig.kd_batch_size)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss, seed=args.seed,
+                         dropout=not args.kd_no_dropout,
                          device=args.device)
