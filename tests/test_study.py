@@ -74,6 +74,9 @@ def test_matching_solves_a_continuous_knob_and_picks_the_nearest_choice():
     label, config, f = solve(by_series["moee, one p"], base, 0.5, measure)
     assert abs(f - 0.5) <= 0.005 and config.select.p == pytest.approx(float(label), abs=1e-4)
     assert len(calls) <= 10
+    budget = by_series["moee, MAC budget"]  # searched around the target: its ends may fail
+    label, config, f = solve(budget, base, 0.5, lambda c: c.budget.target_macs + 0.012)
+    assert abs(f - 0.5) <= 0.005 and config.budget.p_grid == base.budget.p_grid
     moefication = by_series["moefication"]
     share = lambda c: c.carve.top_k / c.carve.experts  # noqa: E731
     label, config, f = solve(moefication, base, 0.55, lambda c: 0.4 + 0.5 * share(c))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moee.atomic import write_json
-from moee.config import BudgetConfig, CarveConfig, ExtractConfig, settings_dict
+from moee.config import CarveConfig, ExtractConfig, settings_dict
 from moee.study.points import StudyPoint
 
 Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
@@ -20,13 +20,15 @@ Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / de
 @dataclass(frozen=True)
 class Knob:
     """One method's setting that moves its MACs up as it grows: continuous in [low, high],
-    or one of `choices` (each a label and its config)."""
+    or one of `choices` (each a label and its config). `around`: search target ± around
+    instead (a knob that is itself a MACs fraction, whose far ends may be unreachable)."""
 
     series: str
     configure: Callable[[ExtractConfig, float], ExtractConfig] | None = None
     low: float = 0.0
     high: float = 1.0
     choices: tuple[tuple[str, ExtractConfig], ...] = ()
+    around: float | None = None
 
 
 def knobs(base: ExtractConfig) -> list[Knob]:
@@ -38,8 +40,8 @@ def knobs(base: ExtractConfig) -> list[Knob]:
         for e in range(2, 9) for k in range(1, e))  # C(8, 4) = 70 expert copies at most
     return [
         Knob("moee, one p", p, 0.3, 0.99),
-        Knob("moee, MAC budget", lambda c, v: r(c, budget=BudgetConfig(target_macs=round(v, 4))),
-             0.25, 0.95),
+        Knob("moee, MAC budget", lambda c, v: r(c, budget=r(c.budget, target_macs=round(v, 4))),
+             around=0.05),
         Knob("random, one p", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
         Knob("cmoe (top-1)", lambda c, v: r(c, carve=CarveConfig(active=round(v, 4))).with_method(
             "cmoe"), 0.125, 1.0),
@@ -75,7 +77,8 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
             if i not in (lo, hi):
                 probe(*knob.choices[i])
     else:
-        a, b = knob.low, knob.high
+        a, b = ((target - knob.around, target + knob.around) if knob.around is not None
+                else (knob.low, knob.high))
         fa, fb = probe(f"{a:.4g}", knob.configure(base, a)), probe(f"{b:.4g}",
                                                                    knob.configure(base, b))
         for _ in range(steps):
