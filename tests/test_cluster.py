@@ -105,8 +105,8 @@ def test_a_remedy_needs_the_stability_score():
 
 
 def test_unset_optional_settings_leave_cache_keys_unchanged():
+    from moee.cache_key import settings_dict
     from moee.cluster_cache import clustering_key
-    from moee.config import settings_dict
 
     base = ClusterConfig()
     assert "dense_below_stability" not in settings_dict(base)

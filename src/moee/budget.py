@@ -11,7 +11,6 @@ by the last step on the upgrades that cut the loss most.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 from collections.abc import Sequence
@@ -28,7 +27,8 @@ from moee.adapters import MLPSite, entry_input
 from moee.atomic import write_json
 from moee.batches import Batch, call_model, output_tensor
 from moee.build import LayerPlan, build_moe_mlp
-from moee.config import DistillConfig, ExtractConfig, settings_dict
+from moee.cache_key import digest, settings_dict
+from moee.config import DistillConfig, ExtractConfig
 from moee.distill import loss_kind, output_loss
 from moee.errors import ConfigError
 from moee.evaluate import count_macs
@@ -200,7 +200,7 @@ def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batc
             "select": settings_dict(replace(config.select, p=1.0)),
             "router": settings_dict(config.router),
             "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest()}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digest(body)
 
 
 def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Module,

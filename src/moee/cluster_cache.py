@@ -4,7 +4,6 @@ reuses exactly the clusterings whose inputs and settings match and redoes the re
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,16 @@ from typing import Any
 import numpy as np
 
 from moee.atomic import save_npy, write_json
+from moee.cache_key import digest, settings_dict
 from moee.cluster import LayerClustering
-from moee.config import ClusterConfig, settings_dict
+from moee.config import ClusterConfig
 
 
 def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int) -> str:
     """Digest of what a layer's clustering depends on: the recorded activations (their model,
     data and record settings), the clustering settings and the layer."""
     body = {"store": store_origin, "cluster": settings_dict(config), "layer": layer}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digest(body)
 
 
 def _paths(work: Path, layer: int) -> tuple[Path, Path]:

@@ -293,15 +293,3 @@ class DistillConfig:
         check(self.loss in DISTILL_LOSSES, "distill.loss",
                f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")
 
-
-def settings_dict(config: Any) -> Any:
-    """A config as plain data for the keys of cached results, with every None-valued setting
-    left out: a new optional setting (None by default) leaves the keys of results cached
-    before it existed unchanged, and they stay valid."""
-    if hasattr(config, "__dataclass_fields__"):
-        config = asdict(config)
-    if isinstance(config, dict):
-        return {k: settings_dict(v) for k, v in config.items() if v is not None}
-    if isinstance(config, (list, tuple)):
-        return [settings_dict(v) for v in config]
-    return config

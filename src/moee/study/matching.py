@@ -4,14 +4,14 @@ monotone knob through an expensive, cached black box, hence these few lines)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moee.atomic import write_json
-from moee.config import CarveConfig, ExtractConfig, settings_dict
+from moee.cache_key import digest, settings_dict
+from moee.config import CarveConfig, ExtractConfig
 from moee.study.points import StudyPoint
 
 Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
@@ -105,15 +105,14 @@ def matched_points(base: ExtractConfig, targets: tuple[float, ...], measure: Mea
     """One point per method and target, the knob solved by `measure`; each solution is kept
     in `cache` (a JSON file keyed by method, target and the base settings) for reruns."""
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
-    digest = hashlib.sha256(json.dumps(settings_dict(replace(base, work_dir=None)),
-                                       sort_keys=True).encode()).hexdigest()[:16]
+    base_key = digest(settings_dict(replace(base, work_dir=None)))[:16]
     points = []
     for target in targets:
         for knob in knobs(base):
             name = f"{knob.series} at {target:.0%} exec MACs"
             if only and not any(o in "matched" or o in name for o in only):
                 continue
-            key = f"{name}|{digest}"
+            key = f"{name}|{base_key}"
             if key not in saved:
                 label, _, f = solve(knob, base, target, measure)
                 saved[key] = {"label": label, "fraction": f}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -14,7 +13,8 @@ from tqdm.auto import tqdm
 
 from moee.api import extract
 from moee.atomic import write_json
-from moee.config import DistillConfig, ExtractConfig, settings_dict
+from moee.cache_key import digest, settings_dict
+from moee.config import DistillConfig, ExtractConfig
 from moee.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
 from moee.demo.pipeline import calibration_batches, demo_extract_config
 from moee.distill import distill
@@ -47,7 +47,7 @@ class StudyConfig:
 def _key(point: StudyPoint, kd_epochs: float, test_images: int) -> str:
     body = {"config": settings_dict(replace(point.config, work_dir=None, progress=False)),
             "kd_epochs": kd_epochs, "test_images": test_images}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(body)[:16]
 
 
 def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
