@@ -32,7 +32,8 @@ def _ablation(base: ExtractConfig) -> list[StudyPoint]:
 def _remedies(base: ExtractConfig) -> list[StudyPoint]:
     """Remedies for layers whose clusters do not survive a split of the data, and for many
     small experts, each added alone to one setting."""
-    r, c = replace, base.cluster
+    r = replace
+    c = r(base.cluster, stability=True)  # the remedies read the stability score
     return [StudyPoint("remedies", name, "remedies", config) for name, config in (
         (f"p={base.select.p}, no remedy", base),
         ("+ layers with stability < 0.5 stay dense",
