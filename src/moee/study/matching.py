@@ -35,9 +35,9 @@ def knobs(base: ExtractConfig) -> list[Knob]:
     """MoEE (one p), its MAC budget, the random baseline, CMoE-style and MoEfication."""
     r = replace
     p = lambda c, v: r(c, select=r(c.select, p=round(v, 4)))  # noqa: E731
-    moefication = tuple(
-        (f"top-{k} of {e}", r(base, carve=CarveConfig("moefication", experts=e, top_k=k)))
-        for e in range(2, 9) for k in range(1, e))  # C(8, 4) = 70 expert copies at most
+    moefication = tuple(  # at most 8 groups: C(8, 4) = 70 expert copies at most
+        (f"top-{k} of {e}", r(base, carve=CarveConfig("moefication", experts=e, top_k=k))
+         .with_method("moefication")) for e in range(2, 9) for k in range(1, e))
     return [
         Knob("moee, one p", p, 0.3, 0.99),
         Knob("moee, MAC budget", lambda c, v: r(c, budget=r(c.budget, target_macs=round(v, 4))),
@@ -45,8 +45,7 @@ def knobs(base: ExtractConfig) -> list[Knob]:
         Knob("random, one p", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
         Knob("cmoe (top-1)", lambda c, v: r(c, carve=CarveConfig(active=round(v, 4))).with_method(
             "cmoe"), 0.125, 1.0),
-        Knob("moefication", choices=tuple((label, c.with_method("moefication"))
-                                          for label, c in moefication)),
+        Knob("moefication", choices=moefication),
     ]
 
 
@@ -63,8 +62,11 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
         tried.append((abs(f - target), label, config, f))
         return f
 
+    def close_enough() -> bool:
+        return min(t[0] for t in tried) <= tolerance
+
     if knob.choices:
-        share = [_active_share(c) for _, c in knob.choices]
+        share = [c.carve.top_k / c.carve.experts for _, c in knob.choices]
         lo, hi = min(range(len(share)), key=share.__getitem__), max(range(len(share)),
                                                                     key=share.__getitem__)
         f_lo, f_hi = probe(*knob.choices[lo]), probe(*knob.choices[hi])
@@ -72,7 +74,7 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
         order = sorted(range(len(share)), key=lambda i: abs(f_lo + slope * (share[i] - share[lo])
                                                             - target))
         for i in order[:3]:
-            if min(tried, key=lambda t: t[0])[0] <= tolerance:
+            if close_enough():
                 break
             if i not in (lo, hi):
                 probe(*knob.choices[i])
@@ -82,7 +84,7 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
         fa, fb = probe(f"{a:.4g}", knob.configure(base, a)), probe(f"{b:.4g}",
                                                                    knob.configure(base, b))
         for _ in range(steps):
-            if min(tried, key=lambda t: t[0])[0] <= tolerance or not fa < target < fb:
+            if close_enough() or not fa < target < fb:
                 break
             v = a + (target - fa) * (b - a) / (fb - fa)
             v = min(max(v, a + 0.02 * (b - a)), b - 0.02 * (b - a))  # never stall at an end
@@ -95,22 +97,17 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
     return label, config, f
 
 
-def _active_share(config: ExtractConfig) -> float:
-    c = config.carve
-    return c.top_k / c.experts
-
-
 def matched_points(base: ExtractConfig, targets: tuple[float, ...], measure: Measure,
                    cache: Path, only: tuple[str, ...] = ()) -> list[StudyPoint]:
     """One point per method and target, the knob solved by `measure`; each solution is kept
     in `cache` (a JSON file keyed by method, target and the base settings) for reruns."""
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     base_key = digest(settings_dict(replace(base, work_dir=None)))[:16]
-    points = []
+    points, group = [], "matched"
     for target in targets:
         for knob in knobs(base):
             name = f"{knob.series} at {target:.0%} exec MACs"
-            if only and not any(o in "matched" or o in name for o in only):
+            if only and not any(o in group or o in name for o in only):
                 continue
             key = f"{name}|{base_key}"
             if key not in saved:
@@ -120,5 +117,5 @@ def matched_points(base: ExtractConfig, targets: tuple[float, ...], measure: Mea
             label = saved[key]["label"]
             config = (dict(knob.choices)[label] if knob.choices
                       else knob.configure(base, float(label)))
-            points.append(StudyPoint("matched", f"{name}: {label}", knob.series, config))
+            points.append(StudyPoint(group, f"{name}: {label}", knob.series, config))
     return points
