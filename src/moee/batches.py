@@ -72,6 +72,15 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return batch
 
 
+def mean_pooled(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) hidden states -> (B, d) means over the real tokens (all tokens without a
+    mask): the sentence embedding sentence-transformers encoders return."""
+    if mask is None:
+        return h.mean(1)
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def token_mask(batch: Batch) -> torch.Tensor | None:
     """(B, T) bool mask of real tokens when the batch carries an `attention_mask`."""
     inputs = model_inputs(batch)

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.batches import Batch, call_model, check_batch, output_tensor, to_device, token_mask
+from moee.batches import (
+    Batch,
+    call_model,
+    check_batch,
+    mean_pooled,
+    output_tensor,
+    to_device,
+    token_mask,
+)
 from moee.config import DistillConfig
 from moee.distributed import rank_and_world, shard
 from moee.errors import EmptyDataError
@@ -47,24 +55,16 @@ def loss_kind(teacher_out, config: DistillConfig) -> str:
     return "mse" if hidden_only else "kl"
 
 
-def mean_pooled(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, d) hidden states -> (B, d) means over the real tokens (all tokens without a
-    mask): the pooling sentence-transformers encoders use."""
-    if mask is None:
-        return h.mean(1)
-    m = mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 def output_loss(s: torch.Tensor, t: torch.Tensor, batch: Batch, kind: str,
                 temperature: float = 1.0) -> torch.Tensor:
     """The distillation loss between output tensors, over the batch's real tokens only."""
     mask = token_mask(batch)
+    per_token = mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape)
     if kind == "pooled_cosine":
         if s.dim() == 3:
-            s, t = mean_pooled(s, mask), mean_pooled(t, mask)
+            s, t = (mean_pooled(x, mask if per_token else None) for x in (s, t))
         return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1)).mean()
-    if mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape):
+    if per_token:
         s, t = s[mask], t[mask]  # per-token outputs: padding tokens carry no signal
     if kind == "mse":
         return F.mse_loss(s, t)

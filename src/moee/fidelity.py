@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moee.batches import Batch, call_model, model_inputs, output_tensor, token_mask
+from moee.batches import Batch, call_model, mean_pooled, model_inputs, output_tensor, token_mask
 from moee.errors import EmptyDataError
 from moee.modes import eval_mode
 
@@ -47,8 +47,7 @@ def fidelity(model: nn.Module, reference: nn.Module, data: Iterable[Batch]) -> d
             mask = token_mask(batch)
             if mask is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(mask.shape):
                 rows, ref_rows = out[mask], ref[mask]
-                weights = mask.unsqueeze(-1).to(out.dtype)
-                pooled = [(t * weights).sum(1) / weights.sum(1) for t in (out, ref)]
+                pooled = [mean_pooled(t, mask) for t in (out, ref)]
             else:
                 rows, ref_rows = out.flatten(0, -2), ref.flatten(0, -2)
                 pooled = [t.flatten(1) if t.dim() > 1 else t for t in (out, ref)]
