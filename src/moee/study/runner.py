@@ -58,22 +58,26 @@ def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
             "executed_macs_per_image": count_macs(model, x64, executed=True) / len(x64)}
 
 
+def _extract(config: ExtractConfig, dense, train_x, seed: int, work: Path):
+    """Extract on the study's calibration images; points of one calibration size share a
+    work dir (one recording, one clustering per clustering setting)."""
+    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False)
+    return extract(dense, calibration_batches(train_x, seed), ex)
+
+
 def _executed_fraction(config: ExtractConfig, dense, train_x, seed: int, work: Path,
                        x64: torch.Tensor, dense_executed: float) -> float:
     """Executed MACs at a batch of 64 test images, as a fraction of dense: what matching
     solves each method's knob for."""
-    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False)
-    moe_model, _ = extract(dense, calibration_batches(train_x, seed), ex)
+    moe_model, _ = _extract(config, dense, train_x, seed, work)
     return count_macs(moe_model, x64, executed=True) / dense_executed
 
 
 def _run_point(point: StudyPoint, dense, data, config: StudyConfig, kd_epochs: float,
                limit: int, work: Path) -> dict[str, Any]:
     train_x, test_x, test_y = data
-    ex = replace(point.config, work_dir=str(work / f"tokens{point.config.record.n_tokens}"),
-                 progress=False)
     t0 = time.perf_counter()
-    moe_model, report = extract(dense, calibration_batches(train_x, config.seed), ex)
+    moe_model, report = _extract(point.config, dense, train_x, config.seed, work)
     row: dict[str, Any] = {"group": point.group, "name": point.name, "series": point.series,
                            "extract_seconds": time.perf_counter() - t0,
                            "experts": [r["experts"] for r in report.layers],
