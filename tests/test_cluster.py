@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from moee.cluster import TooFewTokensError, cluster_layer
+from moee.cluster import TooFewTokensError, cluster_layer, unstable_remedy
 from moee.config import ClusterConfig
 
 
@@ -88,11 +88,12 @@ def test_unstable_layer_remedies_act_only_below_their_threshold():
     assert plain.n_clusters == 4 and -1 < s < 0.99
     above = ClusterConfig(**{**base.__dict__, "dense_below_stability": s - 0.01,
                              "merge_below_stability": s - 0.01})
-    assert np.array_equal(cluster_layer(x, above).labels, plain.labels)
-    dense = cluster_layer(x, ClusterConfig(**{**base.__dict__, "dense_below_stability": s + 0.01}))
+    assert np.array_equal(unstable_remedy(plain, above).labels, plain.labels)
+    dense = unstable_remedy(plain, ClusterConfig(**{**base.__dict__,
+                                                   "dense_below_stability": s + 0.01}))
     assert dense.n_clusters == 0 and (dense.labels == -1).all() and dense.stability == s
-    merged = cluster_layer(x, ClusterConfig(**{**base.__dict__,
-                                              "merge_below_stability": s + 0.01}))
+    merged = unstable_remedy(plain, ClusterConfig(**{**base.__dict__,
+                                                    "merge_below_stability": s + 0.01}))
     assert merged.n_clusters == 1
     assert np.array_equal(merged.labels, np.where(plain.labels >= 0, 0, -1))
 

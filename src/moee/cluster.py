@@ -146,13 +146,14 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
     if len(rows) < n and k > 0:
         _assign_rest(hidden, labels, rows, z, transform)
     stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
-    return unstable_remedy(LayerClustering(labels, k, float((labels < 0).mean()), stability,
-                                           time.perf_counter() - t0), config)
+    return LayerClustering(labels, k, float((labels < 0).mean()), stability,
+                           time.perf_counter() - t0)
 
 
 def unstable_remedy(c: LayerClustering, config: ClusterConfig) -> LayerClustering:
     """A layer whose clusters do not survive a split of the data: no cluster (the layer stays
-    dense) below `dense_below_stability`, one cluster below `merge_below_stability`."""
+    dense) below `dense_below_stability`, one cluster below `merge_below_stability`. Applied
+    to a clustering after the cache, so trying a remedy re-clusters nothing."""
     s, dense, merge = c.stability, config.dense_below_stability, config.merge_below_stability
     if s is None or c.n_clusters == 0:
         return c

@@ -93,7 +93,7 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     clustering = load_clustering(work, i, key, store.n_tokens)
     reused = clustering is not None
     if clustering is None:
-        clustering = cluster_layer(hidden, plain)
+        clustering = cluster_layer(hidden, config.cluster)
         save_clustering(work, i, key, clustering)
     clustering = unstable_remedy(clustering, config.cluster)
     width = site.weights().hidden_size
