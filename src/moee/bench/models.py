@@ -12,7 +12,8 @@ from torch import nn
 
 from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
-from moee.engine.timing import time_interleaved
+from moee.engine.cuda_graph import GraphedForward
+from moee.engine.timing import first_error, time_interleaved
 from moee.evaluate import count_macs
 from moee.moe_model import MoEModel
 
@@ -51,12 +52,29 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
     mlp_ratio = (macs_m - macs_r) / (macs_d - macs_r)
     mlp_share = min(max((t_d - t_r) / t_d, 0.0), 1.0)  # noise can put t_r above t_d
     amdahl = 1 / ((1 - mlp_share) + mlp_share * mlp_ratio)
-    return {"batch": x.shape[0], "dtype": str(x.dtype).removeprefix("torch."),
-            "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
-            "non_mlp_ms": t_r * 1e3, "mlp_time_share": mlp_share, "mlp_mac_ratio": mlp_ratio,
-            "speedup": t_d / t_m, "ideal": macs_d / macs_m,
-            "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,
-            "amdahl_efficiency": t_d / t_m / amdahl}
+    row = {"batch": x.shape[0], "dtype": str(x.dtype).removeprefix("torch."),
+           "dense_ms": t_d * 1e3, "moe_ms": t_m * 1e3,
+           "non_mlp_ms": t_r * 1e3, "mlp_time_share": mlp_share, "mlp_mac_ratio": mlp_ratio,
+           "speedup": t_d / t_m, "ideal": macs_d / macs_m,
+           "efficiency": t_d / t_m / (macs_d / macs_m), "amdahl_ideal": amdahl,
+           "amdahl_efficiency": t_d / t_m / amdahl}
+    if x.is_cuda:
+        row["graphed"] = graphed_times(dense, moe_model, x)
+    return row
+
+
+def graphed_times(dense: nn.Module, moe_model: nn.Module, x: torch.Tensor) -> dict:
+    """Dense and MoE each replayed from a CUDA graph (`GraphedForward`; the MoE's routed layers
+    on "grouped"), timed side by side; or the reason capture failed."""
+    graphed_dense = GraphedForward(dense)
+    graphed_moe = GraphedForward(copy.deepcopy(moe_model))
+    why = first_error(lambda: (graphed_dense(x), graphed_moe(x)))
+    if why is not None:
+        return {"error": why}
+    secs = time_interleaved({"dense": lambda: graphed_dense(x), "moe": lambda: graphed_moe(x)},
+                            x.device)
+    return {"dense_ms": secs["dense"] * 1e3, "moe_ms": secs["moe"] * 1e3,
+            "speedup": secs["dense"] / secs["moe"]}
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -79,17 +97,32 @@ def deit_base_sized_moe(fractions: list[list[float]], device, dtype=torch.float3
                        intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000,
                        attn_implementation="sdpa")
     dense = ViTForImageClassification(config).eval()
+    moe = random_moe_copy(dense, fractions, seed)
+    return dense.to(device, dtype), moe.to(device, dtype).eval()
+
+
+def random_moe_copy(dense: nn.Module, fractions: list[list[float]] | dict[str, list[float]],
+                    seed: int = 0) -> MoEModel:
+    """A MoE copy of `dense` for timing: layer i gets experts of neuron fractions
+    `fractions[i * len(fractions) // layers]` (or `fractions[site name]`, sites not named
+    staying dense), random neurons and random router centres (a timing stand-in: its routing
+    is not a real extraction's)."""
     student = copy.deepcopy(dense)
     sites = find_mlp_sites(student)
     rng = np.random.default_rng(seed)
     plans = []
     for i, site in enumerate(sites):
-        fr = fractions[i * len(fractions) // len(sites)]
-        experts = [np.sort(rng.choice(3072, max(1, round(f * 3072)), replace=False)) for f in fr]
-        plans.append(LayerPlan(site.name, experts, rng.normal(size=(len(fr), 768))))
+        if isinstance(fractions, dict) and site.name not in fractions:
+            continue
+        w = site.weights()
+        hidden, d_in = w.hidden_size, w.d_in
+        fr = (fractions[site.name] if isinstance(fractions, dict)
+              else fractions[i * len(fractions) // len(sites)])
+        experts = [np.sort(rng.choice(hidden, max(1, round(f * hidden)), replace=False))
+                   for f in fr]
+        plans.append(LayerPlan(site.name, experts, rng.normal(size=(len(fr), d_in))))
     apply_plans(sites, plans)
-    moe = MoEModel(student)
-    return dense.to(device, dtype), moe.to(device, dtype).eval()
+    return MoEModel(student).eval()
 
 
 def fractions_from_checkpoint(path) -> list[list[float]]:

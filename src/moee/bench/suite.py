@@ -6,7 +6,8 @@
 Parts: (1) DeiT-base-sized MLP blocks (768 -> 3072) at 25% / 50% active neurons per token,
 (2) the embedded default (a saved demo checkpoint) as a whole model, with and without the
 calibrated per-layer fallback, (3) a DeiT-base-sized whole model with expert sizes taken from
-the checkpoint's real extraction, likewise with and without calibration. Prints tables;
+the checkpoint's real extraction, likewise with and without calibration (on CUDA also both
+models replayed from CUDA graphs, `moee.engine.GraphedForward`). Prints tables;
 writes bench.json (and bench.png if matplotlib is installed).
 """
 
@@ -61,7 +62,7 @@ def part_blocks(device, dtypes, batches, token_counts, results):
 
 MODEL_HEADER = (f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}"
                 f"{'speedup':>9}{'ideal':>7}{'eff.':>6}{'amdahl':>8}{'eff.':>6}{'calibrated':>12}"
-                f"{'on union':>10}")
+                f"{'on union':>10}{'graphed':>9}")
 
 
 def model_row(dense, moe_model, x, device, decimals: int) -> dict:
@@ -77,8 +78,18 @@ def model_row(dense, moe_model, x, device, decimals: int) -> dict:
           f"{ms(row['non_mlp_ms'], 9)}{ms(row['moe_ms'], 9)}"
           f"{row['speedup']:>8.2f}x{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
           f"{row['amdahl_ideal']:>8.2f}{row['amdahl_efficiency']:>6.0%}"
-          f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>8}/{len(choice)}")
+          f"{row['calibrated']['speedup']:>11.2f}x{row['union_layers']:>8}/{len(choice)}"
+          f"{graphed_cell(row.get('graphed')):>9}")
+    if row.get("graphed", {}).get("error"):
+        print(f"{'':>9}CUDA graphs failed: {row['graphed']['error']}")
     return row
+
+
+def graphed_cell(graphed: dict | None) -> str:
+    """Speedup of the MoE over dense, both replayed from CUDA graphs ('-' off CUDA)."""
+    if graphed is None:
+        return "-"
+    return "failed" if "error" in graphed else f"{graphed['speedup']:.2f}x"
 
 
 def part_default(device, dtypes, checkpoint, batches, results):

@@ -7,6 +7,7 @@ module: executions are functions of (tokens, expert ids, `InferenceWeights`).
 """
 
 from moee.engine.cost_model import COSTS, CostModel, default_small_batch_tokens
+from moee.engine.cuda_graph import GraphedForward, make_capturable
 from moee.engine.experts import run_experts
 from moee.engine.grouped import run_grouped
 from moee.engine.masked import run_masked
@@ -22,7 +23,8 @@ from moee.engine.weights import (
 from moee.engine.workspace import clear_workspace, workspace_bytes
 
 __all__ = [
-    "COSTS", "EXECUTIONS", "ROUTER_METRICS", "CostModel", "ExecutionConfig", "InferenceWeights",
+    "COSTS", "EXECUTIONS", "ROUTER_METRICS", "CostModel", "ExecutionConfig", "GraphedForward",
+    "InferenceWeights", "make_capturable",
     "build_inference_weights", "clear_workspace", "compiled_cache", "default_small_batch_tokens",
     "first_weights", "route", "router_weights", "routing_dtype", "run_experts", "run_grouped",
     "run_masked", "slice_expert", "workspace_bytes",

@@ -7,10 +7,13 @@ import torch.nn.functional as F
 
 from moee.engine.weights import InferenceWeights, padded
 
+# Public from torch 2.10 (or so); earlier releases with the kernel have the private name.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
 
 def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
     """(N, d), (N,) -> (N, d_out); token counts stay on the device (for GPUs, CUDA graphs)."""
-    if not hasattr(F, "grouped_mm"):
+    if _GROUPED_MM is None:
         raise NotImplementedError("'grouped' needs torch.nn.functional.grouped_mm "
                                   f"(not in torch {torch.__version__})")
     pw1, pb1, pw2 = padded(w)
@@ -23,7 +26,7 @@ def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     offs = counts.cumsum(0).to(torch.int32)
     x = tokens.new_zeros(n, pw1.shape[1])  # (N, d_pad)
     x[:, :d] = tokens.index_select(0, order)
-    h = w.activate(F.grouped_mm(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert),
+    h = w.activate(_GROUPED_MM(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert),
                    pw2.shape[1]).contiguous()  # (N, m_max)
-    y = F.grouped_mm(h, pw2, offs=offs)[:, :d_out] + w.out_bias.index_select(0, sorted_expert)
+    y = _GROUPED_MM(h, pw2, offs=offs)[:, :d_out] + w.out_bias.index_select(0, sorted_expert)
     return torch.empty_like(y).index_copy_(0, order, y)

@@ -1,0 +1,65 @@
+"""Where the time of a DeiT-base-sized MoE forward goes on a GPU: a profiler summary.
+
+    python benchmarks/gpu_profile.py --checkpoint runs/demo/moe --batches 8,64 --out runs/prof
+
+The same stand-in as `moee bench` part (3) (random weights, expert sizes from the checkpoint),
+bf16, eager and on "grouped". Prints the operators that take the most GPU time and the count of
+kernel launches per forward, dense vs MoE; writes profile.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moee.bench.models import deit_base_sized_moe, fractions_from_checkpoint
+
+
+def summary(model, x, label: str, rows: int) -> str:
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model(x)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu = [e for e in events if e.device_type.name == "CUDA"]  # kernels and copies
+    kernels = sum(e.count for e in gpu) / 5
+    gpu_us = sum(e.self_device_time_total for e in gpu) / 5
+    table = events.table(sort_by="self_device_time_total", row_limit=rows)
+    return (f"== {label}: {kernels:.0f} kernels and {gpu_us / 1e3:.2f} ms of GPU time per "
+            f"forward ==\n{table}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="runs/demo/moe")
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--out", default="runs/gpu-profile")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    dense, moe = deit_base_sized_moe(fractions_from_checkpoint(args.checkpoint), device,
+                                     torch.bfloat16)
+    grouped = copy.deepcopy(moe)
+    grouped.configure(execution="grouped")
+    text = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16\n"
+    for b in map(int, args.batches.split(",")):
+        x = torch.randn(b, 3, 224, 224, device=device, dtype=torch.bfloat16)
+        for label, m in (("dense", dense), ("moe experts", moe), ("moe grouped", grouped)):
+            part = summary(m, x, f"{label}, batch {b}", args.rows)
+            print(part, flush=True)
+            text += part
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
