@@ -66,11 +66,15 @@ class GraphedDecode:
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        # A ready 4D mask (True: attend) is used as is: no mask built from host values
+        # inside the captured step.
+        self.mask = torch.zeros(batch, 1, 1, prompt_len + new, dtype=torch.bool,
+                                device=self.device)
         self.graph = None
 
     def _step(self) -> torch.Tensor:
         out = self.model(input_ids=self.token, past_key_values=self.cache,
-                         cache_position=self.position,
+                         cache_position=self.position, attention_mask=self.mask,
                          position_ids=self.position.expand(self.batch, 1), use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -82,6 +86,8 @@ class GraphedDecode:
                             cache_position=positions, use_cache=True).logits
         self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.position.fill_(self.prompt_len)
+        self.mask.zero_()
+        self.mask[..., : self.prompt_len + 1] = True
         if self.graph is None:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -97,6 +103,7 @@ class GraphedDecode:
             self.graph.replay()
             self.token.copy_(self.next_token)
             self.position.add_(1)
+            self.mask.index_fill_(-1, self.position, True)
             out.append(self.token.clone())
         return torch.cat(out, 1)
 

@@ -12,20 +12,20 @@ from torch import nn
 from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification
 
 
-def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+def tiny_vit(seed: int = 0, attn: str = "eager") -> ViTForImageClassification:
     torch.manual_seed(seed)
     config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                       num_labels=3, attn_implementation="eager")
+                       num_labels=3, attn_implementation=attn)
     return ViTForImageClassification(config).eval()
 
 
-def tiny_moe_model(seed: int = 1):
+def tiny_moe_model(seed: int = 1, attn: str = "eager"):
     """tiny_vit with every MLP split into 2 random experts of 6 of its 48 neurons."""
     import moee
     from moee.build import LayerPlan, apply_plans
 
-    model = tiny_vit()
+    model = tiny_vit(attn=attn)
     sites = moee.find_mlp_sites(model)
     rng = np.random.default_rng(seed)
     plans = [LayerPlan(s.name, [rng.choice(48, 6, replace=False) for _ in range(2)],

@@ -73,7 +73,7 @@ def test_every_execution_on_cuda_matches_the_cpu_model(execution, dtype):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_forward_replays_the_eager_model_at_each_shape(dtype):
-    model = tiny_moe_model()
+    model = tiny_moe_model(attn="sdpa")  # eager attention builds its mask from the host
     model.configure(execution="masked")  # capturable in every dtype
     model = model.to("cuda", dtype)
     graphed = GraphedForward(model)
@@ -87,13 +87,23 @@ def test_graphed_forward_replays_the_eager_model_at_each_shape(dtype):
 
 @cuda
 def test_graphed_forward_on_grouped_bfloat16():
-    model = tiny_moe_model().to("cuda", torch.bfloat16)
+    model = tiny_moe_model(attn="sdpa").to("cuda", torch.bfloat16)
     graphed = GraphedForward(model)
     assert graphed.switched == 2
     x = torch.randn(16, 1, 8, 8, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         eager = model(x).logits
     torch.testing.assert_close(graphed(x).logits, eager, rtol=0, atol=0)
+
+
+@cuda
+def test_graphed_forward_names_what_cannot_be_captured():
+    class ReadsOnTheHost(torch.nn.Module):
+        def forward(self, x):
+            return x * float(x.sum())  # a host sync: not capturable
+
+    with pytest.raises(RuntimeError, match="CUDA-graph capture of ReadsOnTheHost failed"):
+        GraphedForward(ReadsOnTheHost())(torch.randn(2, 3, device="cuda"))
 
 
 @cuda

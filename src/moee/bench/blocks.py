@@ -11,6 +11,7 @@ Styles timed in one run on the same weights and the same routing:
   mask        MoEfication-style: full MLP, hidden masked to the expert's neurons
   loop        CMoE-style: Python loop over every expert, tokens picked by boolean mask,
               weights indexed from the shared matrices on every call
+On CUDA also dense and MoE each replayed from a CUDA graph ("graphed").
 Ideal speedup = dense MACs / MoE MACs (torch.utils.flop_counter); efficiency = speedup / ideal.
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moee.bench.models import graphed_times
 from moee.engine.timing import first_error, time_interleaved
 from moee.evaluate import count_macs
 from moee.moe import MoEMLP
@@ -105,6 +107,10 @@ def bench_block(dense: nn.Module, moe: MoEMLP, tokens: int, device: torch.device
     row["speedup"] = {k: ms["dense"] / v for k, v in ms.items() if k != "dense"}
     row["speedup"].update({k: None for k in unsupported})
     row["efficiency"] = row["speedup"]["moee"] / ideal
+    if x.is_cuda:  # both replayed from CUDA graphs: the MoE on "grouped" (bf16) / "masked"
+        row["graphed"] = graphed_times(dense, moe, x)
+        if "speedup" in row["graphed"]:
+            row["graphed"]["efficiency"] = row["graphed"]["speedup"] / ideal
     return row
 
 

@@ -39,7 +39,8 @@ def part_blocks(device, dtypes, batches, token_counts, results):
           " speedup over dense per style")
     styles = ("moee", "gather", "grouped", "union", "mask", "loop")
     print(f"{'active':>7}{'dtype':>9}{'images':>7}{'tokens':>7}{'dense ms':>10}"
-          + "".join(f"{s:>8}" for s in styles) + f"{'ideal':>7}{'eff.':>6}")
+          + "".join(f"{s:>8}" for s in styles) + f"{'ideal':>7}{'eff.':>6}"
+          + (f"{'graphed':>9}{'eff.':>6}" if device.type == "cuda" else ""))
     sizes = [(b, b * 197) for b in batches] + [(None, t) for t in token_counts]
     for active in (0.25, 0.5):
         for dtype in dtypes:
@@ -53,7 +54,8 @@ def part_blocks(device, dtypes, batches, token_counts, results):
                       f"{row['ms']['dense']:>10.2f}"
                       + "".join(f"{'n/a':>8}" if s[k] is None else f"{s[k]:>7.2f}x"
                                 for k in styles)
-                      + f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}")
+                      + f"{row['ideal']:>7.2f}{row['efficiency']:>6.0%}"
+                      + graphed_block_cells(row.get("graphed")))
                 for style, why in row["unsupported"].items():
                     print(f"{'':>7}{style} cannot run here: {why}")
         print(f"{'':>7}pre-sliced expert copies: +{moe.presliced_bytes() / 2**20:.1f} MiB over the "
@@ -83,6 +85,15 @@ def model_row(dense, moe_model, x, device, decimals: int) -> dict:
     if row.get("graphed", {}).get("error"):
         print(f"{'':>9}CUDA graphs failed: {row['graphed']['error']}")
     return row
+
+
+def graphed_block_cells(graphed: dict | None) -> str:
+    """Graphed speedup and its efficiency (share of the ideal), or why capture failed."""
+    if graphed is None:
+        return ""
+    if "error" in graphed:
+        return f"  graphs failed: {graphed['error']}"
+    return f"{graphed['speedup']:>8.2f}x{graphed['efficiency']:>6.0%}"
 
 
 def graphed_cell(graphed: dict | None) -> str:

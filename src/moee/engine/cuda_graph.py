@@ -73,6 +73,13 @@ class GraphedForward:
                 self.model(static_in)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.model(static_in)
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self.model(static_in)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"CUDA-graph capture of {type(self.model).__name__} failed: "
+                f"{str(e).splitlines()[0]} (a forward that syncs with the host or copies from "
+                "it cannot be captured; for transformers models, attn_implementation='sdpa' "
+                "avoids the eager attention's host-built masks)") from e
         return graph, static_in, static_out

@@ -11,22 +11,36 @@ from moee.engine.weights import InferenceWeights, padded
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def dispatch(expert: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) expert ids -> each token's row in expert order (N,) and the int32 end offsets of
+    the k groups, from a running count per expert: a handful of small kernels where a sort of
+    the ids (radix passes over 64-bit keys) measured the largest routing cost on a GPU. The
+    order within an expert is the tokens' order, as a stable sort would give."""
+    onehot = (expert[:, None] == torch.arange(k, device=expert.device)).long()  # (N, k)
+    running = onehot.cumsum(0)  # tokens of each expert up to and including this one
+    counts = running[-1]
+    ends = counts.cumsum(0)
+    rank = running.gather(1, expert[:, None]).squeeze(1) - 1  # place within its expert
+    return (ends - counts).index_select(0, expert) + rank, ends.to(torch.int32)
+
+
 def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
-    """(N, d), (N,) -> (N, d_out); token counts stay on the device (for GPUs, CUDA graphs)."""
+    """(N, d), (N,) -> (N, d_out); token counts stay on the device (for GPUs, CUDA graphs).
+    Biases ride in the matmuls (`padded`): one scatter in, two grouped matmuls, the
+    activation, one gather out."""
     if _GROUPED_MM is None:
         raise NotImplementedError("'grouped' needs torch.nn.functional.grouped_mm "
                                   f"(not in torch {torch.__version__})")
-    pw1, pb1, pw2 = padded(w)
-    n, d, d_out = tokens.shape[0], w.w1.shape[1], w.w2.shape[0]
-    # Counted into a fixed-size vector: bincount's output size depends on the data, which
-    # torch.compile cannot capture in one graph.
-    counts = expert.new_zeros(len(w.indices)).index_add_(0, expert, torch.ones_like(expert))
-    order = torch.argsort(expert)
-    sorted_expert = expert.index_select(0, order)
-    offs = counts.cumsum(0).to(torch.int32)
-    x = tokens.new_zeros(n, pw1.shape[1])  # (N, d_pad)
-    x[:, :d] = tokens.index_select(0, order)
-    h = w.activate(_GROUPED_MM(x, pw1, offs=offs) + pb1.index_select(0, sorted_expert),
-                   pw2.shape[1]).contiguous()  # (N, m_max)
-    y = _GROUPED_MM(h, pw2, offs=offs)[:, :d_out] + w.out_bias.index_select(0, sorted_expert)
-    return torch.empty_like(y).index_copy_(0, order, y)
+    pw1, pw2, unit, m_max = padded(w)
+    n, d, d_out = tokens.shape[0], tokens.shape[1], w.w2.shape[0]
+    if n == 0:
+        return tokens.new_zeros(0, d_out)
+    row, offs = dispatch(expert, len(w.indices))
+    x = tokens.new_empty(n, pw1.shape[1])  # (N, d_pad) in expert order, then [1, 0, ...]
+    x[:, d:] = unit
+    x[:, :d].index_copy_(0, row, tokens)
+    h = w.activate(_GROUPED_MM(x, pw1, offs=offs), pw2.shape[1])  # (N, m_pad)
+    h = h if h.is_contiguous() else h.contiguous()  # gated: a view into gate|up
+    h[:, m_max] = 1
+    y = _GROUPED_MM(h, pw2, offs=offs)  # (N, d_out_pad), biases added
+    return y.index_select(0, row)[:, :d_out]

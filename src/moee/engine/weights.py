@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moee.engine.activation import (
@@ -93,7 +92,7 @@ class InferenceWeights:
     activation_: Callable[[torch.Tensor], torch.Tensor]  # act, in place where it can be
     default_small_batch_tokens: int  # the cost model's threshold for these weights
     masking: tuple[str, torch.Tensor] | None = None  # built on "masked"'s first call
-    padded: Expert | None = None  # built on "grouped"'s first call
+    padded: tuple | None = None  # built on "grouped"'s first call
 
     @property
     def sizes(self) -> list[int]:
@@ -171,19 +170,30 @@ def _pad8(n: int) -> int:
     return round_up(n, 8)  # grouped_mm wants row strides that are multiples of 16 bytes
 
 
-def padded(w: InferenceWeights) -> Expert:
-    """W1 (k, d_pad, m_max), b1 (k, m_max), W2 (k, m_max, d_out_pad), zero-padded (gated: the
-    first two hold 2·m_max, gate over up); the weights
-    are transposed views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
+def padded(w: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """For "grouped": W1 (k, d_pad, H) and W2 (k, m_pad, d_out_pad) zero-padded stacks with
+    the biases folded in, the input's padding row (d_pad - d,) and m_max.
+
+    Input column d is a constant 1 whose W1 row holds each expert's first bias; hidden column
+    m_max (after every expert's neurons) is a constant 1 whose W2 row holds the expert's output
+    bias (fc2 bias + left-out-neuron offset): the matmuls add the biases, no gathered bias
+    tensors. Gated: H = 2·m_pad, gate over up. The weights are transposed views of (out, in)
+    storage, the layout grouped_mm runs fast in bf16."""
     if torch.compiler.is_compiling():
         return compiled_cache(w.padded)
     if w.padded is None:
-        d, d_out = w.w1.shape[1], w.w2.shape[0]
-        m_max = _pad8(max(w.sizes))
+        d, d_out, k = w.w1.shape[1], w.w2.shape[0], len(w.indices)
+        m_max = max(w.sizes)
+        m_pad = _pad8(m_max + 1)
         with torch.no_grad():
-            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_max, w.gated) for i in w.indices]
-            pw1 = F.pad(torch.stack([p[0] for p in parts]), (0, _pad8(d) - d))  # (k, m, d_pad)
-            pb1 = torch.stack([p[1] for p in parts])  # (k, m)
-            pw2 = F.pad(torch.stack([p[2] for p in parts]), (0, 0, 0, _pad8(d_out) - d_out))
-        w.padded = (pw1.transpose(1, 2), pb1, pw2.transpose(1, 2))
+            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_pad, w.gated) for i in w.indices]
+            pw1 = w.w1.new_zeros(k, parts[0][0].shape[0], _pad8(d + 1))  # (k, H, d_pad)
+            pw1[:, :, :d] = torch.stack([p[0] for p in parts])
+            pw1[:, :, d] = torch.stack([p[1] for p in parts])
+            pw2 = w.w2.new_zeros(k, _pad8(d_out), m_pad)  # (k, d_out_pad, m_pad)
+            pw2[:, :d_out] = torch.stack([p[2] for p in parts])
+            pw2[:, :d_out, m_max] = w.out_bias
+            unit = w.w1.new_zeros(pw1.shape[2] - d)
+            unit[0] = 1
+        w.padded = (pw1.transpose(1, 2), pw2.transpose(1, 2), unit, m_max)
     return w.padded
