@@ -78,8 +78,9 @@ class GraphedDecode:
                          position_ids=self.position.expand(self.batch, 1), use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    @torch.inference_mode()
-    def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, prompt: torch.Tensor) -> None:
+        """Empty the cache (its write position too: the cache keeps it on the device), run the
+        prompt, and set the first decode step's token, position and mask."""
         self.cache.reset()
         positions = torch.arange(self.prompt_len, device=self.device)
         logits = self.model(input_ids=prompt, past_key_values=self.cache,
@@ -88,16 +89,24 @@ class GraphedDecode:
         self.position.fill_(self.prompt_len)
         self.mask.zero_()
         self.mask[..., : self.prompt_len + 1] = True
-        if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.next_token = self._step()
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.next_token = self._step()
+
+    @torch.inference_mode()
+    def __call__(self, prompt: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:  # warm-up and capture write into the cache: prefill again
+            self._prefill(prompt)
+            self._capture()
+        self._prefill(prompt)
         out = [self.token.clone()]
         for _ in range(self.new - 1):
             self.graph.replay()

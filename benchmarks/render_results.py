@@ -218,13 +218,22 @@ def extraction_table(layers: list[dict[str, Any]], result: dict[str, Any]) -> st
                   "active / token (test)", "top load (test)"], rows)
 
 
+def graphed(row: dict[str, Any]) -> str:
+    """Speedup with dense and MoE each replayed from a CUDA graph, or 'failed'."""
+    g = row.get("graphed") or {}
+    return "failed" if "error" in g else times(g.get("speedup"))
+
+
 def model_table(rows: list[dict[str, Any]]) -> str:
+    cuda = any("graphed" in r for r in rows)
     return table(["dtype", "images", "dense ms", "MoE ms", "speedup", "ideal", "efficiency",
-                  "Amdahl ideal", "Amdahl efficiency", "calibrated speedup", "union layers"],
+                  "Amdahl ideal", "Amdahl efficiency", "calibrated speedup", "union layers",
+                  *(["CUDA graphs speedup"] if cuda else [])],
                  [[r.get("dtype"), r.get("batch"), ms(r.get("dense_ms")), ms(r.get("moe_ms")),
                    times(r.get("speedup")), fixed(r.get("ideal")), percent(r.get("efficiency")),
                    fixed(r.get("amdahl_ideal")), percent(r.get("amdahl_efficiency")),
-                   times((r.get("calibrated") or {}).get("speedup")), r.get("union_layers")]
+                   times((r.get("calibrated") or {}).get("speedup")), r.get("union_layers"),
+                   *([graphed(r)] if cuda else [])]
                   for r in rows])
 
 
@@ -241,20 +250,28 @@ def params_line(sizes: dict[str, Any] | None, label: str) -> list[str]:
 
 def bench_section(result: dict[str, Any]) -> str:
     parts = [f"Harness: `moee bench` on {result.get('machine', MISSING)}, "
-             f"torch {result.get('torch', MISSING)}."]
+             f"torch {result.get('torch', MISSING)}"
+             + (f", CUDA {result['cuda']}" if result.get("cuda") else "")
+             + (f", driver {result['driver']}" if result.get("driver") else "") + "."]
     blocks = result.get("blocks") or []
     if blocks:
         rows = []
+        cuda = any("graphed" in r for r in blocks)
         for r in blocks:
             s = r.get("speedup") or {}
             rows.append([percent(r.get("active")), r.get("dtype"), r.get("images"),
                          r.get("tokens"), ms((r.get("ms") or {}).get("dense")),
                          *(times(s.get(k)) for k in STYLES), fixed(r.get("ideal")),
-                         percent(r.get("efficiency"))])
+                         percent(r.get("efficiency")),
+                         *([graphed(r), percent((r.get("graphed") or {}).get("efficiency"))]
+                           if cuda else [])])
         parts += ["", "### MLP block (768 → 3072 → 768, 8 experts, 197 tokens per image)", "",
-                  "Speedup over the dense block per execution style (n/a: cannot run here).", "",
+                  "Speedup over the dense block per execution style (n/a: cannot run here)"
+                  + ("; CUDA graphs: dense and MoE (\"grouped\" in bf16, \"masked\" in fp32) "
+                     "each replayed from a CUDA graph" if cuda else "") + ".", "",
                   table(["active", "dtype", "images", "tokens", "dense ms", *STYLES, "ideal",
-                         "efficiency"], rows, left=2)]
+                         "efficiency", *(["CUDA graphs", "graphs efficiency"] if cuda else [])],
+                        rows, left=2)]
     for key, title in (("default", "Embedded default, whole model (17 tokens per image)"),
                        ("deit_base", "DeiT-base-sized whole model (random weights, expert "
                                      "sizes from the checkpoint's extraction)")):
@@ -397,9 +414,37 @@ def study_section(result: dict[str, Any]) -> str:
             + study_tables(result))
 
 
+def gpu_decode_section(result: dict[str, Any]) -> str:
+    """benchmarks/gpu_decode.py: SmolLM2-135M-shaped decode on a GPU, dense vs MoE."""
+    lines = [f"SmolLM2-135M-shaped stand-ins (random weights; the MoE's expert sizes from the "
+             f"real MAC-budget-0.7 extraction) on {result['gpu']}, torch {result['torch']}, "
+             f"{result['dtype']}; greedy decoding of {result['new_tokens']} tokens after a "
+             f"{result['prompt']}-token prompt, timed round-robin.", ""]
+    rows = [["generate()", g["batch"], *(f"{g['tokens_per_s'][k]:.0f}"
+                                         for k in ("dense", "moe", "moe grouped")),
+             times(g["tokens_per_s"]["moe"] / g["tokens_per_s"]["dense"]),
+             times(g["tokens_per_s"]["moe grouped"] / g["tokens_per_s"]["dense"])]
+            for g in result["generate"]]
+    for g in result.get("graphed", []):
+        if "error" in g:
+            rows.append(["CUDA-graphed loop", g["batch"], "failed", g["error"][:60], "", "", ""])
+        else:
+            t = g["tokens_per_s"]
+            rows.append(["CUDA-graphed loop", g["batch"], f"{t['dense']:.0f}", "",
+                         f"{t['moe']:.0f}", "", times(t["moe"] / t["dense"])])
+    lines.append(table(["decoding", "batch", "dense tok/s", "MoE tok/s", "MoE grouped tok/s",
+                        "MoE / dense", "grouped / dense"], rows, left=1))
+    if result.get("prefill"):
+        p = result["prefill"]
+        lines += ["", "Prefill of 512 tokens (ms): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in p.items()) + "."]
+    return "\n".join(lines)
+
+
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "minilm": minilm_section,
-            "memory": memory_section, "study": study_section}
+            "memory": memory_section, "study": study_section,
+            "gpu-decode": gpu_decode_section}
 
 
 def render(folder: Path) -> str:

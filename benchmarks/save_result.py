@@ -31,7 +31,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "blocks"),
          "smollm2": ("rows",), "smollm2-kd": ("before", "after", "kd_seconds"),
          "minilm": ("rows",), "memory": ("layer_sweep", "token_sweep"),
-         "study": ("dense", "rows", "kd_epochs")}
+         "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate")}
+GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 
 
@@ -61,13 +62,14 @@ def git(*args: str) -> str | None:
 
 
 def meta_for(kind: str, result: dict[str, Any], command: str | None,
-             date: str, machine: str | None) -> dict[str, Any]:
-    """Where and with what the result was measured."""
+             date: str, machine: str | None, commit: str | None = None) -> dict[str, Any]:
+    """Where and with what the result was measured (`commit`: measured at that commit,
+    elsewhere, from a clean tree; default this checkout's HEAD and its state)."""
     cpu = cpu_model()
     threads = result.get("threads")
-    ran_on = str(result.get("machine", "")) if kind == "bench" else ""
-    on_cpu = kind != "bench" or bool(CPU_MACHINE.search(ran_on))
-    if kind == "bench" and on_cpu:
+    ran_on = str(result.get(GPU_KINDS[kind], "")) if kind in GPU_KINDS else ""
+    on_cpu = kind not in GPU_KINDS or ran_on == "cpu" or bool(CPU_MACHINE.search(ran_on))
+    if kind in GPU_KINDS and CPU_MACHINE.search(ran_on):
         threads = int(CPU_MACHINE.search(ran_on).group(1))
     if machine is None:
         if on_cpu:
@@ -81,8 +83,9 @@ def meta_for(kind: str, result: dict[str, Any], command: str | None,
     return {"date": date, "kind": kind, "machine": machine, "cpu": cpu,
             "threads": threads,
             "torch": str(result.get("torch", torch.__version__)),
-            "commit": git("rev-parse", "--short=7", "HEAD") or "nocommit",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "commit": commit or git("rev-parse", "--short=7", "HEAD") or "nocommit",
+            "dirty": False if commit else bool(git("status", "--porcelain",
+                                                   "--untracked-files=no")),
             "command": command}
 
 
@@ -102,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder to copy into")
     ap.add_argument("--force", action="store_true", help="overwrite a file of the same name")
+    ap.add_argument("--commit", default=None,
+                    help="short commit the JSON was measured at, from a clean tree, when that "
+                         "was not this checkout's HEAD (e.g. on a GPU machine)")
     args = ap.parse_args(argv)
     result = json.loads(args.source.read_text())
     missing = [k for k in KINDS[args.kind] if k not in result]
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{args.source} is not a {args.kind} result: no {', '.join(missing)}")
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
         sys.exit(f"--date must be YYYY-MM-DD, got {args.date!r}")
-    meta = meta_for(args.kind, result, args.command, args.date, args.machine)
+    meta = meta_for(args.kind, result, args.command, args.date, args.machine,
+                    args.commit[:7] if args.commit else None)
     path = args.results / file_name(meta)
     if path.exists() and not args.force:
         sys.exit(f"{path} exists (--force overwrites it)")

@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -190,6 +191,16 @@ def plot(results, path):
     return path
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (nvidia-smi), None where it cannot be read."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="moee bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {machine}; torch {torch.__version__}")
     results = {"machine": machine, "torch": torch.__version__, "blocks": [], "default": [],
                "default_memory": [], "deit_base": []}
+    if device.type == "cuda":
+        results.update(cuda=torch.version.cuda, driver=nvidia_driver())
     parts = args.parts.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ def make_capturable(model: nn.Module, execution: str | None = None) -> int:
     """Switch every MoE layer of `model` that runs "experts" to `execution` (default "grouped"
     for a bf16 model, else "masked"); returns how many layers it switched."""
     if execution is None:
-        dtype = next(model.parameters()).dtype
-        execution = "grouped" if dtype == torch.bfloat16 else "masked"
+        param = next(model.parameters(), None)
+        execution = ("grouped" if param is not None and param.dtype == torch.bfloat16
+                     else "masked")
     if execution not in CAPTURABLE:
         raise ValueError(f"execution must be one of {CAPTURABLE}, got {execution!r}")
     switched = 0

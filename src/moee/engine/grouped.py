@@ -13,15 +13,15 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 def dispatch(expert: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) expert ids -> each token's row in expert order (N,) and the int32 end offsets of
-    the k groups, from a running count per expert: a handful of small kernels where a sort of
-    the ids (radix passes over 64-bit keys) measured the largest routing cost on a GPU. The
-    order within an expert is the tokens' order, as a stable sort would give."""
-    onehot = (expert[:, None] == torch.arange(k, device=expert.device)).long()  # (N, k)
-    running = onehot.cumsum(0)  # tokens of each expert up to and including this one
-    counts = running[-1]
-    ends = counts.cumsum(0)
-    rank = running.gather(1, expert[:, None]).squeeze(1) - 1  # place within its expert
-    return (ends - counts).index_select(0, expert) + rank, ends.to(torch.int32)
+    the k groups, all on the device. Token counts come from index_add_ into a fixed-size
+    vector: bincount's output size depends on the data (a host sync, and torch.compile cannot
+    capture it). A per-expert running count (cumsum over an (N, k) one-hot) measured 1.6 ms per
+    layer on an H200 (PyTorch scans a non-innermost dim slowly); the sort stays."""
+    n = expert.shape[0]
+    counts = expert.new_zeros(k).index_add_(0, expert, torch.ones_like(expert))
+    order = torch.argsort(expert, stable=True)
+    row = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=expert.device))
+    return row, counts.cumsum(0).to(torch.int32)
 
 
 def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
