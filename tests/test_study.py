@@ -45,11 +45,13 @@ def test_a_small_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch)
     budget = results["rows"][-1]
     assert budget["before_kd"]["macs_per_image"] / dense == pytest.approx(0.6, abs=0.02)
     assert all(r["before_kd"]["macs_per_image"] < dense for r in results["rows"])
-    table = (tmp_path / "study" / "study.md").read_text()
+    stem = "study-ablation-budget-60%"  # a selection's report: a full run's stays in place
+    table = (tmp_path / "study" / f"{stem}.md").read_text()
     assert "**ablation**" in table and "+ input routing (MoEE)" in table
-    assert json.loads((tmp_path / "study" / "study.json").read_text())["points_reused"] == 0
+    assert json.loads((tmp_path / "study" / f"{stem}.json").read_text())["points_reused"] == 0
+    assert not (tmp_path / "study" / "study.json").exists()
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "study" / "pareto.png").stat().st_size > 1000
+    assert (tmp_path / "study" / "pareto-ablation-budget-60%.png").stat().st_size > 1000
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished point was run again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,14 +132,24 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
         rows.append(row)
     results = {"dense": dense_row, "rows": rows, "kd_epochs": kd_epochs, "test_images": limit,
                "quick": config.quick, "threads": torch.get_num_threads(),
-               "seconds": time.perf_counter() - t0, "points_reused": reused}
-    write_json(out / "study.json", results)
+               "seconds": time.perf_counter() - t0, "points_reused": reused,
+               "only": list(config.only)}
+    stem = report_stem(config.only)
+    write_json(out / f"{stem}.json", results)
     tables = study_tables(results)
-    (out / "study.md").write_text(tables + "\n")
-    plot = write_plot(results, out / "pareto.png")
+    (out / f"{stem}.md").write_text(tables + "\n")
+    plot = write_plot(results, out / f"{stem.replace('study', 'pareto', 1)}.png")
     say(tables)
     say(f"\n{len(rows)} points ({reused} reused from {out / 'points'}) in "
-        f"{results['seconds'] / 60:.1f} min; results {out / 'study.json'}, tables "
-        f"{out / 'study.md'}" + (f", plot {plot}" if plot else
-                                 " (pip install matplotlib for the plot)"))
+        f"{results['seconds'] / 60:.1f} min; results {out / f'{stem}.json'}, tables "
+        f"{out / f'{stem}.md'}" + (f", plot {plot}" if plot else
+                                   " (pip install matplotlib for the plot)"))
     return results
+
+
+def report_stem(only: tuple[str, ...]) -> str:
+    """'study', or for a selection 'study-<selection>': a partial run into the same folder
+    leaves the full run's report in place."""
+    if not only:
+        return "study"
+    return "study-" + (re.sub(r"[^A-Za-z0-9.%]+", "-", "-".join(only)).strip("-")[:60] or "only")
