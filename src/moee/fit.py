@@ -96,10 +96,8 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
         clustering = cluster_layer(hidden, config.cluster)
         save_clustering(work, i, key, clustering)
     clustering = unstable_remedy(clustering, config.cluster)
-    width = site.weights().hidden_size
-    row = {"site": site.name, "hidden": width, "experts": clustering.n_clusters,
-           "noise_fraction": clustering.noise_fraction, "stability": clustering.stability,
-           "seconds": clustering.seconds, "kept_neurons": width}
+    row = layer_row(site.name, site.weights().hidden_size, clustering.n_clusters,
+                    clustering.seconds, clustering.noise_fraction, clustering.stability)
     fit = LayerFit(i, site, row, metric=config.router.metric)
     if clustering.n_clusters == 0:
         return fit, reused
@@ -120,6 +118,15 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     return fit, reused
 
 
+def layer_row(site: str, hidden: int, experts: int, seconds: float,
+              noise_fraction: float = 0.0, stability: float | None = None, **extra) -> dict:
+    """A layer's line of the extraction report, before its experts are selected (every
+    neuron counted as kept until then)."""
+    return {"site": site, "hidden": hidden, "experts": experts,
+            "noise_fraction": noise_fraction, "stability": stability, **extra,
+            "seconds": seconds, "kept_neurons": hidden}
+
+
 def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig) -> LayerFit:
     """Experts from neuron groups (`moee.carve`): CMoE-style, each expert scored by its
     representative neuron's pre-activation, or MoEfication, by its groups' mean rows (gate
@@ -135,9 +142,8 @@ def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig)
         centres = first[reps]
     plan = LayerPlan(site.name, experts, centres, "dot", None)
     routed = route_tokens(store.inputs(i), centres, "dot")
-    row = {"site": site.name, "hidden": w.hidden_size, "experts": len(experts),
-           "noise_fraction": 0.0, "stability": None, "shared_neurons": shared,
-           "seconds": time.perf_counter() - t0, "kept_neurons": w.hidden_size}
+    row = layer_row(site.name, w.hidden_size, len(experts), time.perf_counter() - t0,
+                    shared_neurons=shared)
     load = np.bincount(routed, minlength=len(experts)) / len(routed)
     return LayerFit(i, site, row, load=load, metric="dot", carved=plan)
 
