@@ -64,8 +64,9 @@ def bench_model(dense: nn.Module, moe_model: nn.Module, batch: torch.Tensor,
 
 
 def graphed_times(dense: nn.Module, moe_model: nn.Module, x: torch.Tensor) -> dict:
-    """Dense and MoE each replayed from a CUDA graph (`GraphedForward`; the MoE's routed layers
-    on "grouped"), timed side by side; or the reason capture failed."""
+    """Dense and MoE each replayed from a CUDA graph (`GraphedForward`; the MoE's "experts"
+    layers on "grouped" in bf16, "masked" otherwise), timed side by side; or the reason
+    capture failed."""
     graphed_dense = GraphedForward(dense)
     graphed_moe = GraphedForward(copy.deepcopy(moe_model))
     why = first_error(lambda: (graphed_dense(x), graphed_moe(x)))
