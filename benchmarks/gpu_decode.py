@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moee.bench.models import random_moe_copy
-from moee.engine.cuda_graph import make_capturable
+from moee.engine.cuda_graph import capture, make_capturable
 from moee.engine.timing import first_error, time_interleaved
 
 ASSET = Path(__file__).parent / "assets" / "smollm2-budget0.7-experts.json"
@@ -91,15 +91,7 @@ class GraphedDecode:
         self.mask[..., : self.prompt_len + 1] = True
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.next_token = self._step()
+        self.graph, self.next_token = capture(self._step, warmup=2)
 
     @torch.inference_mode()
     def __call__(self, prompt: torch.Tensor) -> torch.Tensor:

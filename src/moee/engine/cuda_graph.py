@@ -10,6 +10,7 @@ dtype CUDA's grouped_mm has kernels for) or to "masked" (other dtypes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,16 +68,8 @@ class GraphedForward:
 
     def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]:
         static_in = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.model(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                static_out = self.model(static_in)
+            graph, static_out = capture(lambda: self.model(static_in), self.warmup, x.device)
         except RuntimeError as e:
             raise RuntimeError(
                 f"CUDA-graph capture of {type(self.model).__name__} failed: "
@@ -84,3 +77,20 @@ class GraphedForward:
                 "it cannot be captured; for transformers models, attn_implementation='sdpa' "
                 "avoids the eager attention's host-built masks)") from e
         return graph, static_in, static_out
+
+
+def capture(fn: Callable[[], Any], warmup: int = 3,
+            device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run `fn` `warmup` times on a side stream (lazily built caches may sync there), then
+    capture one call: (the graph, its static output). `fn` must read and write only tensors
+    that outlive the graph."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

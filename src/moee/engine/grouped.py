@@ -15,8 +15,8 @@ def dispatch(expert: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) expert ids -> each token's row in expert order (N,) and the int32 end offsets of
     the k groups, all on the device. Token counts come from index_add_ into a fixed-size
     vector: bincount's output size depends on the data (a host sync, and torch.compile cannot
-    capture it). A per-expert running count (cumsum over an (N, k) one-hot) measured 1.6 ms per
-    layer on an H200 (PyTorch scans a non-innermost dim slowly); the sort stays."""
+    capture it). A sort, not a per-expert running count over an (N, k) one-hot: PyTorch scans
+    a non-innermost dim slowly on a GPU (docs/gpu.md)."""
     n = expert.shape[0]
     counts = expert.new_zeros(k).index_add_(0, expert, torch.ones_like(expert))
     order = torch.argsort(expert, stable=True)
@@ -40,7 +40,7 @@ def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     x[:, d:] = unit
     x[:, :d].index_copy_(0, row, tokens)
     h = w.activate(_GROUPED_MM(x, pw1, offs=offs), pw2.shape[1])  # (N, m_pad)
-    h = h if h.is_contiguous() else h.contiguous()  # gated: a view into gate|up
+    h = h.contiguous()  # gated: a view into gate|up (a no-op otherwise)
     h[:, m_max] = 1
     y = _GROUPED_MM(h, pw2, offs=offs)  # (N, d_out_pad), biases added
     return y.index_select(0, row)[:, :d_out]
