@@ -566,8 +566,8 @@ def test_gated_gradients_reach_gate_up_and_down():
 
 
 def test_a_single_token_reads_only_its_experts_weights(monkeypatch):
-    """Decoding one token: the expert loop's one-expert shortcut, not the masked path (which
-    reads every kept neuron), whatever the small-batch threshold."""
+    """Decoding one token: the one-token path on its expert's copies, not the masked path
+    (which reads every kept neuron), whatever the small-batch threshold."""
     import moee.moe
 
     moe = _random_moe()
@@ -577,8 +577,31 @@ def test_a_single_token_reads_only_its_experts_weights(monkeypatch):
         real = moee.moe._RUN[name]
         monkeypatch.setitem(moee.moe._RUN, name,
                             lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    one_token = MoEMLP._one_token
+    monkeypatch.setattr(MoEMLP, "_one_token", staticmethod(
+        lambda t, e, w: calls.append(f"one:{e}") or one_token(t, e, w)))
     x = torch.randn(1, 1, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
         moe(torch.randn(5, D))
-    assert calls == ["experts", "masked"]
+    expected = int(moe.route(x.reshape(1, D)))
+    assert calls == [f"one:{expected}", "masked"]
+
+
+def test_engine_copies_are_stored_for_small_gemms_and_counted():
+    """On CPU the expert copies and "masked"'s union copies keep their (out, in) shapes but
+    (in, out) storage, so `x @ w.T` reads a contiguous matrix; `cache_bytes` counts them."""
+    moe = _random_moe()
+    assert moe.cache_bytes() == 0
+    with torch.no_grad():
+        moe(torch.randn(1, D))
+        moe.configure(execution="masked")
+        moe(torch.randn(3, D))
+    w = moe.inference_weights()
+    for w1e, _, w2e in w.experts:
+        assert w1e.T.is_contiguous() and w2e.T.is_contiguous()
+    w1, w2t = w.union
+    assert w1.shape == w.w1.shape and w1.T.is_contiguous() and w2t.is_contiguous()
+    torch.testing.assert_close(w2t, w.w2t, rtol=0, atol=0)
+    copies = sum(t.numel() for e in w.experts for t in e) + w1.numel() + w2t.numel()
+    assert moe.cache_bytes() == copies * 4

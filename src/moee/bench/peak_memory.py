@@ -55,7 +55,7 @@ def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
 
 
 def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """{'resident': the model's own tensors (parameters, buffers, pre-sliced expert copies),
+    """{'resident': the model's own tensors (parameters, buffers, the inference caches' weight copies),
     'forward': what one forward adds on top of everything allocated before it, 'peak'}. A warm-up
     on one image first builds the inference caches, so they count as resident, not forward."""
     with torch.inference_mode():
@@ -67,7 +67,7 @@ def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
         model(x)
     torch.cuda.synchronize(x.device)
     peak = torch.cuda.max_memory_allocated(x.device)
-    resident = param_bytes(model) + sum(m.presliced_bytes() for m in model.modules()
+    resident = param_bytes(model) + sum(m.cache_bytes() for m in model.modules()
                                         if isinstance(m, MoEMLP))
     return {"resident": resident, "peak": peak, "forward": peak - before}
 

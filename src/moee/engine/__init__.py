@@ -17,6 +17,7 @@ from moee.engine.weights import (
     InferenceWeights,
     build_inference_weights,
     compiled_cache,
+    derived_bytes,
     first_weights,
     slice_expert,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "COSTS", "EXECUTIONS", "ROUTER_METRICS", "CostModel", "ExecutionConfig", "GraphedForward",
     "InferenceWeights", "make_capturable",
     "build_inference_weights", "clear_workspace", "compiled_cache", "default_small_batch_tokens",
+    "derived_bytes",
     "first_weights", "route", "router_weights", "routing_dtype", "run_experts", "run_grouped",
     "run_masked", "slice_expert", "workspace_bytes",
 ]

@@ -48,6 +48,14 @@ def first_weights(fc1: nn.Linear, gate: nn.Linear | None
                          zeros if fc1.bias is None else fc1.bias])
 
 
+def gemm_layout(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the same shape and values, stored transposed on CPU, so that `x @ t.T` reads a
+    contiguous (in, out) matrix. Why: on CPU a GEMM of a few rows against nn.Linear's (out, in)
+    layout measured 2-2.5x slower at 4-32 rows, and 10-20% slower at one, than against the
+    same matrix stored (in, out) (docs/engine.md). GPUs' GEMMs take either layout."""
+    return t.T.contiguous().T if t.device.type == "cpu" and t.dim() == 2 else t
+
+
 def slice_expert(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                  index: torch.Tensor, width: int | None = None, gated: bool = False) -> Expert:
     """Expert weights as contiguous copies in nn.Linear's (out, in) layout, zero-padded from
@@ -92,6 +100,7 @@ class InferenceWeights:
     activation_: Callable[[torch.Tensor], torch.Tensor]  # act, in place where it can be
     default_small_batch_tokens: int  # the cost model's threshold for these weights
     masking: tuple[str, torch.Tensor] | None = None  # built on "masked"'s first call
+    union: tuple[torch.Tensor, torch.Tensor] | None = None  # ditto: `union_weights`
     padded: tuple | None = None  # built on "grouped"'s first call
 
     @property
@@ -121,11 +130,13 @@ def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, gate: nn
     w2, b2, gated = fc2.weight, fc2.bias, gate is not None
     with torch.no_grad():
         w1, b1 = first_weights(fc1, gate)
+        if gated:  # already a copy (gate over up): made in the layout "masked" reads
+            w1 = gemm_layout(w1)
         out_bias = expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
         elementwise = is_elementwise(activation, w1)
         multiple = width_multiple if elementwise else 1  # padding would shift a row function
         widths = [round_up(len(i), multiple) for i in indices]
-        experts = ([slice_expert(w1, b1, w2, i, w, gated)
+        experts = ([tuple(map(gemm_layout, slice_expert(w1, b1, w2, i, w, gated)))
                     for i, w in zip(indices, widths, strict=True)] if presliced else None)
         router = router_weights(centres.to(routing_dtype(w1.dtype)), metric)
         w2t = w2.T
@@ -164,6 +175,29 @@ def masking(w: InferenceWeights) -> tuple[str, torch.Tensor]:
             else:
                 w.masking = ("mul", masks)
     return w.masking
+
+
+def union_weights(w: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """For "masked": W1 (2U or U, d) and W2ᵀ (U, d_out) with the same values as `w.w1` and
+    `w.w2t`, in `gemm_layout` (on CPU a copy of the union, counted by `derived_bytes`)."""
+    if torch.compiler.is_compiling():
+        return compiled_cache(w.union)
+    if w.union is None:
+        with torch.no_grad():
+            w.union = (gemm_layout(w.w1), gemm_layout(w.w2).T)
+    return w.union
+
+
+def derived_bytes(w: InferenceWeights, own: set[int]) -> int:
+    """Bytes of the cache's weight copies (expert copies, the gated first matrix, union copies)
+    whose storage is not in `own` (the layer's own tensors' data pointers)."""
+    tensors = [w.w1, *(t for e in (w.experts or []) for t in e), *(w.union or ())]
+    seen, total = set(own), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _pad8(n: int) -> int:
