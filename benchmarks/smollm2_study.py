@@ -9,7 +9,8 @@ save_pretrained -> from_pretrained.
 
 Calibration text: Genesis to Numbers; evaluation text: the Gospel of Matthew (disjoint).
 The first p records and clusters (its time and the process's peak memory are reported); the
-others reuse both. `--target-mlp-macs 0.8` adds MAC-budget extractions (p per layer).
+others reuse both. `--target-mlp-macs 0.8` adds MAC-budget extractions (p per layer),
+`--cmoe-active 0.7` the CMoE-style baseline (shared + routed neuron groups, top-1).
 Writes results.json and one checkpoint per run (moe-p<p>, moe-mlp<target>) in --out.
 Distillation: benchmarks/smollm2_kd.py.
 """
@@ -17,6 +18,7 @@ Distillation: benchmarks/smollm2_kd.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -77,10 +79,28 @@ def prefill_tokens_per_second(models: dict, tokens: torch.Tensor,
     return {k: tokens.numel() / t for k, t in secs.items()}
 
 
+def relaid_dense(dense):
+    """A copy of `dense` with every Linear weight stored (in, out), the layout moee's engine
+    keeps its own copies in on CPU: how much of the MoE's speed that layout alone would give."""
+    import copy
+
+    from moee.engine.weights import gemm_layout
+
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight = torch.nn.Parameter(gemm_layout(m.weight.detach()), requires_grad=False)
+    return twin
+
+
 def speed_rows(dense, moe, tokenizer, held_out_ids: torch.Tensor, routing: list[dict],
-               p: float | None, repeats: int = 3) -> dict:
-    """Decoding at batch 1 (against the bytes-read ideal) and 8, and a 512-token prefill."""
+               p: float | None, repeats: int = 3, dense_relaid=None) -> dict:
+    """Decoding at batch 1 (against the bytes-read ideal) and 8, and a 512-token prefill;
+    `dense_relaid` (see `relaid_dense`) is timed beside them when given."""
     models = {"dense": dense, "moe": moe}
+    if dense_relaid is not None:
+        models["dense_in_out"] = dense_relaid
     one = tokenizer("In the beginning God created", return_tensors="pt")
     eight = {"input_ids": held_out_ids[:8, :16],
              "attention_mask": torch.ones_like(held_out_ids[:8, :16])}
@@ -93,6 +113,10 @@ def speed_rows(dense, moe, tokenizer, held_out_ids: torch.Tensor, routing: list[
                                 efficiency=out["decode_batch1"]["speedup"] * moe_b / dense_b)
     speed = prefill_tokens_per_second(models, held_out_ids.reshape(1, -1)[:, :512])
     out["prefill_512"] = {"tokens_per_second": speed, "speedup": speed["moe"] / speed["dense"]}
+    if dense_relaid is not None:
+        for name in ("decode_batch1", "decode_batch8", "prefill_512"):
+            speed = out[name]["tokens_per_second"]
+            out[name]["speedup_vs_dense_in_out"] = speed["moe"] / speed["dense_in_out"]
     print(f"p={p}: decode batch 1 {out['decode_batch1']['speedup']:.2f}x of dense (bytes ideal "
           f"{dense_b / moe_b:.2f}x), batch 8 {out['decode_batch8']['speedup']:.2f}x, prefill "
           f"512 {out['prefill_512']['speedup']:.2f}x")
@@ -152,6 +176,9 @@ def main() -> None:
     ap.add_argument("--p", default="0.9,0.95", help="extract at each (one clustering)")
     ap.add_argument("--target-mlp-macs", default="",
                     help="also extract in MAC-budget mode at these fractions of dense MLP MACs")
+    ap.add_argument("--cmoe-active", default="",
+                    help="also carve CMoE-style (shared + 8 routed groups, top-1) at these "
+                         "active shares")
     ap.add_argument("--budget-grid", default="0.99,0.97,0.95,0.9,0.85,0.8,0.7",
                     help="p values a layer may take in budget mode")
     ap.add_argument("--probe-batches", type=int, default=1,
@@ -167,6 +194,8 @@ def main() -> None:
     ap.add_argument("--speed-repeats", type=int, default=3,
                     help="interleaved rounds per decode timing (the median is reported)")
     ap.add_argument("--checkpoint", help="a saved MoE of this model: measure it, extract none")
+    ap.add_argument("--relaid-dense", action="store_true",
+                    help="also time dense with its Linear weights stored (in, out)")
     args = ap.parse_args()
     args.gguf = args.gguf or default_gguf()
     out = Path(args.out)
@@ -192,9 +221,12 @@ def main() -> None:
     # Uniform p values, then MAC-budget targets (p per layer from measured sensitivity).
     runs = [] if args.checkpoint else [float(v) for v in args.p.split(",") if v]
     runs += [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    runs += [f"cmoe{v}" for v in args.cmoe_active.split(",") if v]
     for p in runs:
-        budget = moee.BudgetConfig()
-        if isinstance(p, str):
+        budget, carve = moee.BudgetConfig(), None
+        if isinstance(p, str) and p.startswith("cmoe"):
+            carve = moee.CarveConfig(style="cmoe", active=float(p[4:]))
+        elif isinstance(p, str):
             budget = moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp",
                                        p_grid=tuple(float(v) for v in args.budget_grid.split(",")),
                                        probe_batches=args.probe_batches)
@@ -202,6 +234,8 @@ def main() -> None:
                                     cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens),
                                     select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
                                     budget=budget, work_dir=str(out / "work"))
+        if carve is not None:
+            config = dataclasses.replace(config, carve=carve).with_method("cmoe")
         t1 = time.perf_counter()
         moes[p], report = moee.extract(dense, calib, config)
         seconds = time.perf_counter() - t1
@@ -218,8 +252,9 @@ def main() -> None:
     speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",") if v]
                if args.speed_p is not None else [last])
     routing = {r["p"]: r["routing"] for r in rows[1:]}
+    relaid = relaid_dense(dense) if args.relaid_dense else None
     speed = [speed_rows(dense, moes[p].model, tokenizer, held_out_ids, routing[p], p,
-                         args.speed_repeats)
+                         args.speed_repeats, relaid)
              for p in speed_p]
     prompt = tokenizer("In the beginning God created", return_tensors="pt")
     saved = Path(args.checkpoint) if args.checkpoint else out / checkpoint_name(last)
@@ -240,7 +275,7 @@ def main() -> None:
 
 
 def checkpoint_name(p: float | str) -> str:
-    """moe-p0.9 for a uniform p, moe-mlp0.8 for a MAC-budget target."""
+    """moe-p0.9 for a uniform p, moe-mlp0.8 for a MAC-budget target, moe-cmoe0.7 carved."""
     return f"moe-p{p}" if isinstance(p, float) else f"moe-{p}"
 
 
