@@ -98,3 +98,25 @@ def test_out_of_range_settings_name_the_field():
         moee.ClusterConfig(reduce_dims=0)
     with pytest.raises(moee.ConfigError, match="extract.max_memory_gib: must be > 0"):
         moee.ExtractConfig(max_memory_gib=0.0)
+
+
+def test_available_memory_counts_reclaimable_page_cache(tmp_path):
+    """After recording, the store's pages fill the page cache: MemAvailable (free plus
+    reclaimable), not MemFree, is what clustering can use."""
+    from moee.resources import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          400000 kB\n"
+                       "MemAvailable:   20000000 kB\nCached:         15000000 kB\n")
+    assert available_memory(str(meminfo)) == 20000000 * 1024
+
+
+def test_clustering_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import moee.resources
+
+    monkeypatch.setattr(moee.resources, "available_memory", lambda: 1024)
+    model = tiny_vit()
+    config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=300), work_dir=str(tmp_path))
+    data = [torch.randn(8, 1, 8, 8) for _ in range(8)]
+    with pytest.raises(moee.ResourceError, match="max_memory_gib"):
+        moee.extract(model, data, config)

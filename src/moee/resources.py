@@ -29,6 +29,22 @@ def check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
             f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
 
 
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes a process can still allocate: Linux's MemAvailable, which counts reclaimable page
+    cache. Why not free pages: right after recording, the activation store's pages fill the
+    cache and free memory looks like a few hundred MiB while gigabytes are available."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
 def plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
     """Fit clustering into `config.max_memory_gib` (a subsample is clustered, the rest
     assigned) and fail before clustering when one layer would not fit in free memory.
@@ -41,9 +57,8 @@ def plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
     if config.progress:
         print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
               f"{rows * per_row / 2**30:.2f} GiB of memory", file=sys.stderr)
-    try:
-        free_mem = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+    free_mem = available_memory()
+    if free_mem is None:
         return config
     if rows * per_row > free_mem * 0.8:
         raise ResourceError(

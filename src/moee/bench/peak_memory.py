@@ -55,9 +55,9 @@ def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
 
 
 def cuda_peak_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """{'resident': the model's own tensors (parameters, buffers, the inference caches' weight copies),
-    'forward': what one forward adds on top of everything allocated before it, 'peak'}. A warm-up
-    on one image first builds the inference caches, so they count as resident, not forward."""
+    """{'resident': the model's own tensors (parameters, buffers, the inference caches' weight
+    copies), 'forward': what one forward adds on top of everything allocated before it, 'peak'}.
+    A warm-up on one image first builds the inference caches, so they count as resident."""
     with torch.inference_mode():
         model(x[:1])
     torch.cuda.synchronize(x.device)
