@@ -309,7 +309,12 @@ def smollm2_section(result: dict[str, Any]) -> str:
                      f"{r['mlp_macs'] / dense['mlp_macs'] - 1:+.1%}",
                      f"{r['macs'] / dense['macs'] - 1:+.1%}"] for r in rows])]
     ex = result.get("extraction")
-    if ex:
+    if ex and str(ex["p"]).startswith("cmoe"):
+        lines += ["", "cmoe<a>: CMoE-style carving (shared neurons plus 8 routed groups, top-1, "
+                  "so that a token computes the share a of the neurons; router: each group's "
+                  f"representative neuron), no clustering: {ex['seconds'] / 60:.1f} min. "
+                  f"{ex.get('note') or ''}"]
+    elif ex:
         sub = result.get("cluster_tokens")
         how = f"a subsample of {sub} tokens a layer, the rest assigned" if sub else "every token"
         lines += ["", f"Extraction (record {ex['tokens']} tokens, cluster 30 layers on {how}, "
