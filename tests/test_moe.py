@@ -241,7 +241,7 @@ def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
     costs = CostModel(half_speed_tokens_fp32=32, half_speed_tokens_amx=64, amx_reference_width=768,
                       amx_width_exponent=1.5, amx_min_tokens_per_expert=48,
                       half_speed_tokens_low_precision=8, flat_activation_max_elements=2**20,
-                      expert_width_multiple=16)
+                      expert_width_multiple=16, in_out_min_tokens=8, in_out_max_tokens=64)
     default_small_batch_tokens = partial(cost_model.default_small_batch_tokens, costs=costs)
     assert default_small_batch_tokens(48, [48]) == 0  # one expert: the loop is a plain MLP
     narrow = default_small_batch_tokens(400, [100] * 8)  # masked computes 4x the neurons
@@ -589,14 +589,17 @@ def test_a_single_token_reads_only_its_experts_weights(monkeypatch):
 
 
 def test_engine_copies_are_stored_for_small_gemms_and_counted():
-    """On CPU the expert copies and "masked"'s union copies keep their (out, in) shapes but
-    (in, out) storage, so `x @ w.T` reads a contiguous matrix; `cache_bytes` counts them."""
+    """On CPU in fp32 the expert copies, and "masked"'s union copies within its token band,
+    keep their (out, in) shapes but (in, out) storage, so `x @ w.T` reads a contiguous matrix;
+    `cache_bytes` counts them."""
     moe = _random_moe()
     assert moe.cache_bytes() == 0
     with torch.no_grad():
         moe(torch.randn(1, D))
         moe.configure(execution="masked")
-        moe(torch.randn(3, D))
+        moe(torch.randn(3, D))  # below the (in, out) band: the union as it is
+        assert moe.inference_weights().union is None
+        moe(torch.randn(8, D))
     w = moe.inference_weights()
     for w1e, _, w2e in w.experts:
         assert w1e.T.is_contiguous() and w2e.T.is_contiguous()

@@ -18,7 +18,8 @@ import torch
 class CostModel:
     """Tokens per expert at which a small GEMM runs at about half its large-batch speed
     (`half_speed_tokens_*`), the AMX rules (a fixed cost per call, weighing more against
-    narrow GEMMs), and two layout constants of the expert loop."""
+    narrow GEMMs), two layout constants of the expert loop, and the token counts at which
+    "masked" reads (in, out) weight copies."""
 
     half_speed_tokens_fp32: int
     half_speed_tokens_amx: int
@@ -28,6 +29,8 @@ class CostModel:
     half_speed_tokens_low_precision: int
     flat_activation_max_elements: int  # above this the activation runs per expert
     expert_width_multiple: int  # default ExecutionConfig.width_multiple
+    in_out_min_tokens: int  # "masked" reads (in, out) union copies from this many tokens
+    in_out_max_tokens: int  # ... to this many (fp32, CPU; benchmarks/gemm_layout.py)
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:

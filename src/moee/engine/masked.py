@@ -12,7 +12,7 @@ def run_masked(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) 
     """(N, d), (N,) -> (N, d_out) in a handful of kernel calls whatever the number of experts:
     fast for a few tokens. Same function as the expert loop."""
     how, table = masking(w)
-    w1, w2t = union_weights(w)
+    w1, w2t = union_weights(w, tokens.shape[0])
     union = w2t.shape[0]
     if how == "bias":  # the mask rides in fc1's bias: no multiply over (N, U) values
         h = w.activate(torch.addmm(table.index_select(0, expert), tokens, w1.T), union)

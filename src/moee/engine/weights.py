@@ -19,7 +19,7 @@ from moee.engine.activation import (
     is_elementwise,
     silenced_by_offset,
 )
-from moee.engine.cost_model import default_small_batch_tokens
+from moee.engine.cost_model import COSTS, default_small_batch_tokens
 from moee.engine.routing import Router, router_weights, routing_dtype
 
 COMPILE_NEEDS_EAGER_CALL = (
@@ -50,9 +50,9 @@ def first_weights(fc1: nn.Linear, gate: nn.Linear | None
 
 def gemm_layout(t: torch.Tensor) -> torch.Tensor:
     """`t` with the same shape and values, stored transposed for an fp32 matrix on CPU, so
-    that `x @ t.T` reads a contiguous (in, out) matrix. Why: there, a GEMM of 4-32 rows ran
-    2-2.5x faster (one row 10-20%) against (in, out) storage than against nn.Linear's
-    (out, in); in bf16 the opposite holds, and GPUs take either (docs/engine.md)."""
+    that `x @ t.T` reads a contiguous (in, out) matrix. Why: there, a GEMM of 8-64 rows ran
+    up to 4x faster against (in, out) storage than against nn.Linear's (out, in), and one row
+    no slower; in bf16 (out, in) ran faster on AMX, and GPUs take either (docs/engine.md)."""
     if t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2:
         return t.T.contiguous().T
     return t
@@ -132,8 +132,6 @@ def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, gate: nn
     w2, b2, gated = fc2.weight, fc2.bias, gate is not None
     with torch.no_grad():
         w1, b1 = first_weights(fc1, gate)
-        if gated:  # already a copy (gate over up): made in the layout "masked" reads
-            w1 = gemm_layout(w1)
         out_bias = expert_bias.to(w2.dtype) + (b2 if b2 is not None else 0)
         elementwise = is_elementwise(activation, w1)
         multiple = width_multiple if elementwise else 1  # padding would shift a row function
@@ -179,9 +177,13 @@ def masking(w: InferenceWeights) -> tuple[str, torch.Tensor]:
     return w.masking
 
 
-def union_weights(w: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor]:
-    """For "masked": W1 (2U or U, d) and W2ᵀ (U, d_out) with the same values as `w.w1` and
-    `w.w2t`, in `gemm_layout` (on CPU a copy of the union, counted by `derived_bytes`)."""
+def union_weights(w: InferenceWeights, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For "masked" on `tokens` tokens: W1 (2U or U, d) and W2ᵀ (U, d_out). Within the cost
+    model's (in, out) token band, copies in `gemm_layout` (on CPU in fp32 a copy of the union,
+    built on first use and counted by `derived_bytes`); otherwise `w.w1` and `w.w2t`, whose
+    (out, in) storage ran faster at 2-6 rows for DeiT-base-sized matrices."""
+    if not COSTS.in_out_min_tokens <= tokens <= COSTS.in_out_max_tokens:
+        return w.w1, w.w2t
     if torch.compiler.is_compiling():
         return compiled_cache(w.union)
     if w.union is None:

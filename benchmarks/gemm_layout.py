@@ -1,0 +1,58 @@
+"""A small GEMM against nn.Linear's (out, in) weight layout vs the same matrix stored (in, out),
+the choice behind moee.engine.weights.gemm_layout. Both timed side by side in one process.
+
+    python benchmarks/gemm_layout.py                     # fp32, SmolLM2 and DeiT-base shapes
+    python benchmarks/gemm_layout.py --dtype bfloat16
+
+Prints, per weight shape and token count, the median time of `torch.addmm(b, x, W.T)` with W
+stored (out, in) and with W stored (in, out), and their ratio (< 1: (in, out) faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import timeit
+
+import torch
+
+SHAPES = {"SmolLM2 gate+up 576->3072": (3072, 576), "SmolLM2 up 576->1536": (1536, 576),
+          "SmolLM2 down 1536->576": (576, 1536), "DeiT-base fc1 768->3072": (3072, 768),
+          "DeiT-base fc2 3072->768": (768, 3072)}
+
+
+def median_us(fn, number: int, repeat: int) -> float:
+    return statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64,256,1024")
+    ap.add_argument("--repeat", type=int, default=7)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
+    head = ("weight", "tokens", "(out, in) us", "(in, out) us", "ratio")
+    print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>13s} {head[3]:>13s} {head[4]:>6s}")
+    with torch.inference_mode():
+        for name, (out_f, in_f) in SHAPES.items():
+            w = torch.randn(out_f, in_f, dtype=dtype)
+            w_in_out = w.T.contiguous().T  # same shape and values, transposed storage
+            b = torch.randn(out_f, dtype=dtype)
+            for n in map(int, args.tokens.split(",")):
+                x = torch.randn(n, in_f, dtype=dtype)
+                number = max(3, int(2e5 // (n * out_f * in_f / 1e3 + 1e3)))
+                times = {}
+                for _ in range(2):  # alternate: drift on a shared machine hits both alike
+                    for layout, weight in (("out_in", w), ("in_out", w_in_out)):
+                        t = median_us(lambda w_=weight, b_=b, x_=x: torch.addmm(b_, x_, w_.T),
+                                      number, args.repeat)
+                        times[layout] = min(times.get(layout, t), t)
+                print(f"{name:28s} {n:6d} {times['out_in']:13.1f} {times['in_out']:13.1f} "
+                      f"{times['in_out'] / times['out_in']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
