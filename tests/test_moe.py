@@ -577,9 +577,9 @@ def test_a_single_token_reads_only_its_experts_weights(monkeypatch):
         real = moee.moe._RUN[name]
         monkeypatch.setitem(moee.moe._RUN, name,
                             lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    one_token = MoEMLP._one_token
-    monkeypatch.setattr(MoEMLP, "_one_token", staticmethod(
-        lambda t, e, w: calls.append(f"one:{e}") or one_token(t, e, w)))
+    one_expert = moee.moe.run_one_expert
+    monkeypatch.setattr(moee.moe, "run_one_expert",
+                        lambda t, e, w: calls.append(f"one:{e}") or one_expert(t, e, w))
     x = torch.randn(1, 1, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

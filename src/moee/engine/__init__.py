@@ -8,7 +8,7 @@ module: executions are functions of (tokens, expert ids, `InferenceWeights`).
 
 from moee.engine.cost_model import COSTS, CostModel, default_small_batch_tokens
 from moee.engine.cuda_graph import GraphedForward, make_capturable
-from moee.engine.experts import run_experts
+from moee.engine.experts import run_experts, run_one_expert
 from moee.engine.grouped import run_grouped
 from moee.engine.masked import run_masked
 from moee.engine.routing import ROUTER_METRICS, route, router_weights, routing_dtype
@@ -29,5 +29,5 @@ __all__ = [
     "build_inference_weights", "clear_workspace", "compiled_cache", "default_small_batch_tokens",
     "derived_bytes",
     "first_weights", "route", "router_weights", "routing_dtype", "run_experts", "run_grouped",
-    "run_masked", "slice_expert", "workspace_bytes",
+    "run_masked", "run_one_expert", "slice_expert", "workspace_bytes",
 ]

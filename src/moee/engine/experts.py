@@ -9,6 +9,14 @@ from moee.engine.weights import InferenceWeights
 from moee.engine.workspace import scratch
 
 
+def run_one_expert(tokens: torch.Tensor, e: int, w: InferenceWeights) -> torch.Tensor:
+    """(N, d) tokens all routed to expert e -> (N, d_out): its two matmuls, nothing else. The
+    one-token (decoding) path calls this directly, skipping the loop's counting and sorting."""
+    w1e, b1e, w2e = w.expert(e)
+    h = w.activate(torch.addmm(b1e, tokens, w1e.T), w.widths[e])  # (N, w_e)
+    return torch.addmm(w.out_bias[e], h, w2e.T)
+
+
 @torch.compiler.disable  # routing-dependent shapes: traced, it would recompile per expert
 def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
     """(N, d) tokens, (N,) expert ids -> (N, d_out). No autograd.
@@ -21,10 +29,7 @@ def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     n, widths = tokens.shape[0], w.widths
     act = w.activation_  # in place where it can be: the buffers are ours
     if max(counts) == n:  # one expert takes every token: no sort, no scatter
-        e = counts.index(n)
-        w1e, b1e, w2e = w.expert(e)
-        h = w.activate(torch.addmm(b1e, tokens, w1e.T), widths[e])  # (N, w_e)
-        return torch.addmm(w.out_bias[e], h, w2e.T)
+        return run_one_expert(tokens, counts.index(n), w)
     order = torch.argsort(expert)
     grouped = scratch("grouped", tokens.numel(), tokens).view(n, -1)  # (N, d) sorted by expert
     torch.index_select(tokens, 0, order, out=grouped)
