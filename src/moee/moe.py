@@ -212,8 +212,8 @@ class MoEMLP(nn.Module):
         mode, threshold = config.execution, config.small_batch_tokens
         if threshold is None:
             threshold = w.default_small_batch_tokens
-        if mode == "experts" and 1 < tokens.shape[0] <= threshold:
-            mode = "masked"  # one token (decoding) stays on the loop: it reads one expert only
+        if mode == "experts" and 0 < tokens.shape[0] <= threshold:  # (one token: above)
+            mode = "masked"
         return _RUN[mode](tokens, expert, w)
 
     def _forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
