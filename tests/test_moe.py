@@ -608,3 +608,15 @@ def test_engine_copies_are_stored_for_small_gemms_and_counted():
     torch.testing.assert_close(w2t, w.w2t, rtol=0, atol=0)
     copies = sum(t.numel() for e in w.experts for t in e) + w1.numel() + w2t.numel()
     assert moe.cache_bytes() == copies * 4
+
+
+@pytest.mark.parametrize("k", [1, 5, 256, 300, 40_000])
+def test_grouped_dispatch_narrow_sort_key_gives_the_int64_stable_order(k):
+    from moee.engine.grouped import dispatch, sort_key_dtype
+
+    expert = torch.randint(0, k, (500,), generator=torch.Generator().manual_seed(k))
+    row, ends = dispatch(expert, k)
+    order = torch.argsort(expert, stable=True)  # the reference: int64 keys
+    assert row[order].tolist() == list(range(500))  # row[t]: token t's place in expert order
+    assert ends.tolist() == torch.bincount(expert, minlength=k).cumsum(0).tolist()
+    assert torch.iinfo(sort_key_dtype(k)).max >= k - 1

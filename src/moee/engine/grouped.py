@@ -11,15 +11,21 @@ from moee.engine.weights import InferenceWeights, padded
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def sort_key_dtype(k: int) -> torch.dtype:
+    """The narrowest integer dtype that holds the ids 0..k-1."""
+    return torch.uint8 if k <= 256 else torch.int16 if k <= 2**15 else torch.int32
+
+
 def dispatch(expert: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) expert ids -> each token's row in expert order (N,) and the int32 end offsets of
     the k groups, all on the device. Token counts come from index_add_ into a fixed-size
     vector: bincount's output size depends on the data (a host sync, and torch.compile cannot
     capture it). A sort, not a per-expert running count over an (N, k) one-hot: PyTorch scans
-    a non-innermost dim slowly on a GPU (docs/gpu.md)."""
+    a non-innermost dim slowly on a GPU (docs/gpu.md). The sort key is the narrowest integer
+    that holds k ids: a GPU radix sort makes one pass per key byte, and int64 ids need eight."""
     n = expert.shape[0]
     counts = expert.new_zeros(k).index_add_(0, expert, torch.ones_like(expert))
-    order = torch.argsort(expert, stable=True)
+    order = torch.argsort(expert.to(sort_key_dtype(k)), stable=True)
     row = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=expert.device))
     return row, counts.cumsum(0).to(torch.int32)
 
