@@ -1,11 +1,14 @@
 """A small GEMM against nn.Linear's (out, in) weight layout vs the same matrix stored (in, out),
-the choice behind moee.engine.weights.gemm_layout. Both timed side by side in one process.
+the choice behind moee.engine.weights.gemm_layout, and (fp32, MKL builds) MKL's packed GEMM,
+the weight packed for the exact token count (what inductor's freezing uses). All timed side
+by side in one process.
 
     python benchmarks/gemm_layout.py                     # fp32, SmolLM2 and DeiT-base shapes
     python benchmarks/gemm_layout.py --dtype bfloat16
 
 Prints, per weight shape and token count, the median time of `torch.addmm(b, x, W.T)` with W
-stored (out, in) and with W stored (in, out), and their ratio (< 1: (in, out) faster).
+stored (out, in) and with W stored (in, out), and their ratio (< 1: (in, out) faster); then
+`torch.ops.mkl._mkl_linear` on W packed for that token count, and its ratio to (out, in).
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ def median_us(fn, number: int, repeat: int) -> float:
     return statistics.median(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
 
 
+def gemm_calls(w: torch.Tensor, w_in_out: torch.Tensor, b: torch.Tensor, x: torch.Tensor,
+               packs: bool) -> dict:
+    """The GEMMs to time, by layout; the packed one checked against the plain one."""
+    calls = {"out_in": lambda: torch.addmm(b, x, w.T),
+             "in_out": lambda: torch.addmm(b, x, w_in_out.T)}
+    if packs:
+        n, packed = x.shape[0], torch.ops.mkl._mkl_reorder_linear_weight(w, x.shape[0])
+        calls["packed"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w, b, n)
+        torch.testing.assert_close(calls["packed"](), calls["out_in"](), rtol=1e-4, atol=1e-4)
+    return calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32")
@@ -34,8 +49,11 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
-    head = ("weight", "tokens", "(out, in) us", "(in, out) us", "ratio")
-    print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>13s} {head[3]:>13s} {head[4]:>6s}")
+    packs = dtype == torch.float32 and hasattr(torch.ops.mkl, "_mkl_linear")
+    head = ("weight", "tokens", "(out, in) us", "(in, out) us", "ratio") + (
+        ("packed us", "ratio") if packs else ())
+    print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>13s} {head[3]:>13s} {head[4]:>6s}"
+          + (f" {head[5]:>10s} {head[6]:>6s}" if packs else ""))
     with torch.inference_mode():
         for name, (out_f, in_f) in SHAPES.items():
             w = torch.randn(out_f, in_f, dtype=dtype)
@@ -44,14 +62,17 @@ def main() -> None:
             for n in map(int, args.tokens.split(",")):
                 x = torch.randn(n, in_f, dtype=dtype)
                 number = max(3, int(2e5 // (n * out_f * in_f / 1e3 + 1e3)))
+                calls = gemm_calls(w, w_in_out, b, x, packs)
                 times = {}
-                for _ in range(2):  # alternate: drift on a shared machine hits both alike
-                    for layout, weight in (("out_in", w), ("in_out", w_in_out)):
-                        t = median_us(lambda w_=weight, b_=b, x_=x: torch.addmm(b_, x_, w_.T),
-                                      number, args.repeat)
+                for _ in range(2):  # alternate: drift on a shared machine hits all alike
+                    for layout, call in calls.items():
+                        t = median_us(call, number, args.repeat)
                         times[layout] = min(times.get(layout, t), t)
-                print(f"{name:28s} {n:6d} {times['out_in']:13.1f} {times['in_out']:13.1f} "
-                      f"{times['in_out'] / times['out_in']:6.2f}")
+                line = (f"{name:28s} {n:6d} {times['out_in']:13.1f} {times['in_out']:13.1f} "
+                        f"{times['in_out'] / times['out_in']:6.2f}")
+                if packs:
+                    line += f" {times['packed']:10.1f} {times['packed'] / times['out_in']:6.2f}"
+                print(line)
 
 
 if __name__ == "__main__":
