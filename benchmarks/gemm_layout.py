@@ -1,7 +1,8 @@
 """A small GEMM against nn.Linear's (out, in) weight layout vs the same matrix stored (in, out),
 the choice behind moee.engine.weights.gemm_layout, and (fp32, MKL builds) MKL's packed GEMM,
 the weight packed for the exact token count (what inductor's freezing uses). All timed side
-by side in one process.
+by side in one process; and oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise` on
+a weight reordered once, valid for any token count), what moee.engine.packed uses.
 
     python benchmarks/gemm_layout.py                     # fp32, SmolLM2 and DeiT-base shapes
     python benchmarks/gemm_layout.py --dtype bfloat16
@@ -9,7 +10,8 @@ by side in one process.
 Prints, per weight shape and token count, the median time of `torch.addmm(b, x, W.T)` with W
 stored (out, in) and with W stored (in, out), and their ratio (< 1: (in, out) faster); then
 `torch.ops.mkl._mkl_linear` on W packed for that token count, its ratio to (out, in), and
-the packed weight's size over W's (it is one more copy, valid for that token count only).
+the packed weight's size over W's (it is one more copy, valid for that token count only);
+then the oneDNN-blocked weight's time and its ratio to (in, out).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def gemm_calls(w: torch.Tensor, w_in_out: torch.Tensor, b: torch.Tensor, x: torc
         # fp32 sums of K products in another order: error grows with K
         torch.testing.assert_close(calls["packed"](), calls["out_in"](), rtol=1e-4,
                                    atol=1e-6 * x.shape[1])
+        blocked = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        calls["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, blocked, b, "none", [],
+                                                                     "")
+        torch.testing.assert_close(calls["onednn"](), calls["out_in"](), rtol=1e-4,
+                                   atol=1e-6 * x.shape[1])
         return calls, packed.numel() / w.numel()
     return calls, 1.0
 
@@ -54,11 +61,13 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}")
-    packs = dtype == torch.float32 and hasattr(torch.ops.mkl, "_mkl_linear")
+    packs = (dtype == torch.float32 and hasattr(torch.ops.mkl, "_mkl_linear")
+             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     head = ("weight", "tokens", "(out, in) us", "(in, out) us", "ratio") + (
-        ("packed us", "ratio", "size") if packs else ())
+        ("packed us", "ratio", "size", "oneDNN us", "/(in,out)") if packs else ())
     print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>13s} {head[3]:>13s} {head[4]:>6s}"
-          + (f" {head[5]:>10s} {head[6]:>6s} {head[7]:>5s}" if packs else ""))
+          + (f" {head[5]:>10s} {head[6]:>6s} {head[7]:>5s} {head[8]:>10s} {head[9]:>9s}"
+             if packs else ""))
     with torch.inference_mode():
         for name, (out_f, in_f) in SHAPES.items():
             w = torch.randn(out_f, in_f, dtype=dtype)
@@ -77,7 +86,8 @@ def main() -> None:
                         f"{times['in_out'] / times['out_in']:6.2f}")
                 if packs:
                     line += (f" {times['packed']:10.1f} {times['packed'] / times['out_in']:6.2f}"
-                             f" {packed_size:5.2f}")
+                             f" {packed_size:5.2f} {times['onednn']:10.1f}"
+                             f" {times['onednn'] / times['in_out']:9.2f}")
                 print(line)
 
 

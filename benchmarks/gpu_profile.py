@@ -4,7 +4,8 @@
 
 The same stand-in as `moee bench` part (3) (random weights, expert sizes from the checkpoint),
 bf16, eager and on "grouped". Prints the operators that take the most GPU time and the count of
-kernel launches per forward, dense vs MoE; writes profile.txt.
+kernel launches per forward, dense vs MoE, and the grouped dispatch's sort of one layer's
+expert ids with int64 keys against the narrow key it uses; writes profile.txt.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.benchmark import Timer
 
 from moee.bench.models import deit_base_sized_moe, fractions_from_checkpoint
+from moee.engine.grouped import sort_key_dtype
 
 
 def summary(model, x, label: str, rows: int) -> str:
@@ -35,6 +38,17 @@ def summary(model, x, label: str, rows: int) -> str:
     table = events.table(sort_by="self_device_time_total", row_limit=rows)
     return (f"== {label}: {kernels:.0f} kernels and {gpu_us / 1e3:.2f} ms of GPU time per "
             f"forward ==\n{table}\n")
+
+
+def sort_keys(n: int, k: int, device: torch.device) -> str:
+    """One layer's stable sort of n expert ids (k experts): int64 keys vs the narrow key."""
+    expert = torch.randint(0, k, (n,), device=device)
+    narrow = expert.to(sort_key_dtype(k))
+    us = {str(key.dtype): Timer("torch.argsort(key, stable=True)",
+                                globals={"key": key, "torch": torch})
+          .blocked_autorange(min_run_time=0.5).median * 1e6 for key in (expert, narrow)}
+    return f"sort of {n} expert ids ({k} experts): " + ", ".join(
+        f"{dtype} keys {t:.1f} us" for dtype, t in us.items()) + "\n"
 
 
 def main() -> None:
@@ -56,6 +70,9 @@ def main() -> None:
             part = summary(m, x, f"{label}, batch {b}", args.rows)
             print(part, flush=True)
             text += part
+        part = sort_keys(b * 197, 8, device)
+        print(part, flush=True)
+        text += part
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.txt").write_text(text)
