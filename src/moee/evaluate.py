@@ -5,6 +5,7 @@ train/eval flag as it found it."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -51,9 +52,16 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# Fused attention kernels the flop counter would otherwise skip, so a model with SDPA
-# attention (transformers' default) counts what eager attention counts.
+def _blocked_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of oneDNN's linear (the expert loop's blocked copies): x (..., K) by W (N, K)."""
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+# Kernels the flop counter would otherwise skip: fused attention, so a model with SDPA
+# attention (transformers' default) counts what eager attention counts, and oneDNN's linear.
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _blocked_linear_flops
 
 
 @torch.inference_mode()

@@ -18,8 +18,8 @@ import torch
 class CostModel:
     """Tokens per expert at which a small GEMM runs at about half its large-batch speed
     (`half_speed_tokens_*`), the AMX rules (a fixed cost per call, weighing more against
-    narrow GEMMs), two layout constants of the expert loop, and the token counts at which
-    "masked" reads (in, out) weight copies."""
+    narrow GEMMs), two layout constants of the expert loop, the token counts at which
+    "masked" reads (in, out) weight copies and at which the loop reads oneDNN-blocked ones."""
 
     half_speed_tokens_fp32: int
     half_speed_tokens_amx: int
@@ -31,6 +31,8 @@ class CostModel:
     expert_width_multiple: int  # default ExecutionConfig.width_multiple
     in_out_min_tokens: int  # "masked" reads (in, out) union copies from this many tokens
     in_out_max_tokens: int  # ... to this many (fp32, CPU; benchmarks/gemm_layout.py)
+    blocked_min_tokens: int  # the expert loop reads oneDNN-blocked copies for groups of this
+    blocked_max_tokens: int  # ... to this many tokens (fp32, CPU; engine/blocked.py)
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:

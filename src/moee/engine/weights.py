@@ -104,6 +104,7 @@ class InferenceWeights:
     masking: tuple[str, torch.Tensor] | None = None  # built on "masked"'s first call
     union: tuple[torch.Tensor, torch.Tensor] | None = None  # ditto: `union_weights`
     padded: tuple | None = None  # built on "grouped"'s first call
+    blocked: list | None = None  # oneDNN copies of the experts, built on first use ([]: none)
 
     @property
     def sizes(self) -> list[int]:
@@ -193,10 +194,13 @@ def union_weights(w: InferenceWeights, tokens: int) -> tuple[torch.Tensor, torch
 
 
 def derived_bytes(w: InferenceWeights, own: set[int]) -> int:
-    """Bytes of the cache's weight copies (expert copies, the gated first matrix, union copies)
-    whose storage is not in `own` (the layer's own tensors' data pointers)."""
+    """Bytes of the cache's weight copies (expert copies, the gated first matrix, union copies,
+    oneDNN-blocked expert copies) whose storage is not in `own` (the layer's own tensors' data
+    pointers)."""
     tensors = [w.w1, *(t for e in (w.experts or []) for t in e), *(w.union or ())]
-    seen, total = set(own), 0
+    seen = set(own)
+    # blocked copies are opaque tensors (no storage to ask): their elements' bytes
+    total = sum(t.numel() * t.element_size() for pair in (w.blocked or []) for t in pair)
     for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())

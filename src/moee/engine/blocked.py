@@ -1,0 +1,50 @@
+"""oneDNN-blocked copies of the expert weights, for the expert loop's mid-sized groups on CPU.
+
+Why: on CPU in fp32 a GEMM of a few tens of rows ran up to 2x faster against a weight
+reordered once into oneDNN's blocked layout than against either plain layout, for any row
+count (MKL's packed GEMM was as fast but is packed for one row count, at 2-4x the memory);
+at 1-2 rows it was slower (`benchmarks/gemm_layout.py`, docs/engine.md). So the loop reads
+these copies for groups within the cost model's band, and the plain copies otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moee.engine.cost_model import COSTS
+from moee.engine.weights import InferenceWeights
+
+# The operator inductor's CPU freezing uses for fp32 linears; absent from builds without oneDNN.
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+
+
+def blocked_supported(t: torch.Tensor) -> bool:
+    """Whether `t`'s weights can have blocked copies: fp32 on a CPU with oneDNN."""
+    return (_LINEAR is not None and _REORDER is not None and t.device.type == "cpu"
+            and t.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+
+def in_blocked_band(rows: int) -> bool:
+    """Whether a GEMM of `rows` rows reads the blocked copies (cost model's band)."""
+    return COSTS.blocked_min_tokens <= rows <= COSTS.blocked_max_tokens
+
+
+def blocked_experts(w: InferenceWeights) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each expert's (W1_e, W2_e) reordered for oneDNN, built on first use and kept in the
+    cache; None without pre-sliced copies or where `blocked_supported` is false."""
+    if w.blocked is None:
+        if w.experts is None or not blocked_supported(w.w1):
+            w.blocked = []
+        else:
+            hint = COSTS.blocked_min_tokens  # the reorder's row-count hint; any count runs
+            with torch.no_grad():
+                w.blocked = [(_REORDER(w1e.contiguous(), hint), _REORDER(w2e.contiguous(), hint))
+                             for w1e, _, w2e in w.experts]
+    return w.blocked or None
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ W.T + b for a blocked W (a new tensor: the operator has no `out=`)."""
+    return _LINEAR(x, weight, bias, "none", [], "")
+
