@@ -28,8 +28,9 @@ def _moe(gated: bool) -> MoEMLP:
                   gate=gate).eval()
 
 
-def _band(monkeypatch, lo: int, hi: int) -> None:
-    costs = dataclasses.replace(blocked.COSTS, blocked_min_tokens=lo, blocked_max_tokens=hi)
+def _band(monkeypatch, lo: int, hi: int, min_elements: int = 1) -> None:
+    costs = dataclasses.replace(blocked.COSTS, blocked_min_tokens=lo, blocked_max_tokens=hi,
+                                blocked_min_elements=min_elements)
     monkeypatch.setattr(blocked, "COSTS", costs)
 
 
@@ -93,3 +94,13 @@ def test_macs_count_the_blocked_matmuls(monkeypatch):
     moe.configure(width_multiple=moe.execution_config.width_multiple)  # same cache, kept
     assert count_macs(moe, x, executed=True) == plain
     assert moe.inference_weights().blocked
+
+
+def test_layers_with_small_experts_keep_plain_copies(monkeypatch):
+    moe = _moe(False)
+    moe.configure(execution="experts", small_batch_tokens=0)
+    mean = sum(e[0].numel() for e in moe.inference_weights().experts) / moe.num_experts
+    _band(monkeypatch, 1, 10**6, min_elements=int(mean) + 1)
+    with torch.no_grad():
+        moe(torch.randn(30, D))
+    assert moe.inference_weights().blocked == []

@@ -242,7 +242,8 @@ def test_default_small_batch_threshold_follows_the_cost_model(monkeypatch):
                       amx_width_exponent=1.5, amx_min_tokens_per_expert=48,
                       half_speed_tokens_low_precision=8, flat_activation_max_elements=2**20,
                       expert_width_multiple=16, in_out_min_tokens=8, in_out_max_tokens=64,
-                      blocked_min_tokens=16, blocked_max_tokens=256)
+                      blocked_min_tokens=24, blocked_max_tokens=512,
+                      blocked_min_elements=2**19)
     default_small_batch_tokens = partial(cost_model.default_small_batch_tokens, costs=costs)
     assert default_small_batch_tokens(48, [48]) == 0  # one expert: the loop is a plain MLP
     narrow = default_small_batch_tokens(400, [100] * 8)  # masked computes 4x the neurons

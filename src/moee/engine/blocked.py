@@ -3,8 +3,9 @@
 Why: on CPU in fp32 a GEMM of a few tens of rows ran up to 2x faster against a weight
 reordered once into oneDNN's blocked layout than against either plain layout, for any row
 count (MKL's packed GEMM was as fast but is packed for one row count, at 2-4x the memory);
-at 1-2 rows it was slower (`benchmarks/gemm_layout.py`, docs/engine.md). So the loop reads
-these copies for groups within the cost model's band, and the plain copies otherwise.
+at a few rows, and on small matrices at any row count, it was slower (a fixed cost per call;
+`benchmarks/gemm_layout.py`, docs/engine.md). So a layer whose experts are large enough has
+these copies, and the loop reads them for groups within the cost model's band.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ def in_blocked_band(rows: int) -> bool:
 
 def blocked_experts(w: InferenceWeights) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Each expert's (W1_e, W2_e) reordered for oneDNN, built on first use and kept in the
-    cache; None without pre-sliced copies or where `blocked_supported` is false."""
+    cache; None without pre-sliced copies, where `blocked_supported` is false, or where the
+    experts' mean W1_e is smaller than the cost model's `blocked_min_elements`."""
     if w.blocked is None:
-        if w.experts is None or not blocked_supported(w.w1):
+        if (w.experts is None or not blocked_supported(w.w1)
+                or sum(e[0].numel() for e in w.experts) < COSTS.blocked_min_elements
+                * len(w.experts)):
             w.blocked = []
         else:
             hint = COSTS.blocked_min_tokens  # the reorder's row-count hint; any count runs

@@ -33,6 +33,7 @@ class CostModel:
     in_out_max_tokens: int  # ... to this many (fp32, CPU; benchmarks/gemm_layout.py)
     blocked_min_tokens: int  # the expert loop reads oneDNN-blocked copies for groups of this
     blocked_max_tokens: int  # ... to this many tokens (fp32, CPU; engine/blocked.py)
+    blocked_min_elements: int  # ... in layers whose experts' W1 average this many elements
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:
