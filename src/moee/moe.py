@@ -124,7 +124,8 @@ class MoEMLP(nn.Module):
 
     def cache_bytes(self) -> int:
         """Memory the built inference cache holds beyond the layer's own tensors (expert
-        copies, the gated first matrix, "masked"'s union copies; 0 before the first call)."""
+        copies, the gated first matrix, "masked"'s union copies, oneDNN-blocked expert copies;
+        0 before the first call)."""
         if self._cache is None:
             return 0
         own = {t.data_ptr() for t in [*self.parameters(), *self.buffers()]}

@@ -60,7 +60,8 @@ def part_blocks(device, dtypes, batches, token_counts, results):
                 for style, why in row["unsupported"].items():
                     print(f"{'':>7}{style} cannot run here: {why}")
         print(f"{'':>7}pre-sliced expert copies: +{moe.presliced_bytes() / 2**20:.1f} MiB over the "
-              f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none)")
+              f"union's {param_bytes(moe) / 2**20:.1f} MiB ('gather' needs none); every engine "
+              f"copy these runs built (blocked, union): +{moe.cache_bytes() / 2**20:.1f} MiB")
 
 
 MODEL_HEADER = (f"{'dtype':>9}{'images':>7}{'dense ms':>10}{'non-MLP':>9}{'MoE ms':>9}"
