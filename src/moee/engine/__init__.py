@@ -2,7 +2,8 @@
 
 settings (per-layer `ExecutionConfig`), routing, activation facts, the cost model and its
 fitted constants, the scratch workspace, the inference-weight cache (one expert-slicing
-function), one module per execution, calibration and timing. Nothing here imports the MoE
+function) and its oneDNN-blocked expert copies, one module per execution, calibration and
+timing. Nothing here imports the MoE
 module: executions are functions of (tokens, expert ids, `InferenceWeights`).
 """
 
