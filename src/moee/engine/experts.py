@@ -26,11 +26,11 @@ def run_one_expert(tokens: torch.Tensor, e: int, w: InferenceWeights) -> torch.T
 def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
     """(N, d) tokens, (N,) expert ids -> (N, d_out). No autograd.
 
-    Each expert's first matmul (bias fused by addmm; a group within the cost model's blocked
-    band reads the expert's oneDNN-blocked copies, `moee.engine.blocked`) writes into one flat
-    hidden buffer, the
+    Each expert's first matmul (bias fused by addmm) writes into one flat hidden buffer, the
     activation runs once over all of it (per expert when the buffer is large), each second
-    matmul writes into one output buffer in expert order; one gather restores token order.
+    matmul writes into one output buffer in expert order; one gather restores token order. A
+    group within the cost model's blocked band reads the expert's oneDNN-blocked copies
+    (`moee.engine.blocked`) instead of its plain ones.
     """
     counts = torch.bincount(expert, minlength=len(w.indices)).tolist()
     n, widths = tokens.shape[0], w.widths
