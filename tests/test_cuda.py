@@ -123,3 +123,14 @@ def test_calibrate_on_cuda_chooses_a_valid_execution_and_keeps_outputs():
     model.configure(execution="experts")
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+
+
+@cuda
+@pytest.mark.parametrize("k", [8, 300])
+def test_grouped_dispatch_on_cuda_matches_the_cpu_order(k):
+    from moee.engine.grouped import dispatch
+
+    expert = torch.randint(0, k, (5000,), generator=torch.Generator().manual_seed(k))
+    row, ends = dispatch(expert.cuda(), k)
+    want_row, want_ends = dispatch(expert, k)
+    assert row.cpu().tolist() == want_row.tolist() and ends.cpu().tolist() == want_ends.tolist()
