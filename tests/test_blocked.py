@@ -41,16 +41,14 @@ def test_blocked_copies_give_the_reference_output(monkeypatch, gated):
     moe.configure(execution="experts", small_batch_tokens=0)
     x = torch.randn(5, 11, D)
     with torch.no_grad():
-        plain = moe.forward_reference(x)
-        torch.testing.assert_close(moe(x), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
         one = x[:1, :1]
         torch.testing.assert_close(moe(one), moe.forward_reference(one), rtol=1e-5, atol=1e-5)
-        expert = int(moe.route(x[0, :1]))
         same = x[0, :1].expand(7, D)  # every token to one expert: the loop's shortcut
         torch.testing.assert_close(moe(same), moe.forward_reference(same), rtol=1e-5,
                                    atol=1e-5)
     w = moe.inference_weights()
-    assert len(w.blocked) == moe.num_experts and expert < moe.num_experts
+    assert len(w.blocked) == moe.num_experts
 
 
 def test_blocked_copies_are_built_only_in_band_and_counted(monkeypatch):
