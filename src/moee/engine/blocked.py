@@ -36,9 +36,8 @@ def blocked_experts(w: InferenceWeights) -> list[tuple[torch.Tensor, torch.Tenso
     cache; None without pre-sliced copies, where `blocked_supported` is false, or where the
     experts' mean W1_e is smaller than the cost model's `blocked_min_elements`."""
     if w.blocked is None:
-        if (w.experts is None or not blocked_supported(w.w1)
-                or sum(e[0].numel() for e in w.experts) < COSTS.blocked_min_elements
-                * len(w.experts)):
+        mean_w1 = (sum(e[0].numel() for e in w.experts) / len(w.experts)) if w.experts else 0
+        if not blocked_supported(w.w1) or mean_w1 < COSTS.blocked_min_elements:
             w.blocked = []
         else:
             hint = COSTS.blocked_min_tokens  # the reorder's row-count hint; any count runs

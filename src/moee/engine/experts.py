@@ -49,26 +49,28 @@ def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     flat_act = (w.elementwise_activation and not w.gated
                 and total <= COSTS.flat_activation_max_elements)
     flat = scratch("hidden", total, tokens)  # every expert's hidden values, in expert order
-    spans, activated, start, at = [], [], 0, 0  # span: (expert, W2_e, first token, at)
+    # span: (expert, W2_e, its blocked copy or None, first token, at)
+    spans, activated, start, at = [], [], 0, 0
     for e, n_e in used:
         w1e, b1e, w2e = w.expert(e)
+        pair = blocked[e] if blocked is not None and in_blocked_band(n_e) else (None, None)
         h = flat[at : at + n_e * halves * widths[e]].view(n_e, -1)  # (n_e, halves·w_e)
-        if blocked is not None and in_blocked_band(n_e):
-            h.copy_(blocked_linear(grouped[start : start + n_e], blocked[e][0], b1e))
+        if pair[0] is not None:
+            h.copy_(blocked_linear(grouped[start : start + n_e], pair[0], b1e))
         else:
             torch.addmm(b1e, grouped[start : start + n_e], w1e.T, out=h)
         if not flat_act:
             activated.append(w.activate(h, widths[e]))
-        spans.append((e, w2e, start, at))
+        spans.append((e, w2e, pair[1], start, at))
         start, at = start + n_e, at + n_e * halves * widths[e]
     if flat_act:
         flat = act(flat)
         activated = [flat[at : at + counts[e] * widths[e]].view(counts[e], widths[e])
-                     for e, _, _, at in spans]
+                     for e, _, _, _, at in spans]
     y = scratch("output", n * w.out_bias.shape[1], tokens).view(n, -1)  # (N, d_out) expert order
-    for (e, w2e, start, _), h in zip(spans, activated, strict=True):
-        if blocked is not None and in_blocked_band(counts[e]):
-            y[start : start + counts[e]] = blocked_linear(h, blocked[e][1], w.out_bias[e])
+    for (e, w2e, blocked_w2e, start, _), h in zip(spans, activated, strict=True):
+        if blocked_w2e is not None:
+            y[start : start + counts[e]] = blocked_linear(h, blocked_w2e, w.out_bias[e])
         else:
             torch.addmm(w.out_bias[e], h, w2e.T, out=y[start : start + counts[e]])
     # Back to token order through the inverse permutation, built by one scatter; gathering
