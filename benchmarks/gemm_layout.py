@@ -1,8 +1,8 @@
 """A small GEMM against nn.Linear's (out, in) weight layout vs the same matrix stored (in, out),
 the choice behind moee.engine.weights.gemm_layout, and (fp32, MKL builds) MKL's packed GEMM,
-the weight packed for the exact token count (what inductor's freezing uses). All timed side
-by side in one process; and oneDNN's blocked layout (`torch.ops.mkldnn._linear_pointwise` on
-a weight reordered once, valid for any token count), what moee.engine.packed uses.
+the weight packed for the exact token count (what inductor's freezing uses), and oneDNN's
+blocked layout (`torch.ops.mkldnn._linear_pointwise` on a weight reordered once, valid for any
+token count; what moee.engine.blocked uses). All timed side by side in one process.
 
     python benchmarks/gemm_layout.py                     # fp32, SmolLM2 and DeiT-base shapes
     python benchmarks/gemm_layout.py --dtype bfloat16
