@@ -25,6 +25,9 @@ class LayerPlan:
     metric: str = "cosine"
     expert_bias: np.ndarray | None = None  # (k, d_out) mean output of left-out neurons
     execution_config: ExecutionConfig | None = None
+    down: np.ndarray | None = None  # (d_out, U) refit down projection (None = the dense slice)
+    load: np.ndarray | None = None  # (k,) share of calibration tokens this router sends each
+    report: dict | None = None  # the router fit's and the refit's held-out errors
 
     def kept_neurons(self) -> np.ndarray:
         """Union of all experts' neurons; every other neuron is pruned."""
@@ -60,7 +63,9 @@ def build_moe_mlp(site: MLPSite, plan: LayerPlan) -> MoEMLP:
         fc1 = rows(w.up, w.up_bias)
         gate = None if w.gate is None else rows(w.gate, w.gate_bias)
         # fc2 keeps its full bias: it is added once per token whatever the expert.
-        fc2 = _linear_from(w.down[:, kept], w.down_bias)
+        down = (w.down[:, kept] if plan.down is None
+                else torch.as_tensor(np.asarray(plan.down)).to(w.down))
+        fc2 = _linear_from(down, w.down_bias)
     centres = torch.as_tensor(np.asarray(plan.centres), dtype=torch.float32)
     bias = None if plan.expert_bias is None else torch.as_tensor(plan.expert_bias).float()
     moe = MoEMLP(fc1, fc2, site.activation, experts, centres, kept, plan.metric, bias, site.name,

@@ -12,8 +12,8 @@ from moee.validation import check, check_types
 
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
 SELECT_CRITERIA = ("variance", "magnitude", "random")
-ROUTER_CENTRES = ("input_mean", "random")
-METHODS = ("moee", "random", "cmoe", "moefication")
+ROUTER_CENTRES = ("input_mean", "random", "fitted")
+METHODS = ("moee", "random", "cmoe", "moefication", "static")
 DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
@@ -104,12 +104,19 @@ class SelectConfig:
     tokens: str = "routed"
     # Not in the paper: add each expert's left-out neurons' mean output back as a constant.
     compensate_mean: bool = True
+    # Not in the paper: refit the down projection and the per-expert offsets by least squares
+    # so that each expert reproduces the dense output on the tokens routed to it (ridge toward
+    # the original weights, its strength, a multiple of the mean Gram diagonal, chosen from
+    # `refit_strengths` on held-out tokens; the original is kept when none does better).
+    refit_down: bool = False
+    refit_strengths: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
     seed: int = 0
 
     @classmethod
     def paper(cls, p: float = 0.8, criterion: str = "variance") -> SelectConfig:
         """Exactly the paper's selection: cluster members only, no mean compensation."""
-        return cls(criterion=criterion, p=p, tokens="cluster", compensate_mean=False)
+        return cls(criterion=criterion, p=p, tokens="cluster", compensate_mean=False,
+                   refit_down=False)
 
     def __post_init__(self) -> None:
         check_types(self, "select")
@@ -118,15 +125,24 @@ class SelectConfig:
         check(0 < self.p <= 1, "select.p", f"must be in (0, 1], got {self.p}")
         check(self.tokens in ("cluster", "routed"), "select.tokens",
                f"must be 'cluster' or 'routed', got {self.tokens!r}")
+        check(len(self.refit_strengths) > 0 and all(v > 0 for v in self.refit_strengths),
+              "select.refit_strengths", f"must be values > 0, got {self.refit_strengths}")
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """Top-1 routing to the expert whose centre is most similar: its cluster's mean MLP input
-    (the paper), or a random direction (`centres="random"`, the paper's ablation baseline)."""
+    (the paper), or a random direction (`centres="random"`, the paper's ablation baseline).
+    `centres="fitted"` (not in the paper): label each calibration token with the expert whose
+    output is closest to the dense output and fit a bias-free linear router to the labels
+    (logistic regression on at most `fit_tokens` tokens, inverse strength from `fit_c` chosen
+    by held-out output error); the layer then routes by dot product with the fitted rows, or
+    keeps the `metric` router on its cluster means when that does as well on held-out tokens."""
 
     metric: str = "cosine"
     centres: str = "input_mean"
+    fit_c: tuple[float, ...] = (0.01, 0.1, 1.0)
+    fit_tokens: int = 50_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +151,9 @@ class RouterConfig:
                f"must be one of {ROUTER_METRICS}, got {self.metric!r}")
         check(self.centres in ROUTER_CENTRES, "router.centres",
                f"must be one of {ROUTER_CENTRES}, got {self.centres!r}")
+        check(len(self.fit_c) > 0 and all(c > 0 for c in self.fit_c), "router.fit_c",
+              f"must be values > 0, got {self.fit_c}")
+        check(self.fit_tokens >= 2, "router.fit_tokens", f"must be >= 2, got {self.fit_tokens}")
 
 
 @dataclass(frozen=True)
@@ -215,11 +234,15 @@ class ExtractConfig:
     # Memory for clustering one layer; beyond it a subsample is clustered and the other
     # tokens assigned to its clusters (None = cluster every recorded token).
     max_memory_gib: float | None = None
+    # Share of the recorded tokens (whole blocks of 256) the fitted router and the refit hold
+    # out to choose their strengths and report their error.
+    held_out: float = 0.2
 
     def __post_init__(self) -> None:
         check_types(self, "extract")
         check(self.max_memory_gib is None or self.max_memory_gib > 0, "extract.max_memory_gib",
                f"must be > 0 or None, got {self.max_memory_gib}")
+        check(0 < self.held_out < 1, "extract.held_out", f"must be in (0, 1), got {self.held_out}")
         check(self.carve is None or self.budget.target_macs is None, "extract.carve",
                "carved experts have no p for the MAC budget to choose: set carve.active")
 
@@ -230,11 +253,17 @@ class ExtractConfig:
         """These settings under an extraction method: "moee" (unchanged), "random" (the
         paper's baseline: random clusters, random neurons, random routing centres) or "cmoe"
         (CMoE-style carving, top-1) or "moefication" (balanced neuron groups, top-k), see
-        `CarveConfig`."""
+        `CarveConfig`, or "static": one expert for every token, the neurons chosen by the
+        same statistics and given the same refit (structured pruning: the test of whether
+        routing adds anything)."""
         check(method in METHODS, "method", f"must be one of {METHODS}, got {method!r}")
         r = replace
         if method == "moee":
             return self
+        if method == "static":
+            return r(self, cluster=r(self.cluster, algorithm="random", n_clusters=1,
+                                     stability=False, max_clusters=None),
+                     router=r(self.router, centres="input_mean"))
         if method in ("cmoe", "moefication"):
             carve = r(self.carve or CarveConfig(), style=method)
             return r(self, carve=carve, router=r(self.router, metric="dot"))
@@ -255,6 +284,7 @@ class ExtractConfig:
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),
             max_memory_gib=d.get("max_memory_gib"),
+            held_out=d.get("held_out", 0.2),
         )
 
 

@@ -5,12 +5,11 @@ milliseconds, so a uniform `p`, a p sweep and the MAC-budget mode all start from
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
@@ -19,21 +18,9 @@ from moee.carve import carve_layer, moefication_layer
 from moee.cluster import cluster_layer, unstable_remedy
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
-from moee.engine import route, router_weights
 from moee.record import ActivationStore
+from moee.reproduce import reproduce_output, route_tokens
 from moee.select import ClusterStats, cluster_stats, select_experts
-
-
-@torch.no_grad()
-def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
-                 chunk: int = 65536) -> np.ndarray:
-    """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
-    router = router_weights(torch.as_tensor(centres, dtype=torch.float32), metric)
-    out = []
-    for start in range(0, len(inputs), chunk):
-        x = torch.tensor(np.asarray(inputs[start : start + chunk]), dtype=torch.float32)  # a copy
-        out.append(route(x, router).numpy())
-    return np.concatenate(out)
 
 
 @dataclass
@@ -48,6 +35,9 @@ class LayerFit:
     load: np.ndarray | None = None  # (k,) share of calibration tokens routed to each expert
     metric: str = "cosine"
     carved: LayerPlan | None = None  # CMoE-style experts: the plan whatever p
+    store: ActivationStore | None = None  # for the stages that refit to the dense output
+    config: ExtractConfig | None = None
+    _plans: dict = field(default_factory=dict, repr=False)  # by SelectConfig: each built once
 
     @property
     def width(self) -> int:
@@ -59,25 +49,36 @@ class LayerFit:
             return self.carved
         if self.stats is None:
             return None
-        experts = select_experts(self.stats, select)
-        bias = (left_out_mean_output(self.site, experts, self.stats.hidden_mean)
-                if select.compensate_mean else None)
-        return LayerPlan(self.site.name, experts, self.stats.input_mean.astype(np.float32),
-                         self.metric, bias)
+        if select not in self._plans:
+            experts = select_experts(self.stats, select)
+            bias = (left_out_mean_output(self.site, experts, self.stats.hidden_mean)
+                    if select.compensate_mean else None)
+            plan = LayerPlan(self.site.name, experts, self.stats.input_mean.astype(np.float32),
+                             self.metric, bias, load=self.load)
+            c = self.config
+            if c is not None and (select.refit_down or c.router.centres == "fitted"):
+                plan = reproduce_output(plan, self.site, self.store, self.index, select,
+                                        c.router, c.held_out)
+            self._plans[select] = plan
+        return self._plans[select]
 
     def active_neurons(self, plan: LayerPlan | None) -> float:
         """Neurons a calibration token computes on average under `plan` (all when dense)."""
         if plan is None:
             return float(self.width)
-        return float(np.dot(self.load, [len(e) for e in plan.experts]))
+        load = self.load if plan.load is None else plan.load
+        return float(np.dot(load, [len(e) for e in plan.experts]))
 
     def report_row(self, plan: LayerPlan | None, p: float | None) -> dict[str, Any]:
         row = dict(self.row, p=p)
         if plan is not None:
             sizes = [len(e) for e in plan.experts]
+            load = self.load if plan.load is None else plan.load
             row.update(kept_neurons=len(plan.kept_neurons()), expert_sizes=sizes,
-                       load_share=self.load.tolist(),
+                       load_share=load.tolist(),
                        active_neurons_per_token=self.active_neurons(plan))
+            if plan.report:
+                row["reproduction"] = plan.report
         return row
 
 
@@ -98,7 +99,7 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     clustering = unstable_remedy(clustering, config.cluster)
     row = layer_row(site.name, site.weights().hidden_size, clustering.n_clusters,
                     clustering.seconds, clustering.noise_fraction, clustering.stability)
-    fit = LayerFit(i, site, row, metric=config.router.metric)
+    fit = LayerFit(i, site, row, metric=config.router.metric, store=store, config=config)
     if clustering.n_clusters == 0:
         return fit, reused
     stats = cluster_stats(hidden, store.inputs(i), clustering.labels, clustering.n_clusters)

