@@ -7,6 +7,7 @@
 """
 
 from moee._version import __version__
+from moee.activation_threshold import sparsify_activations
 from moee.adapters import MLPSite, MLPWeights, find_mlp_sites, list_adapters, register_adapter
 from moee.api import ExtractionReport, calibrate, extract
 from moee.config import (
@@ -15,6 +16,7 @@ from moee.config import (
     ClusterConfig,
     DistillConfig,
     ExtractConfig,
+    LocalDistillConfig,
     RecordConfig,
     RouterConfig,
     SelectConfig,
@@ -46,11 +48,11 @@ __all__ = [
     "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CarveConfig", "CheckpointError",
     "ClusterConfig", "ConfigError",
     "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
-    "ExtractionReport", "MLPSite", "MLPWeights",
+    "ExtractionReport", "LocalDistillConfig", "MLPSite", "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
     "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract", "fidelity",
     "find_mlp_sites", "image_batches", "list_adapters", "load", "read_texts", "register_adapter",
-    "token_batches", "top1_accuracy",
+    "sparsify_activations", "token_batches", "top1_accuracy",
 ]

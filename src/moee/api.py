@@ -25,6 +25,7 @@ from moee.engine.calibrate import calibrate_layers
 from moee.errors import ConfigError, NoClustersError
 from moee.fingerprint import model_fingerprint
 from moee.fit import LayerFit, fit_layers
+from moee.local_distill import distill_layers
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations, reuse_or_why_not
 from moee.resources import check_disk, plan_memory
@@ -193,7 +194,14 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     if summary:  # measuring the budget's options left dense-equivalent MoEs in `student`
         del student
         student = copy.deepcopy(model)
-    apply_plans(find_mlp_sites(student, adapter, validate=False), plans)
+    installed = apply_plans(find_mlp_sites(student, adapter, validate=False), plans)
+    if config.local is not None:
+        index = {s.name: i for i, s in enumerate(sites)}
+        local = distill_layers({index[n]: m for n, m in installed.items()}, sites, store,
+                               config.held_out, config.local, work, config.progress)
+        for row in rows:
+            if row["site"] in local:
+                row.setdefault("reproduction", {})["local"] = local[row["site"]]
     moe_model = MoEModel(student, config.as_dict(), adapter).eval()
     if reused:
         note += f"; clusterings of {reused} of {len(chosen)} layers reused"

@@ -17,7 +17,8 @@ METHODS = ("moee", "random", "cmoe", "moefication", "static")
 DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
-           "DistillConfig", "ExtractConfig", "RecordConfig", "RouterConfig", "SelectConfig"]
+           "DistillConfig", "ExtractConfig", "LocalDistillConfig", "RecordConfig",
+           "RouterConfig", "SelectConfig"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,26 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class LocalDistillConfig:
+    """Layer-local distillation after extraction (not in the paper): each MoE MLP trained
+    alone toward the dense MLP's output on the recorded inputs, `steps` Adam steps of
+    `batch_tokens` tokens at `lr` (cosine decay), router fixed; kept only where the held-out
+    error falls."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self, "local")
+        check(self.steps >= 1, "local.steps", f"must be >= 1, got {self.steps}")
+        check(self.lr > 0, "local.lr", f"must be > 0, got {self.lr}")
+        check(self.batch_tokens >= 1, "local.batch_tokens",
+              f"must be >= 1, got {self.batch_tokens}")
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
     """Everything `moee.extract` needs. `work_dir` keeps each stage's results on disk."""
 
@@ -228,6 +249,7 @@ class ExtractConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     carve: CarveConfig | None = None  # CMoE-style experts instead of clusters (a baseline)
+    local: LocalDistillConfig | None = None  # layer-local distillation after building (None = off)
     layers: tuple[int, ...] | None = None  # MLP indices to convert (None = all)
     work_dir: str | os.PathLike | None = None
     progress: bool = True
@@ -280,6 +302,7 @@ class ExtractConfig:
             router=RouterConfig(**d.get("router", {})),
             budget=BudgetConfig(**d.get("budget", {})),
             carve=CarveConfig(**d["carve"]) if d.get("carve") else None,
+            local=LocalDistillConfig(**d["local"]) if d.get("local") else None,
             layers=tuple(d["layers"]) if d.get("layers") is not None else None,
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),

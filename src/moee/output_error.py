@@ -17,11 +17,13 @@ CHUNK = 8192
 def held_out_rows(n: int, fraction: float, block: int = 256) -> np.ndarray:
     """(n,) bool: every ⌈1/fraction⌉-th block of `block` consecutive tokens, so held-out
     tokens come from other passages of the text than the fitted ones (neighbouring tokens of
-    one passage are near copies of each other)."""
+    one passage are near copies of each other); blocks shrink so that a few tokens still give
+    at least four held-out blocks."""
     mask = np.zeros(n, dtype=bool)
     if fraction <= 0:
         return mask
     step = max(2, round(1 / fraction))
+    block = max(1, min(block, n // (4 * step)))
     for start in range(step - 1, n // block + 1, step):
         mask[start * block : (start + 1) * block] = True
     return mask
