@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from moee.output_error import relative_error
 
@@ -24,14 +25,17 @@ class FittedRouter:
     report: dict = field(default_factory=dict)
 
 
-def _rows(model: LogisticRegression, scale: np.ndarray) -> np.ndarray:
+def _rows(model: Any, scale: np.ndarray) -> np.ndarray:
     coef = model.coef_ / scale  # undo the feature scaling: x·(w/s) = (x/s)·w
     if coef.shape[0] == 1:  # scikit-learn's binary case: one row w for class 1 against class 0
         coef = np.concatenate([-coef / 2, coef / 2])
     return coef.astype(np.float32)
 
 
-def _fit(x: np.ndarray, labels: np.ndarray, c: float, seed: int) -> LogisticRegression:
+def _fit(x: np.ndarray, labels: np.ndarray, c: float, seed: int) -> Any:
+    # Imported here: loading and running a MoE model needs no scikit-learn.
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=c, fit_intercept=False, max_iter=200, tol=1e-3,
                               random_state=seed).fit(x, labels)
 
