@@ -6,7 +6,6 @@ the router gives there. The result routes by argmax x·w_e, the engine's "dot" m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Any
 
 import numpy as np

@@ -9,11 +9,13 @@ from moee.config import (
     CLUSTER_ALGORITHMS,
     DISTILL_LOSSES,
     METHODS,
+    ROUTER_CENTRES,
     ROUTER_METRICS,
     SELECT_CRITERIA,
     CarveConfig,
     DistillConfig,
     ExtractConfig,
+    LocalDistillConfig,
 )
 
 
@@ -65,6 +67,15 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--no-compensate", action="store_true", default=not s.compensate_mean,
                    help="do not add left-out neurons' mean output back (the paper)")
     p.add_argument("--metric", default=base.router.metric, choices=ROUTER_METRICS)
+    p.add_argument("--router", default=base.router.centres, choices=ROUTER_CENTRES,
+                   help="input_mean: the cluster means (paper); fitted: a linear router fitted "
+                   "to the expert that reproduces each token's dense output best; random")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=s.refit_down,
+                   help="refit the down projection and offsets by least squares to the dense "
+                   "output (ridge toward the original, chosen on held-out tokens)")
+    p.add_argument("--local-steps", type=int, default=0, metavar="N",
+                   help="layer-local distillation: N Adam steps per MoE layer toward the dense "
+                   "MLP's output on the recorded inputs (default 0 = off)")
     p.add_argument("--no-stability", action="store_true", default=not c.stability,
                    help="skip the half-split stability score")
     p.add_argument("--work-dir", help="keep recorded activations and labels here; reused on a "
@@ -74,6 +85,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "the rest assigned (default: every token)")
     p.add_argument("--method", default="moee", choices=METHODS,
                    help="moee; or a baseline: random (random clusters, neurons and routing), "
+                   "static (one set of neurons for every token: structured pruning), "
                    "cmoe (shared + balanced routed neuron groups, top-1), moefication "
                    "(balanced neuron groups, top-k)")
     carve = CarveConfig()
@@ -104,8 +116,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        dense_below_stability=args.dense_below_stability,
                        merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
-                      compensate_mean=not args.no_compensate),
-             router=r(base.router, metric=args.metric),
+                      compensate_mean=not args.no_compensate, refit_down=args.refit),
+             router=r(base.router, metric=args.metric, centres=args.router),
+             local=LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
              max_memory_gib=args.max_memory,
