@@ -81,6 +81,11 @@ def main() -> None:
     ap.add_argument("--kd-no-dropout", action="store_true")
     ap.add_argument("--kd-text", default="Gen1:1-50:26",
                     help="bible passage to distil on (default: the calibration verses)")
+    ap.add_argument("--router", default="input_mean", choices=moee.config.ROUTER_CENTRES)
+    ap.add_argument("--refit", action="store_true", help="least-squares refit of down projections")
+    ap.add_argument("--local-steps", type=int, default=0, help="layer-local distillation steps")
+    ap.add_argument("--method", default="moee", choices=["moee", "static"])
+    ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="runs/minilm")
     args = ap.parse_args()
     out = Path(args.out)
@@ -102,22 +107,27 @@ def main() -> None:
     for p in runs:
         budget = (moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp")
                   if isinstance(p, str) else moee.BudgetConfig())
-        config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
-                                    select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
-                                    budget=budget, work_dir=str(out / "work"))
+        config = moee.ExtractConfig(
+            record=moee.RecordConfig(n_tokens=args.tokens),
+            select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8,
+                                     refit_down=args.refit),
+            router=moee.RouterConfig(centres=args.router),
+            local=moee.LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
+            budget=budget, work_dir=str(out / "work")).with_method(args.method)
         moe_model, report = moee.extract(dense, calib, config)
         moe_macs = moee.count_macs(moe_model, probe)
         row = {"p": p, "moe_layers": len(moe_model.moe_layers()),
                "macs_change": moe_macs / dense_macs - 1,
                "mlp_macs_change": (moe_macs - dense_macs) / dense_mlp,
                "before_kd": fidelity(e_dense, embed(moe_model, held_out))}
+        row.update(layers=report.layers, budget=report.budget, method=args.method,
+                   router=args.router, refit=args.refit, local_steps=args.local_steps)
         t1 = time.perf_counter()
         losses = moee.distill(moe_model, dense, kd_data, moee.DistillConfig(
             epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss,
-            dropout=not args.kd_no_dropout))
-        row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses),
-                   after_kd=fidelity(e_dense, embed(moe_model, held_out)),
-                   layers=report.layers, budget=report.budget)
+            dropout=not args.kd_no_dropout)) if args.kd else []
+        after = fidelity(e_dense, embed(moe_model, held_out)) if args.kd else row["before_kd"]
+        row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses), after_kd=after)
         rows.append(row)
         b, a = row["before_kd"], row["after_kd"]
         print(f"p={p}: MLP MACs {row['mlp_macs_change']:+.1%}, model MACs "

@@ -114,3 +114,16 @@ def test_unset_optional_settings_leave_cache_keys_unchanged():
     assert clustering_key({}, base, 0) != clustering_key({}, ClusterConfig(
         dense_below_stability=0.2), 0)
     assert settings_dict(ClusterConfig(max_clusters=3))["max_clusters"] == 3
+
+
+def test_making_the_default_clusterer_keeps_torchs_thread_count():
+    """fast_hdbscan's first import raises torch's thread count; moee puts it back (in a fresh
+    process, where the import is really the first)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from moee.cluster import make_clusterer\nfrom moee.config import ClusterConfig\n"
+            "make_clusterer(ClusterConfig(), 100)\nprint(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

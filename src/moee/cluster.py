@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from moee.config import ClusterConfig
 from moee.errors import TooFewTokensError
@@ -35,8 +36,10 @@ def make_clusterer(config: ClusterConfig, n_tokens: int):
     """A fresh estimator with `fit(X)` -> `labels_` for `n_tokens` points."""
     size = min_cluster_size(config, n_tokens)
     if config.algorithm == "hdbscan":
+        threads = torch.get_num_threads()
         import fast_hdbscan  # imported here: numba compiles on first import
 
+        torch.set_num_threads(threads)  # its import raises torch's thread count
         return fast_hdbscan.HDBSCAN(min_cluster_size=size, min_samples=config.min_samples)
     from sklearn.cluster import DBSCAN, OPTICS, Birch, KMeans
 
