@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from moee.adapters import find_mlp_sites
 from moee.atomic import write_json
@@ -152,7 +153,9 @@ def _plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter, prob
         summary = {"target_macs": config.budget.target_macs, "scope": config.budget.scope,
                    "predicted_fraction": allocation.fraction, "p_per_layer": ps}
     plans, rows = [], []
-    for fit, p in zip(fits, ps, strict=True):
+    slow = config.select.refit_down or config.router.centres == "fitted"
+    for fit, p in tqdm(list(zip(fits, ps, strict=True)), desc="fit router + refit", leave=False,
+                       disable=not (config.progress and slow)):
         plan = None if p is None else fit.plan(replace(config.select, p=p))
         if plan is not None:
             plans.append(plan)
