@@ -38,7 +38,7 @@ from moee.activation_threshold import ThresholdMLP, sparsify_activations
 from moee.evaluate import dense_mlp_macs
 from moee.record import ActivationStore
 
-VARIANTS = ("moee", "router", "refit", "router+refit", "static", "static+refit")
+VARIANTS = ("moee", "moee+router", "moee+refit", "moee+router+refit", "static", "static+refit")
 
 
 def debian_reference_text(skip_chars: int = 20_000) -> str:
@@ -50,11 +50,18 @@ def debian_reference_text(skip_chars: int = 20_000) -> str:
 
 
 def variant_config(base: moee.ExtractConfig, variant: str, p: float) -> moee.ExtractConfig:
+    """`variant`: "moee" or "static", then any of "+router", "+refit", "+output" (rank neurons
+    by the variance they put into the output), "+local" (layer-local distillation)."""
     r = dataclasses.replace
-    config = base.with_method("static") if variant.startswith("static") else base
-    config = r(config, select=r(config.select, p=p, refit_down="refit" in variant))
-    if "router" in variant:
+    parts = set(variant.split("+"))
+    config = base.with_method("static") if "static" in parts else base
+    criterion = "output_variance" if "output" in parts else "variance"
+    config = r(config, select=r(config.select, p=p, refit_down="refit" in parts,
+                                criterion=criterion))
+    if "router" in parts:
         config = r(config, router=r(config.router, centres="fitted"))
+    if "local" in parts:
+        config = r(config, local=moee.LocalDistillConfig())
     return config
 
 
@@ -153,6 +160,7 @@ def main() -> None:
                               for r in report.layers]}
             rows.append(row)
             print(summary(row, dense_row) + f" ({seconds:.0f} s)", flush=True)
+            save()
         if args.threshold:
             m = rows[-1]["eval"]["matthew"]["mlp_macs"] / dense_row["matthew"]["mlp_macs"]
             store = ActivationStore.open(out / "work" / "activations")
@@ -160,7 +168,6 @@ def main() -> None:
             rows.append({"variant": "threshold", "p": p, "target_mlp_macs": m,
                          "eval": measure_threshold(sparse, texts, dense_row)})
             print(summary(rows[-1], dense_row), flush=True)
-            save()
             save()
 
 

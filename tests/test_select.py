@@ -55,3 +55,15 @@ def test_left_out_mean_output_restores_constant_clusters_exactly():
         torch.testing.assert_close(moe(x), fc2(torch.nn.functional.gelu(fc1(x))),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_output_variance_ranks_neurons_by_what_they_put_into_the_output():
+    from moee.select import ClusterStats
+
+    var = np.array([[1.0, 1.0, 1.0, 1.0]])
+    stats = ClusterStats(np.array([10.0]), np.zeros((1, 4)), var, np.zeros((1, 3)))
+    norms = np.array([0.1, 5.0, 0.1, 3.0])  # |W2[:, j]|²: neurons 1 and 3 dominate the output
+    config = SelectConfig(p=0.9, criterion="output_variance")
+    assert select_experts(stats, config, norms)[0].tolist() == [1, 3]
+    with pytest.raises(ValueError, match="column norms"):
+        select_experts(stats, config)

@@ -11,7 +11,7 @@ from moee.errors import ConfigError
 from moee.validation import check, check_types
 
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
-SELECT_CRITERIA = ("variance", "magnitude", "random")
+SELECT_CRITERIA = ("variance", "magnitude", "random", "output_variance")
 ROUTER_CENTRES = ("input_mean", "random", "fitted")
 METHODS = ("moee", "random", "cmoe", "moefication", "static")
 DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")

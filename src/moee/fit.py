@@ -50,7 +50,10 @@ class LayerFit:
         if self.stats is None:
             return None
         if select not in self._plans:
-            experts = select_experts(self.stats, select)
+            norms = None
+            if select.criterion == "output_variance":
+                norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
+            experts = select_experts(self.stats, select, norms)
             bias = (left_out_mean_output(self.site, experts, self.stats.hidden_mean)
                     if select.compensate_mean else None)
             plan = LayerPlan(self.site.name, experts, self.stats.input_mean.astype(np.float32),

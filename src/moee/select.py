@@ -59,10 +59,16 @@ def select_neurons(scores: np.ndarray, p: float) -> np.ndarray:
     return np.sort(order[: min(m, len(order))])
 
 
-def select_experts(stats: ClusterStats, config: SelectConfig) -> list[np.ndarray]:
+def select_experts(stats: ClusterStats, config: SelectConfig,
+                   down_norms: np.ndarray | None = None) -> list[np.ndarray]:
     """One neuron index set per cluster, ranked by within-cluster variance or |mean|, or as
-    many as variance would keep drawn at random."""
+    many as variance would keep drawn at random; "output_variance" ranks by the variance each
+    neuron puts into the MLP output, var(h_j)·|W2[:, j]|² (`down_norms` (H,) = |W2[:, j]|²)."""
     scores = stats.hidden_var if config.criterion != "magnitude" else np.abs(stats.hidden_mean)
+    if config.criterion == "output_variance":
+        if down_norms is None:
+            raise ValueError("output_variance needs the down projection's column norms")
+        scores = stats.hidden_var * down_norms
     experts = [select_neurons(s, config.p) for s in scores]
     if config.criterion == "random":
         rng = np.random.default_rng(config.seed)
