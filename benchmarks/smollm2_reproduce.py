@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
+import itertools
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -47,6 +50,22 @@ def debian_reference_text(skip_chars: int = 20_000) -> str:
     if not path.is_file():
         raise SystemExit("sudo apt-get install debian-reference-en (held-out text of another kind)")
     return gzip.decompress(path.read_bytes()).decode()[skip_chars:]
+
+
+def manpages_text(max_chars: int) -> str:
+    """Section 7 of Debian's `manpages` package (Linux overviews) rendered as plain text: a
+    technical source to mix into calibration, other than the held-out Debian Reference."""
+    files = subprocess.run(["dpkg", "-L", "manpages"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    pages, size = [], 0
+    for path in sorted(f for f in files if "/man7/" in f and f.endswith(".gz")):
+        text = subprocess.run(["man", "-P", "cat", "-l", path], capture_output=True, text=True,
+                              env={**os.environ, "MANWIDTH": "100"}).stdout
+        pages.append(" ".join(text.split()))
+        size += len(pages[-1])
+        if size >= max_chars:
+            break
+    return "\n".join(pages)
 
 
 def variant_config(base: moee.ExtractConfig, variant: str, p: float) -> moee.ExtractConfig:
@@ -113,6 +132,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--tokens", type=int, default=20_480, help="calibration tokens")
     ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
+    ap.add_argument("--mix-manpages", type=int, default=0, metavar="TOKENS",
+                    help="calibrate on this many tokens of man(7) pages, the rest on --calibration")
     ap.add_argument("--max-experts", type=int, default=8)
     ap.add_argument("--cluster-tokens", type=int, default=None)
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -124,7 +145,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer, dense = load(args.gguf or default_gguf())
-    calib = moee.token_batches(tokenizer, bible_text(args.calibration), 256, 4, args.tokens)
+    calib = moee.token_batches(tokenizer, bible_text(args.calibration), 256, 4,
+                               args.tokens - args.mix_manpages)
+    if args.mix_manpages:  # interleaved, so that any prefix of the batches mixes both
+        man = moee.token_batches(tokenizer, manpages_text(args.mix_manpages * 8), 256, 4,
+                                 args.mix_manpages)
+        calib = [b for pair in itertools.zip_longest(calib, man) for b in pair if b is not None]
     texts = {"matthew": moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
                                            args.eval_tokens),
              "debian_reference": moee.token_batches(tokenizer, debian_reference_text(), 256, 4,
@@ -141,7 +167,9 @@ def main() -> None:
     def save() -> None:
         (out / "results.json").write_text(json.dumps(
             {"dense": dense_row, "rows": rows, "calibration_tokens": args.tokens,
-             "calibration_text": f"KJV {args.calibration}", "max_experts": args.max_experts,
+             "calibration_text": f"KJV {args.calibration}"
+             + (f" + {args.mix_manpages} tokens of man(7) pages" if args.mix_manpages else ""),
+             "max_experts": args.max_experts,
              "held_out": {"matthew": "KJV Matt1:1-28:20",
                           "debian_reference": "debian-reference-en, from character 20,000"},
              "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0},
