@@ -207,3 +207,14 @@ def test_layer_local_distillation_lowers_held_out_error_and_resumes(tmp_path):
     ids = _llama_batches(1, seed=5)[0]
     with torch.no_grad():
         torch.testing.assert_close(again.model(**ids).logits, first.model(**ids).logits)
+
+
+def test_labels_within_a_size_budget_trade_error_for_cost():
+    from moee.router_fit import labels_within
+
+    errors = np.array([[0.0, 1.0], [0.0, 0.2], [0.0, 5.0], [0.0, 0.1]])  # expert 0 always exact
+    sizes = np.array([10, 2])
+    assert labels_within(errors, sizes, 10).tolist() == [0, 0, 0, 0]  # no constraint binds
+    # Half the tokens must move to the small expert: those it serves best (0.1 and 0.2).
+    assert labels_within(errors, sizes, 6).tolist() == [0, 1, 0, 1]
+    assert labels_within(errors, sizes, 2).tolist() == [1, 1, 1, 1]

@@ -138,11 +138,15 @@ class RouterConfig:
     output is closest to the dense output and fit a bias-free linear router to the labels
     (logistic regression on at most `fit_tokens` tokens, inverse strength from `fit_c` chosen
     by held-out output error); the layer then routes by dot product with the fitted rows, or
-    keeps the `metric` router on its cluster means when that does as well on held-out tokens."""
+    keeps the `metric` router on its cluster means when that does as well on held-out tokens.
+    `fit_same_macs`: each token's label is the most exact expert at the cluster-mean router's
+    mean expert size (the same MACs); off, it is the most exact expert, nearly always the
+    largest."""
 
     metric: str = "cosine"
     centres: str = "input_mean"
     fit_c: tuple[float, ...] = (0.01, 0.1, 1.0)
+    fit_same_macs: bool = True
     fit_tokens: int = 50_000
     seed: int = 0
 

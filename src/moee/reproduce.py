@@ -48,8 +48,9 @@ def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, lay
     report: dict = {}
     if router.centres == "fitted" and k > 1:
         errors = expert_errors(hidden, down, plan.experts, offsets)
+        sizes = np.array([len(e) for e in plan.experts]) if router.fit_same_macs else None
         fitted = fit_router(inputs, errors, held, routed, output_energy(hidden, down),
-                            router.fit_c, router.fit_tokens, router.seed)
+                            router.fit_c, router.fit_tokens, router.seed, sizes)
         if fitted is not None:
             report["router"] = fitted.report
         if fitted is not None and fitted.rows is not None:
