@@ -375,13 +375,40 @@ def smollm2_kd_section(result: dict[str, Any]) -> str:
                   f"{a['next_token_agreement']:.3f}"]]))
 
 
+def smollm2_reproduce_section(result: dict[str, Any]) -> str:
+    """benchmarks/smollm2_reproduce.py: each stage and baseline, perplexity and MLP MACs on two
+    held-out texts."""
+    dense = result["dense"]
+    names = list(dense)
+    rows = [["dense", "–"] + sum([[f"{dense[n]['perplexity']:.2f}", "–"] for n in names], [])]
+    for r in result["rows"]:
+        cells = []
+        for n in names:
+            m, d = r["eval"][n], dense[n]
+            cells += [f"{m['perplexity']:.2f} ({m['perplexity'] / d['perplexity'] - 1:+.0%})",
+                      f"{m['mlp_macs'] / d['mlp_macs'] - 1:+.1%}"]
+        rows.append([r["variant"], r["p"]] + cells)
+    header = ["variant", "p"] + sum([[f"{n} perplexity", f"{n} MLP MACs Δ"] for n in names], [])
+    return (f"SmolLM2-135M-Instruct (fp32), calibrated on {result['calibration_tokens']} tokens "
+            f"of {result['calibration_text']}, at most {result['max_experts']} experts a layer, "
+            "no distillation. Held out: "
+            + "; ".join(f"{k}: {v}" for k, v in result["held_out"].items())
+            + ". MLP MACs per token as executed at batch 1 (each token through its own expert; "
+            "the threshold baseline: the full gate projection plus its active neurons).\n\n"
+            + table(header, rows, left=2))
+
+
 def minilm_section(result: dict[str, Any]) -> str:
     """benchmarks/minilm_study.py: embedding fidelity per p, before and after distillation."""
     rows = []
     for r in result["rows"]:
         for stage in ("before_kd", "after_kd"):
             f = r[stage]
-            rows.append([r["p"], stage.replace("_", " "), f"{r['mlp_macs_change']:+.1%}",
+            variant = "+".join([r.get("method", "moee")]
+                               + (["router"] if r.get("router") == "fitted" else [])
+                               + (["refit"] if r.get("refit") else [])
+                               + (["local"] if r.get("local_steps") else []))
+            rows.append([variant, r["p"], stage.replace("_", " "), f"{r['mlp_macs_change']:+.1%}",
                          f"{r['macs_change']:+.1%}", f"{f['mean_cosine']:.4f}",
                          f"{f['min_cosine']:.3f}", f"{f['spearman']:.4f}",
                          f"{f['top10_agreement']:.2f}"])
@@ -395,9 +422,9 @@ def minilm_section(result: dict[str, Any]) -> str:
               f"{result.get('kd_text', 'the calibration verses')}, {first.get('kd_steps')} "
               f"steps, {first.get('kd_seconds', 0):.0f} s for the first row.")
     return ("all-MiniLM-L6-v2 (fp32), mean-pooled sentence embeddings of held-out sentences, "
-            "MoE vs dense." + kd + "\n\n" + table(["p", "stage", "MLP MACs Δ", "model MACs Δ",
-                                          "mean cosine", "min cosine", "Spearman", "top-10"],
-                                         rows, left=2))
+            "MoE vs dense." + kd + "\n\n" + table(["variant", "p", "stage", "MLP MACs Δ",
+                                                    "model MACs Δ", "mean cosine", "min cosine",
+                                                    "Spearman", "top-10"], rows, left=3))
 
 
 def memory_section(result: dict[str, Any]) -> str:
@@ -459,6 +486,7 @@ def gpu_decode_section(result: dict[str, Any]) -> str:
 
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "minilm": minilm_section,
+            "smollm2-reproduce": smollm2_reproduce_section,
             "memory": memory_section, "study": study_section,
             "gpu-decode": gpu_decode_section}
 

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "blocks"),
          "smollm2": ("rows",), "smollm2-kd": ("before", "after", "kd_seconds"),
-         "minilm": ("rows",), "memory": ("layer_sweep", "token_sweep"),
+         "minilm": ("rows",), "smollm2-reproduce": ("dense", "rows"),
+         "memory": ("layer_sweep", "token_sweep"),
          "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate")}
 GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
