@@ -63,11 +63,27 @@ def test_rerun_reuses_activations_and_clusterings(tmp_path, reference):
     assert "clusterings" not in run(tmp_path, min_samples=3)[1].activations
 
 
+def test_a_sweep_of_methods_keeps_every_clustering(tmp_path, reference):
+    """One clustering per layer and setting: running the static baseline in between does not
+    push out the clusterings the default method reuses."""
+    run(tmp_path)
+    from conftest import blob_images, tiny_vit
+
+    images = blob_images(1200)
+    moee.extract(tiny_vit(), [images[i : i + 100] for i in range(0, 1200, 100)],
+                 config(tmp_path).with_method("static"))
+    moe_model, report = run(tmp_path)
+    assert "clusterings of 2 of 2" in report.activations
+    assert experts(moe_model) == reference
+
+
 def test_damaged_clustering_files_are_redone(tmp_path, reference):
     run(tmp_path)
-    (tmp_path / "layer_0.labels.npy").write_bytes(b"garbage")
-    manifest = json.loads((tmp_path / "layer_1.clustering.json").read_text())
-    (tmp_path / "layer_1.clustering.json").write_text(json.dumps({**manifest, "key": "other"}))
+    (labels,) = tmp_path.glob("layer_0.*.labels.npy")
+    labels.write_bytes(b"garbage")
+    (manifest_file,) = tmp_path.glob("layer_1.*.clustering.json")
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "key": "other"}))
     moe_model, report = run(tmp_path)
     assert "clusterings" not in report.activations
     assert experts(moe_model) == reference
@@ -97,7 +113,7 @@ def test_killed_run_resumes_to_the_same_experts(tmp_path, reference, moment):
     delay = np.random.default_rng().uniform(1.0, 6.0)
     ready = {
         "recording": lambda w: (w / "activations" / "layer_1.hidden.npy").exists(),
-        "clustering": lambda w: (w / "layer_0.clustering.json").exists(),
+        "clustering": lambda w: any(w.glob("layer_0.*.clustering.json")),
         "random": lambda w: time.monotonic() - start > delay,
     }[moment]
     killed = _kill_when(tmp_path, ready)

@@ -23,14 +23,17 @@ def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: i
     return digest(body)
 
 
-def _paths(work: Path, layer: int) -> tuple[Path, Path]:
-    return work / f"layer_{layer}.labels.npy", work / f"layer_{layer}.clustering.json"
+def _paths(work: Path, layer: int, key: str) -> tuple[Path, Path]:
+    """One pair of files per layer and key: a sweep over methods (say, clusters and one static
+    expert) keeps every clustering instead of overwriting one slot per layer."""
+    stem = f"layer_{layer}.{key[:12]}"
+    return work / f"{stem}.labels.npy", work / f"{stem}.clustering.json"
 
 
 def save_clustering(work: Path, layer: int, key: str, clustering: LayerClustering) -> None:
     """Labels first, then the manifest that vouches for them: a manifest exists only beside
     the complete labels it describes."""
-    labels, manifest = _paths(work, layer)
+    labels, manifest = _paths(work, layer, key)
     save_npy(labels, clustering.labels)
     write_json(manifest, {"key": key, "n_clusters": clustering.n_clusters,
                           "noise_fraction": clustering.noise_fraction,
@@ -39,7 +42,7 @@ def save_clustering(work: Path, layer: int, key: str, clustering: LayerClusterin
 
 def load_clustering(work: Path, layer: int, key: str, n_tokens: int) -> LayerClustering | None:
     """The saved clustering of `layer` if it was made under `key`, else None."""
-    labels_path, manifest_path = _paths(work, layer)
+    labels_path, manifest_path = _paths(work, layer, key)
     try:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("key") != key:
