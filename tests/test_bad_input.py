@@ -120,3 +120,57 @@ def test_clustering_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_pa
     data = [torch.randn(8, 1, 8, 8) for _ in range(8)]
     with pytest.raises(moee.ResourceError, match="max_memory_gib"):
         moee.extract(model, data, config)
+
+
+NUMERIC = {"extract": ["--seq-len", "--image-batch", "--tokens", "--p", "--min-cluster-fraction",
+                       "--min-samples", "--max-experts", "--reduce-dims", "--local-steps",
+                       "--max-memory", "--groups", "--active", "--top-k", "--target-macs",
+                       "--seed"],
+           "demo": ["--latency-batch", "--kd-epochs", "--kd-lr", "--kd-batch-size"],
+           "calibrate": ["--batch"]}
+
+
+@pytest.mark.parametrize("command", sorted(NUMERIC))
+def test_cli_numbers_are_checked_before_any_work(command):
+    """Any value of any numeric option: argparse's exit 2 naming the option, or a config
+    that builds, or a ConfigError naming the setting — never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from moee.cli import build_parser, extract_config
+
+    values = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats().map(repr),
+                       st.sampled_from(["", "abc", "1e400", "-0", "0x10", "nan"]))
+
+    @settings(max_examples=60, deadline=None)
+    @given(option=st.sampled_from(NUMERIC[command]), value=values)
+    def check(option, value):
+        argv = [command, *(["CKPT"] if command == "calibrate" else []), f"{option}={value}"]
+        if command != "demo":
+            argv += ["--out", "/tmp/never-written"]
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+            return
+        if hasattr(args, "extract_base"):
+            try:
+                extract_config(args)
+            except moee.ConfigError as e:
+                assert str(e)
+
+    check()
+
+
+@pytest.mark.parametrize("argv", [["extract", "--seq-len", "0", "--out", "/tmp/x"],
+                                  ["extract", "--seq-len", "-5", "--out", "/tmp/x"],
+                                  ["demo", "--latency-batch", "0"],
+                                  ["calibrate", "CKPT", "--batch", "0", "--out", "/tmp/x"],
+                                  ["demo", "--kd-lr", "nan"]])
+def test_cli_refuses_bad_counts_naming_the_option(argv, capsys):
+    from moee.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and argv[1 if argv[0] != "calibrate" else 2] in err

@@ -24,7 +24,9 @@ from moee.cli.options import (
     add_data_args,
     add_extract_args,
     add_kd_args,
+    count,
     extract_config,
+    positive,
 )
 from moee.cli.sources import check_data
 from moee.config import DistillConfig, ExtractConfig
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'default' or a transformers image classifier taking 28x28 grey "
                       "images (dir or hub id)")
     demo.add_argument("--out", default=demo_defaults.out)
-    demo.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
+    demo.add_argument("--latency-batch", type=count(1), default=demo_defaults.latency_batch)
     add_data_args(demo)
     demo.set_defaults(func=cmd_demo, extract_base=demo_extract_config())
 
@@ -59,24 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "p sweeps per method, MAC-budget mode, variants; resumable")
     st.add_argument("--quick", action="store_true",
                     help="fewer points, no distillation, 2,000 test images (minutes)")
-    st.add_argument("--kd-epochs", type=float, default=None,
+    st.add_argument("--kd-epochs", type=positive, default=None,
                     help="distillation epochs per point (default: 0 quick, 1 full)")
-    st.add_argument("--test-images", type=int, default=None,
+    st.add_argument("--test-images", type=count(1), default=None,
                     help="test images per evaluation (default: 2,000 quick, all full)")
     st.add_argument("--only", nargs="+", metavar="TEXT",
                     help="run only the points whose group or name contains one of these, "
                     "e.g. --only 'moee p=0.7' 'budget 50%%'")
     st.add_argument("--out", default="runs/study")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seed", type=count(0), default=0)
     add_data_args(st)
     st.set_defaults(func=cmd_study)
 
     tb = sub.add_parser("train-base", help="train the embedded-default ViT on Fashion-MNIST")
     tb_defaults = TrainBaseConfig()
-    tb.add_argument("--epochs", type=int, default=tb_defaults.epochs)
-    tb.add_argument("--batch-size", type=int, default=tb_defaults.batch_size)
-    tb.add_argument("--lr", type=float, default=tb_defaults.lr)
-    tb.add_argument("--seed", type=int, default=tb_defaults.seed)
+    tb.add_argument("--epochs", type=count(1), default=tb_defaults.epochs)
+    tb.add_argument("--batch-size", type=count(1), default=tb_defaults.batch_size)
+    tb.add_argument("--lr", type=positive, default=tb_defaults.lr)
+    tb.add_argument("--seed", type=count(0), default=tb_defaults.seed)
     tb.add_argument("--device", default="auto")
     tb.add_argument("--out", default="runs/base")
     add_data_args(tb)
@@ -93,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arg(ft)
     ft.add_argument("--teacher", default="default", help=MODEL_HELP)
     ft.add_argument("--out", required=True)
-    ft.add_argument("--seed", type=int, default=DistillConfig().seed)
-    ft.add_argument("--save-every", type=int, default=50,
+    ft.add_argument("--seed", type=count(0), default=DistillConfig().seed)
+    ft.add_argument("--save-every", type=count(1), default=50,
                     help="save the run's state every N steps; rerun to resume (default 50)")
     add_kd_args(ft)
     add_data_args(ft, text=True)
@@ -103,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="dense vs MoE: top-1, MACs, params, latency")
     add_checkpoint_arg(ev)
     ev.add_argument("--dense", default="default")
-    ev.add_argument("--latency-batch", type=int, default=demo_defaults.latency_batch)
+    ev.add_argument("--latency-batch", type=count(1), default=demo_defaults.latency_batch)
     ev.add_argument("--json", help="also write the results here")
-    ev.add_argument("--max-batches", type=int, default=16,
+    ev.add_argument("--max-batches", type=count(1), default=16,
                     help="with --data: batches of it to evaluate on (default %(default)s)")
     add_data_args(ev, text=True)
     ev.set_defaults(func=cmd_evaluate)
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arg(an)
     an.add_argument("--dense", default="default", help="the dense model it came from")
     an.add_argument("--out", required=True, help="folder for report.html and the PNGs")
-    an.add_argument("--images", type=int, default=2000,
+    an.add_argument("--images", type=count(1), default=2000,
                     help="Fashion-MNIST test images for routing per class")
     add_data_args(an)
     an.set_defaults(func=cmd_analyze)
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="time each MoE layer's executions at a batch size "
                                            "and keep the fastest (saved with the checkpoint)")
     add_checkpoint_arg(cal)
-    cal.add_argument("--batch", type=int, default=demo_defaults.latency_batch,
+    cal.add_argument("--batch", type=count(1), default=demo_defaults.latency_batch,
                      help="images per batch you will serve")
     cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")
     cal.add_argument("--out", required=True)

@@ -25,15 +25,42 @@ def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
                    help="skip checking the checkpoint against the digests recorded at save")
 
 
+def count(minimum: int = 1):
+    """An argparse type: an integer >= `minimum` (argparse then exits 2 with the option's name
+    instead of a traceback deep in the work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     if text:
         p.add_argument("--data", nargs="+", metavar="PATH",
                        help="text files (tokenized with the model's tokenizer) or one folder "
                        "of images (prepared by the model's image processor); without it, "
                        "Fashion-MNIST images")
-        p.add_argument("--seq-len", type=int, default=256,
+        p.add_argument("--seq-len", type=count(1), default=256,
                        help="tokens per text row (default %(default)s)")
-        p.add_argument("--image-batch", type=int, default=32,
+        p.add_argument("--image-batch", type=count(1), default=32,
                        help="images per calibration batch from an image folder")
     p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
                    "(default: MOEE_DATA_DIR, /usr/share/datasets/fashion-mnist, ~/.cache/moee)")
@@ -43,7 +70,7 @@ def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
 
 def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     c, s = base.cluster, base.select
-    p.add_argument("--tokens", type=int, default=base.record.n_tokens,
+    p.add_argument("--tokens", type=count(1), default=base.record.n_tokens,
                    help="tokens to record (default %(default)s)")
     p.add_argument("--store-dtype", default=base.record.dtype, choices=["float16", "float32"],
                    help="activation store precision (float32 for activations beyond 65504)")
@@ -51,15 +78,15 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="share of cluster variance kept (default %(default)s)")
     p.add_argument("--algorithm", default=c.algorithm, choices=CLUSTER_ALGORITHMS)
     p.add_argument("--min-cluster-fraction", type=float, default=c.min_cluster_fraction)
-    p.add_argument("--min-samples", type=int, default=c.min_samples)
-    p.add_argument("--max-experts", type=int, default=c.max_clusters or 0,
+    p.add_argument("--min-samples", type=count(1), default=c.min_samples)
+    p.add_argument("--max-experts", type=count(0), default=c.max_clusters or 0,
                    help="merge the closest clusters until at most this many experts remain "
                    "per layer (not in the paper; default %(default)s, 0 = off)")
     p.add_argument("--dense-below-stability", type=float, default=c.dense_below_stability,
                    metavar="S", help="keep a layer dense when its cluster stability is below S")
     p.add_argument("--merge-below-stability", type=float, default=c.merge_below_stability,
                    metavar="S", help="give a layer one expert when its stability is below S")
-    p.add_argument("--reduce-dims", type=int, default=c.reduce_dims or 0,
+    p.add_argument("--reduce-dims", type=count(0), default=c.reduce_dims or 0,
                    help="PCA dims before clustering (default %(default)s, 0 = off)")
     p.add_argument("--criterion", default=s.criterion, choices=SELECT_CRITERIA)
     p.add_argument("--select-tokens", default=s.tokens, choices=["routed", "cluster"],
@@ -73,7 +100,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=s.refit_down,
                    help="refit the down projection and offsets by least squares to the dense "
                    "output (ridge toward the original, chosen on held-out tokens)")
-    p.add_argument("--local-steps", type=int, default=0, metavar="N",
+    p.add_argument("--local-steps", type=count(0), default=0, metavar="N",
                    help="layer-local distillation: N Adam steps per MoE layer toward the dense "
                    "MLP's output on the recorded inputs (default 0 = off)")
     p.add_argument("--no-stability", action="store_true", default=not c.stability,
@@ -89,11 +116,11 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "cmoe (shared + balanced routed neuron groups, top-1), moefication "
                    "(balanced neuron groups, top-k)")
     carve = CarveConfig()
-    p.add_argument("--groups", type=int, default=carve.experts,
+    p.add_argument("--groups", type=count(1), default=carve.experts,
                    help="cmoe / moefication: neuron groups per layer")
     p.add_argument("--active", type=float, default=carve.active, metavar="FRACTION",
                    help="cmoe: share of a layer's neurons one token computes")
-    p.add_argument("--top-k", type=int, default=carve.top_k,
+    p.add_argument("--top-k", type=count(1), default=carve.top_k,
                    help="moefication: groups one token computes")
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
@@ -101,7 +128,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "--p is then unused")
     p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
                    help="which MACs --target-macs counts: the whole model's or the MLPs'")
-    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--seed", type=count(0), default=c.seed)
 
 
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
@@ -130,14 +157,14 @@ def add_kd_args(p: argparse.ArgumentParser) -> None:
     from moee.demo.pipeline import DemoConfig
 
     d = DistillConfig()
-    p.add_argument("--kd-epochs", type=float, default=d.epochs, help="KD epochs (fractions ok)")
-    p.add_argument("--kd-lr", type=float, default=d.lr)
+    p.add_argument("--kd-epochs", type=positive, default=d.epochs, help="KD epochs (fractions ok)")
+    p.add_argument("--kd-lr", type=positive, default=d.lr)
     p.add_argument("--kd-loss", choices=DISTILL_LOSSES, default=d.loss,
                    help="auto: KL on logits, else MSE on hidden states; pooled_cosine for "
                         "sentence encoders")
     p.add_argument("--kd-no-dropout", action="store_true",
                    help="train the student without dropout (a deterministic loss)")
-    p.add_argument("--kd-batch-size", type=int, default=DemoConfig.kd_batch_size)
+    p.add_argument("--kd-batch-size", type=count(1), default=DemoConfig.kd_batch_size)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 
