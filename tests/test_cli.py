@@ -243,15 +243,15 @@ def test_extract_and_finetune_a_text_model_on_text_files(tiny_llm, tmp_path):
     moe = moee.load(tmp_path / "x")
     assert type(moe.model).__name__ == "LlamaForCausalLM" and len(moe.moe_layers()) == 2
     assert all(m.gate is not None for m in moe.moe_layers().values())  # gated experts
-    assert main(["finetune", str(tmp_path / "x"), "--teacher", str(folder), *data,
+    # No --teacher / --dense: the model `extract` recorded (then `finetune`) is the default.
+    assert main(["finetune", str(tmp_path / "x"), *data,
                  "--kd-epochs", "1", "--out", str(tmp_path / "y")]) == 0
     tuned = moee.load(tmp_path / "y")
     before = next(iter(moe.moe_layers().values())).fc1.weight
     assert not torch.equal(before, next(iter(tuned.moe_layers().values())).fc1.weight)
     assert not (tmp_path / "y" / "distill_state").exists()  # removed once the model is saved
     report = tmp_path / "eval.json"
-    assert main(["evaluate", str(tmp_path / "y"), "--dense", str(folder), *data,
-                 "--json", str(report)]) == 0
+    assert main(["evaluate", str(tmp_path / "y"), *data, "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert 1 < result["perplexity"] < 1e4 and 1 < result["reference_perplexity"] < 1e4
     assert 0 <= result["top1_agreement"] <= 1

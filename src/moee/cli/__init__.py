@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="knowledge-distil a MoE checkpoint from its dense teacher")
     add_checkpoint_arg(ft)
-    ft.add_argument("--teacher", default="default", help=MODEL_HELP)
+    ft.add_argument("--teacher", default=None, help=MODEL_HELP + "; default: the model the "
+                    "checkpoint was extracted from, as `moee extract` recorded it")
     ft.add_argument("--out", required=True)
     ft.add_argument("--seed", type=count(0), default=DistillConfig().seed)
     ft.add_argument("--save-every", type=count(1), default=50,
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="dense vs MoE: top-1, MACs, params, latency")
     add_checkpoint_arg(ev)
-    ev.add_argument("--dense", default="default")
+    ev.add_argument("--dense", default=None, help=MODEL_HELP + "; default: the model the "
+                    "checkpoint was extracted from, as `moee extract` recorded it")
     ev.add_argument("--latency-batch", type=count(1), default=demo_defaults.latency_batch)
     ev.add_argument("--json", help="also write the results here")
     ev.add_argument("--max-batches", type=count(1), default=16,
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="figures and an HTML report of a MoE checkpoint: "
                         "expert sizes, pruned neurons, centre similarity, overlap, routing")
     add_checkpoint_arg(an)
-    an.add_argument("--dense", default="default", help="the dense model it came from")
+    an.add_argument("--dense", default=None, help="the dense model it came from (default: "
+                    "as `moee extract` recorded it)")
     an.add_argument("--out", required=True, help="folder for report.html and the PNGs")
     an.add_argument("--images", type=count(1), default=2000,
                     help="Fashion-MNIST test images for routing per class")

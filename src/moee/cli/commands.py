@@ -14,6 +14,31 @@ from moee.cli.sources import calibration_data, load_dense, training_data, user_b
 from moee.distributed import rank_and_world
 from moee.errors import ConfigError
 
+SOURCE_FILE = "moee_source.json"  # extract and finetune record the dense model's name in it
+
+
+def record_source(checkpoint: Path, model: str) -> None:
+    """Write down which dense model `checkpoint` came from (a path made absolute)."""
+    model = str(Path(model).resolve()) if Path(model).exists() else model
+    (checkpoint / SOURCE_FILE).write_text(json.dumps({"model": model}) + "\n")
+
+
+def recorded_source(checkpoint: str, given: str | None) -> str:
+    """The dense model to compare with or distil from: `given`, else the one `moee extract`
+    recorded beside the checkpoint, else the embedded default; says which when not given."""
+    if given is not None:
+        return given
+    try:
+        source = json.loads((Path(checkpoint) / SOURCE_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if source is None:
+        print("moee: no dense model recorded beside the checkpoint: the embedded default "
+              "(choose with --dense / --teacher)")
+        return "default"
+    print(f"moee: dense model {source!r}, as moee extract recorded it")
+    return source
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from moee.demo import DemoConfig, run_demo
@@ -59,6 +84,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     print(f"Extracted in {report.seconds:.0f} s from {report.n_tokens} tokens:\n{report.table()}")
     out = moe_model.save_pretrained(args.out)
     (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    record_source(out, args.model)
     print(f"Saved MoE checkpoint to {out}")
     return 0
 
@@ -68,7 +94,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from moee.moe_model import MoEModel
 
     student = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    teacher, tokenizer = load_dense(args.teacher)
+    source = recorded_source(args.checkpoint, args.teacher)
+    teacher, tokenizer = load_dense(source)
     # The run's state lives beside the output until the checkpoint is saved: rerunning the
     # same command after an interruption resumes it.
     state = Path(args.out) / "distill_state"
@@ -78,6 +105,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     print(f"Saved fine-tuned MoE checkpoint to {student.cpu().save_pretrained(args.out)}")
+    record_source(Path(args.out), source)
     shutil.rmtree(state, ignore_errors=True)
     return 0
 
@@ -92,7 +120,7 @@ def _evaluate_on_data(args: argparse.Namespace) -> int:
     from moee.moe_model import MoEModel
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense, preprocessor = load_dense(args.dense)
+    dense, preprocessor = load_dense(recorded_source(args.checkpoint, args.dense))
     batches = list(itertools.islice(user_batches(args, preprocessor, None), args.max_batches))
     result = fidelity(moe_model, dense, batches)
     for name, model in (("dense", dense), ("moe", moe_model)):
@@ -121,7 +149,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense = load_dense(args.dense)[0]
+    dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
     rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
             "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
     time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)
@@ -144,7 +172,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from moee.moe_model import MoEModel
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense = load_dense(args.dense)[0]
+    dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
     widths = {s.name: s.weights().hidden_size for s in find_mlp_sites(dense, validate=False)}
     by_class = names = None
     config = moe_model.config
