@@ -272,6 +272,13 @@ def test_a_loaded_moe_works_in_a_transformers_pipeline(tiny_llm, tmp_path):
     prompt = tokenizer("Beautiful is better than", return_tensors="pt")
     ids = moe.model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert list(out[0]["generated_token_ids"]) == ids[0].tolist()
+    # The wrapper behaves like the model: generate, device, a pipeline built on it.
+    assert torch.equal(moe.generate(**prompt, max_new_tokens=5, do_sample=False), ids)
+    assert moe.device == torch.device("cpu") and moe.can_generate()
+    wrapped = pipeline("text-generation", model=moe, tokenizer=tokenizer)
+    again = wrapped("Beautiful is better than", max_new_tokens=5, do_sample=False,
+                    return_tensors=True)
+    assert list(again[0]["generated_token_ids"]) == ids[0].tolist()
 
 
 def test_text_data_errors_are_one_line(tiny_llm, tmp_path, capsys):

@@ -42,6 +42,16 @@ class MoEModel(nn.Module):
         """The base model's config (HF models), so evaluation code can treat both alike."""
         return getattr(self.model, "config", None)
 
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper does not define comes from the wrapped model, as PEFT's wrapper
+        does: `generate`, `device`, `can_generate`, `generation_config`, ..."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
