@@ -68,7 +68,8 @@ def manpages_text(max_chars: int) -> str:
     return "\n".join(pages)
 
 
-def variant_config(base: moee.ExtractConfig, variant: str, p: float) -> moee.ExtractConfig:
+def variant_config(base: moee.ExtractConfig, variant: str, p: float,
+                   local: moee.LocalDistillConfig | None = None) -> moee.ExtractConfig:
     """`variant`: "moee" or "static", then any of "+router", "+refit", "+output" (rank neurons
     by the variance they put into the output), "+local" (layer-local distillation)."""
     r = dataclasses.replace
@@ -80,7 +81,7 @@ def variant_config(base: moee.ExtractConfig, variant: str, p: float) -> moee.Ext
     if "router" in parts:
         config = r(config, router=r(config.router, centres="fitted"))
     if "local" in parts:
-        config = r(config, local=moee.LocalDistillConfig())
+        config = r(config, local=local or moee.LocalDistillConfig())
     return config
 
 
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--calibration", default="Gen1:1-Num36:13", help="KJV passage")
     ap.add_argument("--mix-manpages", type=int, default=0, metavar="TOKENS",
                     help="calibrate on this many tokens of man(7) pages, the rest on --calibration")
+    ap.add_argument("--local-steps", type=int, default=100)
+    ap.add_argument("--local-lr", type=float, default=1e-4)
     ap.add_argument("--max-experts", type=int, default=8)
     ap.add_argument("--cluster-tokens", type=int, default=None)
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -162,6 +165,7 @@ def main() -> None:
         cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens,
                                    max_clusters=args.max_experts),
         work_dir=str(out / "work"))
+    local = moee.LocalDistillConfig(steps=args.local_steps, lr=args.local_lr)
     rows = []
 
     def save() -> None:
@@ -169,7 +173,7 @@ def main() -> None:
             {"dense": dense_row, "rows": rows, "calibration_tokens": args.tokens,
              "calibration_text": f"KJV {args.calibration}"
              + (f" + {args.mix_manpages} tokens of man(7) pages" if args.mix_manpages else ""),
-             "max_experts": args.max_experts,
+             "max_experts": args.max_experts, "local": dataclasses.asdict(local),
              "held_out": {"matthew": "KJV Matt1:1-28:20",
                           "debian_reference": "debian-reference-en, from character 20,000"},
              "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0},
@@ -178,7 +182,7 @@ def main() -> None:
     for p in [float(v) for v in args.p.split(",") if v]:
         for variant in args.variants.split(","):
             t1 = time.perf_counter()
-            moe_model, report = moee.extract(dense, calib, variant_config(base, variant, p))
+            moe_model, report = moee.extract(dense, calib, variant_config(base, variant, p, local))
             seconds = time.perf_counter() - t1
             row = {"variant": variant, "p": p, "extract_seconds": seconds,
                    "eval": measure(moe_model, texts, dense_row),
