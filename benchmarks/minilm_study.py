@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=0, help="layer-local distillation steps")
     ap.add_argument("--method", default="moee", choices=["moee", "static"])
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--threshold", type=float, default=None, metavar="MLP_MACS",
+                    help="also the per-token activation-threshold baseline at this fraction of "
+                         "the dense MLP MACs (no KD)")
     ap.add_argument("--out", default="runs/minilm")
     args = ap.parse_args()
     out = Path(args.out)
@@ -135,6 +138,20 @@ def main() -> None:
               f"{a['mean_cosine']:.3f}, Spearman {b['spearman']:.3f} -> {a['spearman']:.3f}, "
               f"top-10 {b['top10_agreement']:.2f} -> {a['top10_agreement']:.2f} "
               f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
+    if args.threshold:
+        from moee.activation_threshold import ThresholdMLP
+
+        sparse = moee.sparsify_activations(dense, calib, args.threshold, n_tokens=args.tokens)
+        e_sparse = embed(sparse, held_out)
+        layers = [m for m in sparse.modules() if isinstance(m, ThresholdMLP)]
+        per_token = sum(m.macs_per_token() for m in layers)  # padding counted, as above
+        change = per_token / dense_mlp_macs(dense, 1) - 1
+        row = {"p": None, "method": "threshold", "mlp_macs_change": change,
+               "macs_change": None, "before_kd": fidelity(e_dense, e_sparse)}
+        row["after_kd"] = row["before_kd"]
+        rows.append(row)
+        print(f"threshold: MLP MACs {row['mlp_macs_change']:+.1%}; cosine "
+              f"{row['before_kd']['mean_cosine']:.4f}, Spearman {row['before_kd']['spearman']:.3f}")
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "kd_lr": args.kd_lr, "kd_epochs": args.kd_epochs,
          "kd_loss": args.kd_loss, "kd_dropout": not args.kd_no_dropout, "kd_text": args.kd_text,

@@ -409,7 +409,8 @@ def minilm_section(result: dict[str, Any]) -> str:
                                + (["refit"] if r.get("refit") else [])
                                + (["local"] if r.get("local_steps") else []))
             rows.append([variant, r["p"], stage.replace("_", " "), f"{r['mlp_macs_change']:+.1%}",
-                         f"{r['macs_change']:+.1%}", f"{f['mean_cosine']:.4f}",
+                         MISSING if r["macs_change"] is None else f"{r['macs_change']:+.1%}",
+                         f"{f['mean_cosine']:.4f}",
                          f"{f['min_cosine']:.3f}", f"{f['spearman']:.4f}",
                          f"{f['top10_agreement']:.2f}"])
     first = result["rows"][0] if result["rows"] else {}
