@@ -65,20 +65,22 @@ class LayerFit:
             self._plans[select] = plan
         return self._plans[select]
 
+    def load_of(self, plan: LayerPlan) -> np.ndarray:
+        """(k,) share of calibration tokens `plan`'s router sends to each of its experts."""
+        return self.load if plan.load is None else plan.load
+
     def active_neurons(self, plan: LayerPlan | None) -> float:
         """Neurons a calibration token computes on average under `plan` (all when dense)."""
         if plan is None:
             return float(self.width)
-        load = self.load if plan.load is None else plan.load
-        return float(np.dot(load, [len(e) for e in plan.experts]))
+        return float(np.dot(self.load_of(plan), [len(e) for e in plan.experts]))
 
     def report_row(self, plan: LayerPlan | None, p: float | None) -> dict[str, Any]:
         row = dict(self.row, p=p)
         if plan is not None:
             sizes = [len(e) for e in plan.experts]
-            load = self.load if plan.load is None else plan.load
             row.update(kept_neurons=len(plan.kept_neurons()), expert_sizes=sizes,
-                       load_share=load.tolist(),
+                       load_share=self.load_of(plan).tolist(),
                        active_neurons_per_token=self.active_neurons(plan))
             if plan.report:
                 row["reproduction"] = plan.report
