@@ -289,3 +289,15 @@ def test_text_data_errors_are_one_line(tiny_llm, tmp_path, capsys):
     assert main(["extract", "--model", "default", "--out", str(tmp_path / "x"),
                  "--data", str(tmp_path / "zen.txt")]) == 2
     assert "need a model with a tokenizer" in capsys.readouterr().err
+
+
+def test_extract_with_the_reproducing_stages_from_the_command_line(tiny_llm, tmp_path):
+    folder, text = tiny_llm
+    assert main(["extract", "--model", str(folder), "--out", str(tmp_path / "x"), "--data",
+                 str(text), "--seq-len", "16", "--tokens", "240", "--algorithm", "kmeans",
+                 "--reduce-dims", "8", "--no-stability", "--p", "0.7", "--router", "fitted",
+                 "--refit", "--local-steps", "5", "--criterion", "output_variance"]) == 0
+    report = json.loads((tmp_path / "x" / "extraction_report.json").read_text())
+    assert report["config"]["router"]["centres"] == "fitted"
+    assert report["config"]["select"]["refit_down"] and report["config"]["local"]["steps"] == 5
+    assert all({"refit", "local"} <= set(row["reproduction"]) for row in report["layers"])
