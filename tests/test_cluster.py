@@ -127,3 +127,15 @@ def test_making_the_default_clusterer_keeps_torchs_thread_count():
             "make_clusterer(ClusterConfig(), 100)\nprint(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+@pytest.mark.slow
+def test_raw_activations_cluster_without_pca():
+    """`reduce_dims=None` (CLI --reduce-dims 0) clusters the raw hidden vectors: above about
+    30 dimensions fast_hdbscan takes its approximate path, which needs pynndescent."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 48)) * 10
+    x = (centres[rng.integers(0, 3, 900)] + rng.standard_normal((900, 48))).astype(np.float32)
+    result = cluster_layer(x, ClusterConfig(reduce_dims=None, min_cluster_fraction=0.05,
+                                            stability=False))
+    assert result.n_clusters == 3
