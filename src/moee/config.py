@@ -8,13 +8,13 @@ from typing import Any
 
 from moee.engine.routing import ROUTER_METRICS
 from moee.errors import ConfigError
+from moee.training_config import DISTILL_LOSSES, DistillConfig, LocalDistillConfig
 from moee.validation import check, check_types
 
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
 SELECT_CRITERIA = ("variance", "magnitude", "random", "output_variance")
 ROUTER_CENTRES = ("input_mean", "random", "fitted")
 METHODS = ("moee", "random", "cmoe", "moefication", "static")
-DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
            "DistillConfig", "ExtractConfig", "LocalDistillConfig", "RecordConfig",
@@ -109,7 +109,7 @@ class SelectConfig:
     # so that each expert reproduces the dense output on the tokens routed to it (ridge toward
     # the original weights, its strength, a multiple of the mean Gram diagonal, chosen from
     # `refit_strengths` on held-out tokens; the original is kept when none does better).
-    refit_down: bool = False
+    refit_down: bool = True
     refit_strengths: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
     seed: int = 0
 
@@ -224,26 +224,6 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
-class LocalDistillConfig:
-    """Layer-local distillation after extraction (not in the paper): each MoE MLP trained
-    alone toward the dense MLP's output on the recorded inputs, `steps` Adam steps of
-    `batch_tokens` tokens at `lr` (cosine decay), router fixed; kept only where the held-out
-    error falls."""
-
-    steps: int = 100
-    lr: float = 1e-4
-    batch_tokens: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_types(self, "local")
-        check(self.steps >= 1, "local.steps", f"must be >= 1, got {self.steps}")
-        check(self.lr > 0, "local.lr", f"must be > 0, got {self.lr}")
-        check(self.batch_tokens >= 1, "local.batch_tokens",
-              f"must be >= 1, got {self.batch_tokens}")
-
-
-@dataclass(frozen=True)
 class ExtractConfig:
     """Everything `moee.extract` needs. `work_dir` keeps each stage's results on disk."""
 
@@ -313,40 +293,3 @@ class ExtractConfig:
             max_memory_gib=d.get("max_memory_gib"),
             held_out=d.get("held_out", 0.2),
         )
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge-distillation fine-tune of the MoE student from the dense teacher.
-
-    `epochs`: passes over the batches given to `moee.distill` (fractions allowed when the data
-    has a length). `lr`: AdamW's peak rate under a cosine schedule after `warmup_steps`;
-    3e-4 is what the embedded default measured best at (docs/method.md). `loss`: "kl" on
-    temperature-softened logits, "mse" on hidden states (encoders), "pooled_cosine" = 1 − cosine
-    of the hidden states mean-pooled over real tokens (the sentence embedding a
-    sentence-transformers encoder returns), "auto" = "kl" when the output has logits, else "mse".
-    `seed` seeds the run's random draws (e.g. dropout). `dropout=False` trains the student
-    without dropout: every module but the MoE layers stays in eval mode, so the loss is the
-    deterministic divergence that evaluation measures.
-    """
-
-    epochs: float = 1.0
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    temperature: float = 1.0
-    warmup_steps: int = 0
-    loss: str = "auto"
-    seed: int = 0
-    device: str = "cpu"
-    dropout: bool = True
-
-    def __post_init__(self) -> None:
-        check_types(self, "distill")
-        check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
-        check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, "distill.weight_decay", "must be >= 0")
-        check(self.temperature > 0, "distill.temperature", "must be > 0")
-        check(self.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
-        check(self.loss in DISTILL_LOSSES, "distill.loss",
-               f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")
-

@@ -194,6 +194,10 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
         tensors = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{weights} is corrupt or truncated: {e}") from e
+    # safetensors hands out views at any byte offset of one buffer; BLAS kernels pick other
+    # code paths (other rounding) for unaligned weights, so a reload would differ in the last
+    # bits from the saved model. Misaligned tensors get an aligned copy of their own.
+    tensors = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
     skeleton = base_model is None
     model = _rebuild_base(config["base_model"]) if skeleton else base_model
     sites = {s.name: s for s in find_mlp_sites(model, config.get("adapter"), validate=False)}

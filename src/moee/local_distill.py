@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.cache_key import digest
-from moee.config import LocalDistillConfig
+from moee.training_config import LocalDistillConfig
 from moee.moe import MoEMLP
 from moee.output_error import held_out_rows
 from moee.record import ActivationStore
