@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.cache_key import digest
-from moee.training_config import LocalDistillConfig
 from moee.moe import MoEMLP
 from moee.output_error import held_out_rows
 from moee.record import ActivationStore
+from moee.training_config import LocalDistillConfig
 
 
 def _error(layer: MoEMLP, dense: MLPSite, x: torch.Tensor) -> float:
