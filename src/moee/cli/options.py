@@ -94,15 +94,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--no-compensate", action="store_true", default=not s.compensate_mean,
                    help="do not add left-out neurons' mean output back (the paper)")
     p.add_argument("--metric", default=base.router.metric, choices=ROUTER_METRICS)
-    p.add_argument("--router", default=base.router.centres, choices=ROUTER_CENTRES,
-                   help="input_mean: the cluster means (paper); fitted: a linear router fitted "
-                   "to the expert that reproduces each token's dense output best; random")
-    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=s.refit_down,
-                   help="refit the down projection and offsets by least squares to the dense "
-                   "output (ridge toward the original, chosen on held-out tokens)")
-    p.add_argument("--local-steps", type=count(0), default=0, metavar="N",
-                   help="layer-local distillation: N Adam steps per MoE layer toward the dense "
-                   "MLP's output on the recorded inputs (default 0 = off)")
+    _add_reproduce_args(p, base)
     p.add_argument("--no-stability", action="store_true", default=not c.stability,
                    help="skip the half-split stability score")
     p.add_argument("--work-dir", help="keep recorded activations and labels here; reused on a "
@@ -129,6 +121,20 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
                    help="which MACs --target-macs counts: the whole model's or the MLPs'")
     p.add_argument("--seed", type=count(0), default=c.seed)
+
+
+def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
+    """The stages that fit the experts to the dense layer's output (docs/method.md, 3b)."""
+    p.add_argument("--router", default=base.router.centres, choices=ROUTER_CENTRES,
+                   help="input_mean: the cluster means (paper); fitted: a linear router fitted "
+                   "to the expert that reproduces each token's dense output best; random")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction,
+                   default=base.select.refit_down,
+                   help="refit the down projection and offsets by least squares to the dense "
+                   "output (ridge toward the original, chosen on held-out tokens)")
+    p.add_argument("--local-steps", type=count(0), default=0, metavar="N",
+                   help="layer-local distillation: N Adam steps per MoE layer toward the dense "
+                   "MLP's output on the recorded inputs (default 0 = off)")
 
 
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
