@@ -402,7 +402,7 @@ def minilm_section(result: dict[str, Any]) -> str:
     """benchmarks/minilm_study.py: embedding fidelity per p, before and after distillation."""
     rows = []
     for r in result["rows"]:
-        for stage in ("before_kd", "after_kd"):
+        for stage in ("before_kd", "after_kd") if r.get("kd_steps") else ("before_kd",):
             f = r[stage]
             variant = "+".join([r.get("method", "moee")]
                                + (["router"] if r.get("router") == "fitted" else [])
