@@ -9,15 +9,15 @@ kinds, MLP MACs as executed at batch 1 (each token through its own expert).
 Calibration: KJV Genesis to Numbers (`--calibration`). Held out: the Gospel of Matthew (the
 same corpus) and the Debian Reference (technical documentation, another kind), neither seen in
 fitting. One recording and one clustering (at most `--max-experts` experts a layer) serve every
-variant:
+variant, named "moee" or "static" followed by any of "+router", "+refit", "+output", "+local":
   moee          the paper's experts (routed statistics, mean offset, cosine router)
-  router        + the error-driven fitted router
-  refit         + the least-squares refit of the down projection and offsets
-  router+refit  both
   static        one expert for every token (structured pruning), mean offset
-  static+refit  the same with the refit
+  +router       the error-driven fitted router
+  +refit        the least-squares refit of the down projection and offsets
+  +output       neurons ranked by the variance they put into the output
+  +local        layer-local distillation (--local-steps, --local-lr)
   threshold     per-token activation sparsity (CATS-style threshold on |act(gate)|), at the
-                MLP MACs the variant before it reached on Matthew (`--threshold`)
+                MLP MACs the last variant reached on Matthew (`--threshold`)
 Writes results.json in --out (render with benchmarks/save_result.py smollm2-reproduce).
 """
 
