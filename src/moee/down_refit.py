@@ -37,35 +37,34 @@ class _Moments:
     energy: float  # Σ |W2·h|²
 
 
-def _moments(hidden, rows: np.ndarray, down: np.ndarray, experts: list[np.ndarray],
-             position: np.ndarray, routed: np.ndarray) -> _Moments:
+def _moments(hidden, masks: list[np.ndarray], down: np.ndarray, experts: list[np.ndarray],
+             position: np.ndarray, routed: np.ndarray) -> list[_Moments]:
+    """One `_Moments` per (N,) bool mask of tokens, all from a single pass over the store."""
     union, k, d_out = int(position.max()) + 1, len(experts), down.shape[0]
-    gram = np.zeros((union + k, union + k))
-    cross = np.zeros((union + k, d_out))
-    energy = 0.0
-    selected = np.zeros(len(hidden), dtype=bool)
-    selected[rows] = True
+    out = [_Moments(np.zeros((union + k, union + k)), np.zeros((union + k, d_out)), 0.0)
+           for _ in masks]
     for part in chunks(len(hidden)):
-        take = selected[part]
-        if not take.any():
-            continue
-        h = np.asarray(hidden[part], dtype=np.float64)[take]
-        route = routed[part][take]
-        y = h @ down.T  # (n, d_out) the dense output
-        energy += float(np.einsum("nd,nd->", y, y))
-        for e, neurons in enumerate(experts):
-            mine = route == e
-            if not mine.any():
+        h_all = np.asarray(hidden[part], dtype=np.float64)
+        for m, mask in zip(out, masks, strict=True):
+            take = mask[part]
+            if not take.any():
                 continue
-            he, ye, pos = h[mine][:, neurons], y[mine], position[neurons]
-            gram[np.ix_(pos, pos)] += he.T @ he
-            sums = he.sum(0)
-            gram[pos, union + e] += sums
-            gram[union + e, pos] += sums
-            gram[union + e, union + e] += mine.sum()
-            cross[pos] += he.T @ ye
-            cross[union + e] += ye.sum(0)
-    return _Moments(gram, cross, energy)
+            h, route = h_all[take], routed[part][take]
+            y = h @ down.T  # (n, d_out) the dense output
+            m.energy += float(np.einsum("nd,nd->", y, y))
+            for e, neurons in enumerate(experts):
+                mine = route == e
+                if not mine.any():
+                    continue
+                he, ye, pos = h[mine][:, neurons], y[mine], position[neurons]
+                m.gram[np.ix_(pos, pos)] += he.T @ he
+                sums = he.sum(0)
+                m.gram[pos, union + e] += sums
+                m.gram[union + e, pos] += sums
+                m.gram[union + e, union + e] += mine.sum()
+                m.cross[pos] += he.T @ ye
+                m.cross[union + e] += ye.sum(0)
+    return out
 
 
 def _error(theta: np.ndarray, m: _Moments) -> float:
@@ -92,25 +91,25 @@ def refit_down(hidden, down: np.ndarray, experts: list[np.ndarray], kept: np.nda
     position[kept] = np.arange(len(kept))
     union, k = len(kept), len(experts)
     prior = np.concatenate([down[:, kept].T, offsets]).astype(np.float64)
-    fit = _moments(hidden, np.flatnonzero(~held_out), down, experts, position, routed)
-    test = _moments(hidden, np.flatnonzero(held_out), down, experts, position, routed)
-    scale = float(np.mean(np.diag(fit.gram)[:union])) or 1.0
-    # Offsets get a token's worth of pull toward the old value, so an expert no fitted token
-    # reaches keeps it instead of making the system singular.
-    tiny = np.concatenate([np.zeros(union), np.full(k, 1e-6)])
+    fit, test = _moments(hidden, [~held_out, held_out], down, experts, position, routed)
+
+    def penalty(strength: float, m: _Moments) -> np.ndarray:
+        """λ (a multiple of the mean Gram diagonal, so it grows with the tokens) on the union
+        columns; the offsets get a token's worth of pull toward the old value, so an expert
+        no fitted token reaches keeps it instead of making the system singular."""
+        scale = float(np.mean(np.diag(m.gram)[:union])) or 1.0
+        return np.concatenate([np.full(union, strength * scale), np.full(k, 1e-6)])
+
     before = _error(prior, test)
     report = {"heldout_error_before": before / max(test.energy, 1e-30), "strength": None}
     best = (before, None)
     for s in strengths:
-        penalty = tiny + np.concatenate([np.full(union, s * scale), np.zeros(k)])
-        err = _error(_solve(fit, prior, penalty), test)
+        err = _error(_solve(fit, prior, penalty(s, fit)), test)
         if err < best[0]:
             best = (err, s)
     report.update(heldout_error_after=best[0] / max(test.energy, 1e-30), strength=best[1])
     if best[1] is None:
         return Refit(prior[:union].T.astype(np.float32), offsets.astype(np.float32), report)
     both = _Moments(fit.gram + test.gram, fit.cross + test.cross, fit.energy + test.energy)
-    scale = float(np.mean(np.diag(both.gram)[:union])) or 1.0  # λ grows with the tokens
-    penalty = tiny + np.concatenate([np.full(union, best[1] * scale), np.zeros(k)])
-    theta = _solve(both, prior, penalty)
+    theta = _solve(both, prior, penalty(best[1], both))
     return Refit(theta[:union].T.astype(np.float32), theta[union:].astype(np.float32), report)
