@@ -16,10 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moee.adapters import MLPSite, find_mlp_sites
+from moee.adapters import MLPSite, MLPWeights, find_mlp_sites
 from moee.config import RecordConfig
 from moee.errors import ConfigError
 from moee.record import ActivationStore, record_activations
+
+
+def first_projection(w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) the threshold reads: the gate of a gated MLP, else the up projection."""
+    return (w.gate, w.gate_bias) if w.gate is not None else (w.up, w.up_bias)
 
 
 class ThresholdMLP(nn.Module):
@@ -31,14 +36,13 @@ class ThresholdMLP(nn.Module):
         super().__init__()
         w = site.weights()
         gated = w.gate is not None
-        self.first = nn.Linear(w.d_in, w.hidden_size, bias=(w.gate_bias if gated
-                                                              else w.up_bias) is not None)
+        first, first_bias = first_projection(w)
+        self.first = nn.Linear(w.d_in, w.hidden_size, bias=first_bias is not None)
         self.up = nn.Linear(w.d_in, w.hidden_size, bias=w.up_bias is not None) if gated else None
         self.down = nn.Linear(w.hidden_size, w.d_out, bias=w.down_bias is not None)
         with torch.no_grad():
-            for lin, weight, bias in ((self.first, w.gate if gated else w.up,
-                                       w.gate_bias if gated else w.up_bias),
-                                      (self.up, w.up, w.up_bias), (self.down, w.down, w.down_bias)):
+            for lin, weight, bias in ((self.first, first, first_bias), (self.up, w.up, w.up_bias),
+                                      (self.down, w.down, w.down_bias)):
                 if lin is not None:
                     lin.weight.copy_(weight)
                     if bias is not None:
@@ -65,9 +69,7 @@ class ThresholdMLP(nn.Module):
 
 def threshold_for(site: MLPSite, inputs: np.ndarray, keep: float) -> float:
     """The |act(first projection)| quantile that keeps a share `keep` of the neurons."""
-    w = site.weights()
-    first = w.gate if w.gate is not None else w.up
-    bias = w.gate_bias if w.gate is not None else w.up_bias
+    first, bias = first_projection(site.weights())
     with torch.no_grad():
         x = torch.as_tensor(np.asarray(inputs), dtype=first.dtype)
         a = site.activation(F.linear(x, first, bias)).abs().flatten().float()

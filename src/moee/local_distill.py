@@ -38,7 +38,7 @@ def distill_layer(layer: MoEMLP, dense: MLPSite, inputs: np.ndarray, held_out: n
     inputs = np.asarray(inputs)  # one layer's recorded inputs: megabytes
     fit_rows, test_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     dtype = layer.fc1.weight.dtype
-    test = torch.as_tensor(np.asarray(inputs[test_rows[: config.batch_tokens * 4]]), dtype=dtype)
+    test = torch.as_tensor(inputs[test_rows[: config.batch_tokens * 4]], dtype=dtype)
     start = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     before = _error(layer, dense, test)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -46,7 +46,7 @@ def distill_layer(layer: MoEMLP, dense: MLPSite, inputs: np.ndarray, held_out: n
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
     for _ in range(config.steps):
         rows = np.sort(rng.choice(fit_rows, min(config.batch_tokens, len(fit_rows)), False))
-        x = torch.as_tensor(np.asarray(inputs[rows]), dtype=dtype)
+        x = torch.as_tensor(inputs[rows], dtype=dtype)
         with torch.no_grad():
             target = dense.weights().forward(x, dense.activation)
         loss = F.mse_loss(layer._forward_train(x), target)
