@@ -5,7 +5,8 @@ wall-clock budget: perplexity and next-token agreement with dense before and aft
     python benchmarks/smollm2_kd.py --checkpoint runs/smollm2/moe --minutes 30 --out runs/smollm2-kd
 
 Text, all KJV from Debian's bible-kjv and disjoint: calibration Genesis (smollm2_study.py),
-distillation Exodus to 2 Kings, evaluation Matthew. KL on next-token logits, padding masked,
+distillation Exodus to 2 Kings, evaluation Matthew and the Debian Reference (technical
+documentation, another kind of text). KL on next-token logits, padding masked,
 AdamW + cosine schedule; the number of steps is set from the time of the first steps so that
 the run fits `--minutes`. Writes results.json and the distilled checkpoint to --out.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2_reproduce import debian_reference_text
 from smollm2_study import bible_text, default_gguf, load, perplexity
 
 import moee
@@ -36,9 +38,16 @@ def agreement(model, dense, batches: list[dict]) -> float:
     return same / total
 
 
-def measure(moe_model, dense, held_out) -> dict:
-    return {"perplexity": perplexity(moe_model, held_out),
-            "next_token_agreement": agreement(moe_model, dense, held_out)}
+def measure(model, dense, texts: dict[str, list[dict]]) -> dict:
+    """Perplexity and next-token agreement with dense on each held-out text."""
+    return {name: {"perplexity": perplexity(model, batches),
+                   "next_token_agreement": agreement(model, dense, batches)}
+            for name, batches in texts.items()}
+
+
+def line(row: dict, dense: dict) -> str:
+    return "; ".join(f"{k} ppl {v['perplexity']:.2f} ({v['perplexity'] / dense[k] - 1:+.0%}), "
+                     f"agreement {v['next_token_agreement']:.3f}" for k, v in row.items())
 
 
 def main() -> None:
@@ -59,12 +68,13 @@ def main() -> None:
     student = moee.MoEModel.from_pretrained(args.checkpoint)
     kd_data = moee.token_batches(tokenizer, bible_text("Exo1:1-2Ki25:30"), args.seq_len,
                                  args.batch, args.kd_tokens)
-    held_out = moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
-                                  args.eval_tokens)
-    dense_ppl = perplexity(dense, held_out)
-    before = measure(student, dense, held_out)
-    print(f"dense perplexity {dense_ppl:.2f}; MoE before KD {before['perplexity']:.2f}, "
-          f"next-token agreement {before['next_token_agreement']:.3f}")
+    texts = {"matthew": moee.token_batches(tokenizer, bible_text("Matt1:1-28:20"), 256, 4,
+                                           args.eval_tokens),
+             "debian_reference": moee.token_batches(tokenizer, debian_reference_text(), 256, 4,
+                                                    args.eval_tokens)}
+    dense_ppl = {k: perplexity(dense, b) for k, b in texts.items()}
+    before = measure(student, dense, texts)
+    print(f"dense perplexity {dense_ppl}; MoE before KD: {line(before, dense_ppl)}", flush=True)
 
     # Time three steps (the first pays one-off costs) at a negligible learning rate: the
     # number of steps that fits the budget, since the cosine schedule needs it up front.
@@ -80,9 +90,8 @@ def main() -> None:
     t0 = time.perf_counter()
     losses = moee.distill(student, dense, kd_data, config)
     kd_seconds = time.perf_counter() - t0
-    after = measure(student, dense, held_out)
-    print(f"after {kd_seconds / 60:.1f} min of KD: perplexity {after['perplexity']:.2f} "
-          f"(dense {dense_ppl:.2f}), next-token agreement {after['next_token_agreement']:.3f}")
+    after = measure(student, dense, texts)
+    print(f"after {kd_seconds / 60:.1f} min of KD: {line(after, dense_ppl)}", flush=True)
     saved = student.save_pretrained(out / "moe")
     every = max(1, len(losses) // 50)
     (out / "results.json").write_text(json.dumps({
@@ -93,8 +102,11 @@ def main() -> None:
         "kd_batches": len(kd_data), "losses": losses[::every], "loss_every": every,
         "saved": str(saved), "threads": torch.get_num_threads(),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "eval_tokens": sum(b["input_ids"].numel() for b in held_out)}, indent=1))
-    assert math.isfinite(after["perplexity"])
+        "eval_tokens": {k: sum(b["input_ids"].numel() for b in v) for k, v in texts.items()},
+        "held_out": {"matthew": "KJV Matt1:1-28:20",
+                     "debian_reference": "debian-reference-en, from character 20,000"}},
+        indent=1))
+    assert all(math.isfinite(v["perplexity"]) for v in after.values())
 
 
 if __name__ == "__main__":

@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threshold", action="store_true",
                     help="add the activation-threshold baseline at each p (matched MACs)")
+    ap.add_argument("--save", action="store_true",
+                    help="save each variant's MoE checkpoint to --out/moe-VARIANT-pP")
     ap.add_argument("--out", default="runs/smollm2-reproduce")
     args = ap.parse_args()
     out = Path(args.out)
@@ -190,6 +192,8 @@ def main() -> None:
                                                      "load_share", "active_neurons_per_token",
                                                      "reproduction")}
                               for r in report.layers]}
+            if args.save:
+                row["saved"] = str(moe_model.save_pretrained(out / f"moe-{variant}-p{p}"))
             rows.append(row)
             print(summary(row, dense_row) + f" ({seconds:.0f} s)", flush=True)
             save()
