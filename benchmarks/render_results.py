@@ -364,8 +364,9 @@ def smollm2_kd_section(result: dict[str, Any]) -> str:
     tokens = result["eval_tokens"]
     rows = [["dense", name, f"{dense[name]:.2f}", "–", "–"] for name in dense]
     for stage, row in (("MoE before KD", b), ("MoE after KD", a)):
-        rows += [[stage, name, f"{m['perplexity']:.2f}", f"{m['perplexity'] / dense[name] - 1:+.0%}",
-                  f"{m['next_token_agreement']:.3f}"] for name, m in row.items()]
+        rows += [[stage, name, f"{m['perplexity']:.2f}",
+                  f"{m['perplexity'] / dense[name] - 1:+.0%}", f"{m['next_token_agreement']:.3f}"]
+                 for name, m in row.items()]
     return (f"Distillation of the MoE in `{result['checkpoint']}` from the dense SmolLM2: "
             f"{result['steps']} steps of {result['tokens_per_step']} tokens (KL on next-token "
             f"logits, AdamW lr {result['lr']}, cosine schedule), sized for "

@@ -203,37 +203,6 @@ def test_missing_data_folder_is_named(work, extracted, tmp_path, capsys, command
 # ---- text models ----------------------------------------------------------------------------
 
 
-def zen_of_python() -> str:
-    """Real English text that ships with Python itself (`import this`, stored rot13)."""
-    import codecs
-    import this
-
-    return codecs.decode(this.s, "rot13")
-
-
-@pytest.fixture
-def tiny_llm(tmp_path):
-    """A tiny LLaMA and a word-level tokenizer over the Zen of Python, saved together."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    text = zen_of_python()
-    words = sorted(set(pre_tokenizers.Whitespace().pre_tokenize_str(text)[i][0]
-                       for i in range(len(pre_tokenizers.Whitespace().pre_tokenize_str(text)))))
-    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    folder = tmp_path / "llm"
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 num_key_value_heads=1, max_position_embeddings=64)
-                     ).save_pretrained(folder)
-    (tmp_path / "zen.txt").write_text(text)
-    return folder, tmp_path / "zen.txt"
-
-
 def test_extract_and_finetune_a_text_model_on_text_files(tiny_llm, tmp_path):
     folder, text = tiny_llm
     data = ["--data", str(text), "--seq-len", "16"]

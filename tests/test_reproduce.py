@@ -47,7 +47,7 @@ def test_refit_solution_equals_lstsq_of_the_stacked_ridge_system():
     u, k = len(kept), len(experts)
     prior = rng.standard_normal((u + k, down.shape[0]))
     penalty = np.concatenate([np.full(u, 3.0), np.full(k, 1e-6)])
-    theta = _solve(m, prior, penalty)
+    theta = _solve(m, prior, penalty, u + k)
     # Reference: every token's masked features and one-hot offset, plus sqrt(λ) prior rows.
     z = np.zeros((len(hidden), u + k))
     for t, e in enumerate(routed):
@@ -59,6 +59,15 @@ def test_refit_solution_equals_lstsq_of_the_stacked_ridge_system():
     b = torch.as_tensor(np.concatenate([y, root * prior]))
     expected = torch.linalg.lstsq(a, b).solution.numpy()
     np.testing.assert_allclose(theta, expected, rtol=1e-6, atol=1e-8)
+    # Offsets held at the prior (an export without expert biases): the union columns alone,
+    # fitted to the target minus each token's fixed offset.
+    held = _solve(m, prior, penalty, u)
+    fixed = y - prior[u:][routed]
+    a = torch.as_tensor(np.concatenate([z[:, :u], np.diag(np.sqrt(penalty[:u]))]))
+    b = torch.as_tensor(np.concatenate([fixed, root[:u] * prior[:u]]))
+    np.testing.assert_allclose(held[:u], torch.linalg.lstsq(a, b).solution.numpy(),
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(held[u:], prior[u:])
 
 
 def test_refit_lowers_held_out_error_and_keeps_the_original_when_it_cannot():

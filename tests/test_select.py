@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from moee.config import SelectConfig
+from moee.errors import ConfigError
 from moee.select import cluster_stats, select_experts, select_neurons
 
 
@@ -67,3 +68,14 @@ def test_output_variance_ranks_neurons_by_what_they_put_into_the_output():
     assert select_experts(stats, config, norms)[0].tolist() == [1, 3]
     with pytest.raises(ValueError, match="column norms"):
         select_experts(stats, config)
+
+
+def test_width_keeps_each_experts_top_ranked_neurons_at_one_size():
+    from moee.select import ClusterStats, select_experts
+
+    var = np.array([[5.0, 1.0, 4.0, 3.0, 0.5, 2.0], [0.1, 0.2, 0.3, 6.0, 5.0, 4.0]])
+    stats = ClusterStats(np.ones(2), np.zeros_like(var), var, np.zeros((2, 3)))
+    experts = select_experts(stats, SelectConfig(width=0.5))
+    assert [e.tolist() for e in experts] == [[0, 2, 3], [3, 4, 5]]
+    with pytest.raises(ConfigError, match="width"):
+        SelectConfig(width=1.5)

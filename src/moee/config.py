@@ -111,6 +111,13 @@ class SelectConfig:
     # `refit_strengths` on held-out tokens; the original is kept when none does better).
     refit_down: bool = True
     refit_strengths: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    # Whether the refit also fits a constant per expert (False: the down projection alone, as
+    # engines without expert biases, such as Mixtral's, can run).
+    refit_offsets: bool = True
+    # Every expert keeps this share of its layer's neurons, its top-ranked, instead of the
+    # share `p` of the score; a layer without clusters then gets one expert (every layer MoE,
+    # all experts one size: what a Mixtral export runs without padding).
+    width: float | None = None
     seed: int = 0
 
     @classmethod
@@ -128,6 +135,15 @@ class SelectConfig:
                f"must be 'cluster' or 'routed', got {self.tokens!r}")
         check(len(self.refit_strengths) > 0 and all(v > 0 for v in self.refit_strengths),
               "select.refit_strengths", f"must be values > 0, got {self.refit_strengths}")
+        check(self.width is None or 0 < self.width <= 1, "select.width",
+              f"must be in (0, 1] or None, got {self.width}")
+
+    @classmethod
+    def export_ready(cls, width: float, **settings: Any) -> SelectConfig:
+        """Experts a Mixtral export runs exactly and without padding: every layer MoE, every
+        expert `width` of the layer's neurons, no per-expert offsets (refit of the down
+        projection alone)."""
+        return cls(width=width, compensate_mean=False, refit_offsets=False, **settings)
 
 
 @dataclass(frozen=True)
@@ -251,6 +267,8 @@ class ExtractConfig:
         check(0 < self.held_out < 1, "extract.held_out", f"must be in (0, 1), got {self.held_out}")
         check(self.carve is None or self.budget.target_macs is None, "extract.carve",
                "carved experts have no p for the MAC budget to choose: set carve.active")
+        check(self.select.width is None or self.budget.target_macs is None, "extract.select.width",
+              "experts of one width have no p for the MAC budget to choose: set one or the other")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

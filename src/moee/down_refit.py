@@ -72,24 +72,31 @@ def _error(theta: np.ndarray, m: _Moments) -> float:
     return m.energy - 2 * float((theta * m.cross).sum()) + float((theta * (m.gram @ theta)).sum())
 
 
-def _solve(m: _Moments, prior: np.ndarray, penalty: np.ndarray) -> np.ndarray:
-    a = m.gram + np.diag(penalty)
-    b = m.cross + penalty[:, None] * prior
-    return scipy.linalg.solve(a, b, assume_a="pos")
+def _solve(m: _Moments, prior: np.ndarray, penalty: np.ndarray, free: int) -> np.ndarray:
+    """Θ minimising the error + Σ penalty·|Θ − prior|² over its first `free` rows, the rest
+    held at the prior (the offsets, when they are not fitted)."""
+    a = m.gram[:free, :free] + np.diag(penalty[:free])
+    b = (m.cross[:free] - m.gram[:free, free:] @ prior[free:]
+         + penalty[:free, None] * prior[:free])
+    theta = prior.copy()
+    theta[:free] = scipy.linalg.solve(a, b, assume_a="pos")
+    return theta
 
 
 def refit_down(hidden, down: np.ndarray, experts: list[np.ndarray], kept: np.ndarray,
                offsets: np.ndarray, routed: np.ndarray, held_out: np.ndarray,
-               strengths: tuple[float, ...]) -> Refit:
+               strengths: tuple[float, ...], fit_offsets: bool = True) -> Refit:
     """Refit the union down projection and the offsets; keep the original (slice + `offsets`)
     when no strength does better on the `held_out` tokens.
 
     `hidden` (N, H) recorded hidden vectors; `down` (d_out, H) the dense down projection;
     `experts` dense neuron ids per expert; `kept` the union's dense ids (sorted); `routed` (N,)
-    the expert each token is sent to; `strengths`: λ as multiples of the mean Gram diagonal."""
+    the expert each token is sent to; `strengths`: λ as multiples of the mean Gram diagonal;
+    `fit_offsets`: False holds the offsets at `offsets` and refits the down projection alone."""
     position = np.full(down.shape[1], -1)
     position[kept] = np.arange(len(kept))
     union, k = len(kept), len(experts)
+    free = union + k if fit_offsets else union
     prior = np.concatenate([down[:, kept].T, offsets]).astype(np.float64)
     fit, test = _moments(hidden, [~held_out, held_out], down, experts, position, routed)
 
@@ -104,12 +111,12 @@ def refit_down(hidden, down: np.ndarray, experts: list[np.ndarray], kept: np.nda
     report = {"heldout_error_before": before / max(test.energy, 1e-30), "strength": None}
     best = (before, None)
     for s in strengths:
-        err = _error(_solve(fit, prior, penalty(s, fit)), test)
+        err = _error(_solve(fit, prior, penalty(s, fit), free), test)
         if err < best[0]:
             best = (err, s)
     report.update(heldout_error_after=best[0] / max(test.energy, 1e-30), strength=best[1])
     if best[1] is None:
         return Refit(prior[:union].T.astype(np.float32), offsets.astype(np.float32), report)
     both = _Moments(fit.gram + test.gram, fit.cross + test.cross, fit.energy + test.energy)
-    theta = _solve(both, prior, penalty(best[1], both))
+    theta = _solve(both, prior, penalty(best[1], both), free)
     return Refit(theta[:union].T.astype(np.float32), theta[union:].astype(np.float32), report)

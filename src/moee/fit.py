@@ -102,6 +102,9 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
         clustering = cluster_layer(hidden, config.cluster)
         save_clustering(work, i, key, clustering)
     clustering = unstable_remedy(clustering, config.cluster)
+    if clustering.n_clusters == 0 and config.select.width is not None:
+        # every layer MoE: one expert for all its tokens (structured pruning of that layer)
+        clustering = replace(clustering, labels=np.zeros_like(clustering.labels), n_clusters=1)
     row = layer_row(site.name, site.weights().hidden_size, clustering.n_clusters,
                     clustering.seconds, clustering.noise_fraction, clustering.stability)
     fit = LayerFit(i, site, row, metric=config.router.metric, store=store, config=config)

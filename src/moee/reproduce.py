@@ -62,8 +62,9 @@ def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, lay
             routed = route_tokens(inputs, fitted.rows, "dot")  # positions among the kept
     if select.refit_down:
         refit = refit_down(hidden, down, plan.experts, plan.kept_neurons(), offsets, routed,
-                           held, select.refit_strengths)
+                           held, select.refit_strengths, select.refit_offsets)
         report["refit"] = refit.report
-        plan = replace(plan, down=refit.down, expert_bias=refit.offsets)
+        bias = refit.offsets if select.refit_offsets or plan.expert_bias is not None else None
+        plan = replace(plan, down=refit.down, expert_bias=bias)
     load = np.bincount(routed, minlength=len(plan.experts)) / len(routed)
     return replace(plan, load=load, report=report)

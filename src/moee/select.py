@@ -61,15 +61,20 @@ def select_neurons(scores: np.ndarray, p: float) -> np.ndarray:
 
 def select_experts(stats: ClusterStats, config: SelectConfig,
                    down_norms: np.ndarray | None = None) -> list[np.ndarray]:
-    """One neuron index set per cluster, ranked by within-cluster variance or |mean|, or as
-    many as variance would keep drawn at random; "output_variance" ranks by the variance each
+    """One neuron index set per cluster, ranked by within-cluster variance or |mean| (the top
+    share `config.p` of the score, or `config.width` of the neurons), or as many as variance
+    would keep drawn at random; "output_variance" ranks by the variance each
     neuron puts into the MLP output, var(h_j)·|W2[:, j]|² (`down_norms` (H,) = |W2[:, j]|²)."""
     scores = stats.hidden_var if config.criterion != "magnitude" else np.abs(stats.hidden_mean)
     if config.criterion == "output_variance":
         if down_norms is None:
             raise ValueError("output_variance needs the down projection's column norms")
         scores = stats.hidden_var * down_norms
-    experts = [select_neurons(s, config.p) for s in scores]
+    if config.width is None:
+        experts = [select_neurons(s, config.p) for s in scores]
+    else:  # every expert the same size: its top-ranked neurons
+        m = max(1, round(config.width * scores.shape[1]))
+        experts = [np.sort(np.argsort(-s, kind="stable")[:m]) for s in scores]
     if config.criterion == "random":
         rng = np.random.default_rng(config.seed)
         width = scores.shape[1]

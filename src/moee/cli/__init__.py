@@ -14,6 +14,7 @@ from moee.cli.commands import (
     cmd_calibrate,
     cmd_demo,
     cmd_evaluate,
+    cmd_export,
     cmd_extract,
     cmd_finetune,
     cmd_study,
@@ -134,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True)
     add_data_args(cal)
     cal.set_defaults(func=cmd_calibrate)
+    xp = sub.add_parser("export", help="write a MoE checkpoint in another engine's format "
+                        "(Mixtral: transformers, vLLM, llama.cpp's converter)")
+    add_checkpoint_arg(xp)
+    xp.add_argument("--to", default="mixtral", choices=["mixtral"])
+    xp.add_argument("--out", required=True, help="the directory to write")
+    xp.add_argument("--tokenizer", default=None, help="the model whose tokenizer to ship "
+                    "(default: the model the checkpoint was extracted from)")
+    xp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="weights' dtype (default: the checkpoint's)")
+    xp.set_defaults(func=cmd_export)
     # Listed for --help; main() hands `moee bench ...` to moee.bench.suite directly.
     sub.add_parser("bench", help="dense vs MoE speed side by side (moee bench --help)")
     return parser

@@ -216,3 +216,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   f"{r['execution']:>9}{r['small_batch_tokens']:>11} tok")
     print(f"Saved to {moe_model.save_pretrained(args.out)}")
     return 0
+
+
+def _tokenizer_of(source: str):
+    """The tokenizer of the dense model `source` (a .gguf file, a folder or a hub id), or None
+    with a note when it has none."""
+    import transformers
+
+    try:
+        if source.endswith(".gguf"):
+            path = Path(source)
+            return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"moee: no tokenizer from {source!r} ({str(e).splitlines()[0]}); exporting the "
+              "model without one (give --tokenizer)")
+        return None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import moee
+    from moee.export import export
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} exists and is not a directory")
+    moe_model = moee.load(args.checkpoint, verify=not args.no_verify)
+    source = recorded_source(args.checkpoint, args.tokenizer)
+    tokenizer = None if source == "default" else _tokenizer_of(source)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    result = export(moe_model, out, to=args.to, tokenizer=tokenizer, dtype=dtype)
+    print(f"moee: {result.padding_summary()}")
+    print(f"Exported to {out} (load with transformers.MixtralForCausalLM.from_pretrained)")
+    return 0

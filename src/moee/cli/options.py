@@ -52,6 +52,14 @@ def positive(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = positive(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
     if text:
         p.add_argument("--data", nargs="+", metavar="PATH",
@@ -132,6 +140,9 @@ def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None
                    default=base.select.refit_down,
                    help="refit the down projection and offsets by least squares to the dense "
                    "output (ridge toward the original, chosen on held-out tokens)")
+    p.add_argument("--export-ready", type=fraction, default=base.select.width, metavar="WIDTH",
+                   help="experts a Mixtral export runs without padding: every layer MoE, every "
+                   "expert WIDTH of its layer's neurons, no per-expert offsets (--p unused)")
     p.add_argument("--local-steps", type=count(0), default=0, metavar="N",
                    help="layer-local distillation: N Adam steps per MoE layer toward the dense "
                    "MLP's output on the recorded inputs (default 0 = off)")
@@ -149,7 +160,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        dense_below_stability=args.dense_below_stability,
                        merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
-                      compensate_mean=not args.no_compensate, refit_down=args.refit),
+                      compensate_mean=not args.no_compensate and args.export_ready is None,
+                      refit_down=args.refit, width=args.export_ready,
+                      refit_offsets=args.export_ready is None),
              router=r(base.router, metric=args.metric, centres=args.router),
              local=LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),

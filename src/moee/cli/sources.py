@@ -53,8 +53,9 @@ def check_data(args: argparse.Namespace) -> None:
         raise ConfigError(f"data: no such file or folder {missing[0]}")
     if any(Path(p).is_dir() for p in data) and len(data) > 1:
         raise ConfigError("data: give one image folder, or text files")
-    if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
-        raise ConfigError(f"data-dir: the data folder {args.data_dir} does not exist")
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and not args.download and not Path(data_dir).is_dir():
+        raise ConfigError(f"data-dir: the data folder {data_dir} does not exist")
 
 
 def _default_model_images(images: list):

@@ -1,0 +1,326 @@
+"""A `MixtralExport` as a GGUF file llama.cpp runs: architecture `llama` with `expert_count`
+experts and `expert_used_count = 1`, which is how llama.cpp runs Mixtral (its stacked-expert
+`mul_mat_id` path).
+
+Tensor names, layouts and types follow llama.cpp's `convert_hf_to_gguf.py` for Mixtral: the
+experts of a layer stacked into `blk.{i}.ffn_{gate,up,down}_exps`, and the rows of q_proj and
+k_proj permuted from transformers' rotate-half RoPE layout to the interleaved pairs llama.cpp's
+`llama` RoPE rotates. Norms, the router (`ffn_gate_inp`) and every 1-D tensor stay f32.
+
+The vocabulary is not built here: a transformers model carries no GGUF vocabulary, and building
+one (llama.cpp's converter does it from the tokenizer files, with per-model pre-tokenizer hashes)
+needs the original tokenizer and the converter's tables. It and the general metadata are copied
+from a GGUF of the source model (`metadata_from`, any quantisation) instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moee.errors import ConfigError
+from moee.export.mixtral import MixtralExport, to_mixtral
+from moee.moe_model import MoEModel
+
+try:
+    import gguf
+except ImportError as error:  # pragma: no cover - gguf is an optional dependency
+    raise ImportError("moee.export.gguf needs the `gguf` package (pip install gguf)") from error
+
+T = gguf.MODEL_TENSOR
+Q = gguf.GGMLQuantizationType
+ARCH = gguf.MODEL_ARCH.LLAMA
+ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
+
+# file_type -> (type of the large 2-D weights, general.file_type)
+FILE_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+# Source keys not copied: the writer sets them, or they describe the source file's own layout
+# (alignment) or the dense model's size.
+NOT_COPIED = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+              gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT,
+              gguf.Keys.General.SIZE_LABEL}
+# Per-layer checkpoint names (after "model.layers.{i}.") -> GGUF tensor.
+LAYER_TENSORS = {
+    "input_layernorm.weight": T.ATTN_NORM,
+    "self_attn.q_proj.weight": T.ATTN_Q,
+    "self_attn.k_proj.weight": T.ATTN_K,
+    "self_attn.v_proj.weight": T.ATTN_V,
+    "self_attn.o_proj.weight": T.ATTN_OUT,
+    "post_attention_layernorm.weight": T.FFN_NORM,
+    "block_sparse_moe.gate.weight": T.FFN_GATE_INP,
+}
+EXPERT_TENSORS = {"w1": T.FFN_GATE_EXP, "w3": T.FFN_UP_EXP, "w2": T.FFN_DOWN_EXP}
+GLOBAL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight": T.OUTPUT_NORM,
+                  "lm_head.weight": T.OUTPUT}
+ALWAYS_F32 = (T.FFN_GATE_INP,)  # as the converter: the router is never quantised
+
+
+def tensor_name(kind: gguf.MODEL_TENSOR, layer: int | None = None) -> str:
+    """The GGUF name of a weight, from gguf-py's table (`blk.{i}.attn_q.weight`, ...)."""
+    base = gguf.TENSOR_NAMES[kind]
+    return (base.format(bid=layer) if layer is not None else base) + ".weight"
+
+
+def permute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q_proj / k_proj weight (heads·head_dim, d) reordered from transformers'
+    rotate-half RoPE layout (dimension j pairs with j + head_dim/2) to the interleaved pairs
+    (2j, 2j+1) that llama.cpp's `llama` RoPE rotates: within each head, new row 2j + k is old
+    row j + k·head_dim/2. `heads`: the query heads for q_proj, the key/value heads for k_proj."""
+    rows = weight.shape[0]
+    if rows % (2 * heads):
+        raise ConfigError(f"export to GGUF: {rows} q/k rows do not split into {heads} heads "
+                          "of an even width")
+    half = rows // heads // 2
+    return (weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2)
+            .reshape(weight.shape))
+
+
+def unpermute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `permute_qk` (a GGUF `attn_q` / `attn_k` back to transformers' rows)."""
+    half = weight.shape[0] // heads // 2
+    return (weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2)
+            .reshape(weight.shape))
+
+
+@dataclass
+class _Planned:
+    """One tensor to write: its name, how to make it (float32, torch order) and its type."""
+
+    name: str
+    make: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+
+
+def _storage_type(kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
+                  weights: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The converter's rule: 1-D tensors and the router f32, the rest `weights`; a row that
+    Q8_0's 32-wide blocks do not divide falls back to F16 (the converter's fallback too)."""
+    if len(shape) <= 1 or kind in ALWAYS_F32:
+        return Q.F32
+    if weights in (Q.F32, Q.F16):
+        return weights
+    block = gguf.GGML_QUANT_SIZES[weights][0]
+    return weights if shape[-1] % block == 0 else Q.F16
+
+
+def _encode(data: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    array = data.detach().to(torch.float32).contiguous().numpy()
+    return gguf.quants.quantize(array, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tuple[int, ...],
+                                                                             np.dtype, int]:
+    """The stored shape, dtype and size of a tensor as gguf-py's writer sees it."""
+    if qtype == Q.F32:
+        stored, dtype = shape, np.dtype(np.float32)
+    elif qtype == Q.F16:
+        stored, dtype = shape, np.dtype(np.float16)
+    else:
+        stored, dtype = gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
+    return stored, dtype, math.prod(stored) * dtype.itemsize
+
+
+def _rope(config) -> tuple[float, str, dict]:
+    """(rope theta, rope type, all parameters) of a transformers 5 config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None or "rope_type" not in params and any(
+            isinstance(v, dict) for v in params.values()):
+        raise ConfigError("export to GGUF: the config has no single rope_theta (per-layer-type "
+                          "RoPE is not llama's)")
+    return float(theta), params.get("rope_type", "default"), params
+
+
+def llama3_rope_factors(params: dict, head_dim: int, context: int) -> torch.Tensor:
+    """Llama 3.1's per-frequency RoPE divisors, as the `rope_freqs` tensor llama.cpp reads:
+    1 for high frequencies, `factor` for low ones, smoothly in between."""
+    base = float(params["rope_theta"])
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor",
+                                                                             4.0))
+    old = float(params.get("original_max_position_embeddings", context))
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < old / high, torch.ones_like(mid),
+                      torch.where(wavelen > old / low, torch.full_like(mid, factor), mid))
+    return out.to(torch.float32)
+
+
+def _copy_metadata(writer: gguf.GGUFWriter, source: gguf.GGUFReader,
+                   name: str | None) -> int:
+    """Copy the source's general.* and tokenizer.* keys; return its vocabulary size."""
+    tokens = None
+    for key, field in source.fields.items():
+        if key.startswith("GGUF.") or key in NOT_COPIED:
+            continue
+        if not key.startswith(("general.", "tokenizer.")):
+            continue  # the source architecture's hyperparameters: ours come from the config
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 2:
+            raise ConfigError(f"export to GGUF: {key} in {source.data.filename} is a nested "
+                              "array, which is not copied")
+        value = field.contents()
+        if key == gguf.Keys.Tokenizer.LIST:
+            tokens = len(value)
+        writer.add_key_value(key, value, kind, sub_type=sub)
+    if name is not None:
+        writer.add_name(name)
+    if tokens is None:
+        raise ConfigError("export to GGUF: the metadata source has no tokenizer.ggml.tokens")
+    return tokens
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Planned]:
+    config = export.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    tensors = export.tensors
+    count = config.num_local_experts
+    used: set[str] = set()
+    planned: list[_Planned] = []
+
+    def add(kind: gguf.MODEL_TENSOR, layer: int | None, make: Callable[[], torch.Tensor],
+            shape: tuple[int, ...]) -> None:
+        planned.append(_Planned(tensor_name(kind, layer), make, shape,
+                                _storage_type(kind, shape, weights)))
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return tensors[key]
+
+    for key, kind in GLOBAL_TENSORS.items():
+        if key in tensors:
+            tensor = take(key)
+            add(kind, None, partial(_same, tensor), tuple(tensor.shape))
+    _, rope_type, params = _rope(config)
+    if rope_type == "llama3":
+        factors = llama3_rope_factors(params, config.head_dim, config.max_position_embeddings)
+        add(T.ROPE_FREQS, None, partial(_same, factors), tuple(factors.shape))
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for key, kind in LAYER_TENSORS.items():
+            tensor = take(prefix + key)
+            if kind in (T.ATTN_Q, T.ATTN_K):
+                make = partial(permute_qk, tensor, heads if kind == T.ATTN_Q else kv_heads)
+            else:
+                make = partial(_same, tensor)
+            add(kind, i, make, tuple(tensor.shape))
+        for w, kind in EXPERT_TENSORS.items():
+            parts = [take(f"{prefix}block_sparse_moe.experts.{e}.{w}.weight")
+                     for e in range(count)]
+            add(kind, i, partial(torch.stack, parts), (count, *parts[0].shape))
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            bias = tensors.get(f"{prefix}self_attn.{proj}.bias")
+            if bias is not None:  # Qwen2's, all zero (to_mixtral refuses others): dropped
+                if bool(bias.any()):
+                    raise ConfigError(f"export to GGUF: layer {i}'s {proj} has a non-zero bias")
+                used.add(f"{prefix}self_attn.{proj}.bias")
+    left = sorted(set(tensors) - used)
+    if left:
+        raise ConfigError(f"export to GGUF: no GGUF name for {left[:5]} ({len(left)} tensors)")
+    return planned
+
+
+def write_gguf(export: MixtralExport, out_file: str | Path, metadata_from: str | Path,
+               file_type: str = "f32", name: str | None = None) -> Path:
+    """Write `export` (from `to_mixtral`) to `out_file` as a llama.cpp GGUF: architecture
+    `llama`, `expert_count` experts of `feed_forward_length` (the expert width) neurons,
+    `expert_used_count` 1.
+
+    The tokenizer (tokenizer.ggml.*, the chat template, bos/eos/pad ids) and general metadata
+    are copied from `metadata_from`, a GGUF of the source model: a transformers model has no
+    GGUF vocabulary that can be built here offline (see the module docstring). Its vocabulary
+    must have `export.config.vocab_size` tokens. The hyperparameters come from `export.config`.
+    `file_type`: "f32", "f16" or "q8_0" for the 2-D weights (norms, the router and 1-D tensors
+    stay f32; a Q8_0 tensor whose rows are not a multiple of 32 falls back to f16, as in
+    llama.cpp's converter). `name`: general.name (default: the source's). Mistral's
+    sliding window, if any, is not written (llama.cpp's `llama` has none), as in the converter.
+    The file is written beside and renamed into place. Returns `out_file`."""
+    if file_type not in FILE_TYPES:
+        raise ConfigError(f"export to GGUF: file_type must be one of {tuple(FILE_TYPES)}, "
+                          f"got {file_type!r}")
+    config = export.config
+    if config.num_experts_per_tok != 1:
+        raise ConfigError("export to GGUF: moee's experts are top-1 (num_experts_per_tok 1)")
+    theta, rope_type, params = _rope(config)
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ConfigError(f"export to GGUF: RoPE type {rope_type!r} is not written (default, "
+                          "linear and llama3 are)")
+    weights, ftype = FILE_TYPES[file_type]
+    out = Path(out_file)
+    partial = out.with_name(out.name + ".partial")
+    planned = _plan(export, weights)
+    source = gguf.GGUFReader(str(metadata_from))
+    writer = gguf.GGUFWriter(str(partial), ARCH_NAME)
+    try:
+        vocab = _copy_metadata(writer, source, name)
+        if vocab != config.vocab_size:
+            raise ConfigError(f"export to GGUF: {metadata_from} has {vocab} tokens, the model "
+                              f"{config.vocab_size}; copy the metadata from the source model's "
+                              "GGUF")
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(theta)
+        if rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for p in planned:
+            stored, dtype, nbytes = _nbytes(p.shape, p.qtype)
+            writer.add_tensor_info(p.name, stored, dtype, nbytes, raw_dtype=p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        # One tensor at a time: a stacked expert tensor exists only while it is written.
+        for p in planned:
+            writer.write_tensor_data(_encode(p.make(), p.qtype))
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(partial, out)
+    return out
+
+
+def export_gguf(moe_model, out_file: str | Path, metadata_from: str | Path,
+                file_type: str = "f32", name: str | None = None) -> Path:
+    """`to_mixtral` then `write_gguf`: `moe_model` (a `MoEModel` or the model inside it, a
+    LLaMA-style causal LM) as a llama.cpp GGUF, the vocabulary copied from `metadata_from`."""
+    model = moe_model.model if isinstance(moe_model, MoEModel) else moe_model
+    return write_gguf(to_mixtral(model, torch.float32), out_file, metadata_from, file_type, name)
+
+
+__all__ = ["FILE_TYPES", "export_gguf", "llama3_rope_factors", "permute_qk", "tensor_name",
+           "unpermute_qk", "write_gguf"]
