@@ -248,6 +248,13 @@ def test_a_loaded_moe_works_in_a_transformers_pipeline(tiny_llm, tmp_path):
     again = wrapped("Beautiful is better than", max_new_tokens=5, do_sample=False,
                     return_tensors=True)
     assert list(again[0]["generated_token_ids"]) == ids[0].tolist()
+    # The inner model's save_pretrained writes moee's checkpoint, never one transformers
+    # would reload with random MLPs.
+    moe.model.save_pretrained(tmp_path / "inner")
+    reloaded = moee.load(tmp_path / "inner")
+    assert torch.equal(reloaded.generate(**prompt, max_new_tokens=5, do_sample=False), ids)
+    with pytest.raises(TypeError, match="moee's checkpoint"):
+        moe.model.save_pretrained(tmp_path / "hub", push_to_hub=True)
 
 
 def test_text_data_errors_are_one_line(tiny_llm, tmp_path, capsys):

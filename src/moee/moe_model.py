@@ -14,6 +14,22 @@ from moee.io import read_checkpoint, write_checkpoint
 from moee.moe import MoEMLP, moe_layers
 
 
+class _SaveAsMoECheckpoint:
+    """Stands in for the inner transformers model's `save_pretrained`: transformers would write
+    a checkpoint it reloads with every MoE MLP randomly re-initialised, after only a warning.
+    This writes moee's checkpoint instead (a class, not a closure, so the model still pickles)."""
+
+    def __init__(self, model: nn.Module, adapter: str | None, extract_config: dict) -> None:
+        self.model, self.adapter, self.extract_config = model, adapter, extract_config
+
+    def __call__(self, directory: str | Path, **ignored: Any) -> Path:
+        if ignored:
+            raise TypeError(f"this model's MLPs are moee MoE layers: save_pretrained writes "
+                            f"moee's checkpoint and takes no {sorted(ignored)}")
+        return write_checkpoint(self.model, list(moe_layers(self.model).values()), directory,
+                                self.adapter, self.extract_config)
+
+
 class MoEModel(nn.Module):
     """Wraps the base model whose MLPs were swapped for `MoEMLP`s; forward is the base's.
 
@@ -27,6 +43,8 @@ class MoEModel(nn.Module):
         self.model = model
         self.extract_config = extract_config or {}
         self.adapter = adapter
+        if callable(getattr(model, "save_pretrained", None)):
+            model.save_pretrained = _SaveAsMoECheckpoint(model, adapter, self.extract_config)
 
     @property
     def training(self) -> bool:  # the inner model's flag: the two can never disagree

@@ -165,7 +165,8 @@ def _copy_metadata(writer: gguf.GGUFWriter, source: gguf.GGUFReader,
     """Copy the source's general.* and tokenizer.* keys; return its vocabulary size."""
     tokens = None
     for key, field in source.fields.items():
-        if key.startswith("GGUF.") or key in NOT_COPIED:
+        if key.startswith("GGUF.") or key in NOT_COPIED or (
+                name is not None and key == gguf.Keys.General.NAME):
             continue
         if not key.startswith(("general.", "tokenizer.")):
             continue  # the source architecture's hyperparameters: ours come from the config
@@ -239,16 +240,18 @@ def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Pl
     return planned
 
 
-def write_gguf(export: MixtralExport, out_file: str | Path, metadata_from: str | Path,
-               file_type: str = "f32", name: str | None = None) -> Path:
+def write_gguf(export: MixtralExport, out_file: str | Path,
+               metadata_from: str | Path | gguf.GGUFReader, file_type: str = "f32",
+               name: str | None = None) -> Path:
     """Write `export` (from `to_mixtral`) to `out_file` as a llama.cpp GGUF: architecture
     `llama`, `expert_count` experts of `feed_forward_length` (the expert width) neurons,
     `expert_used_count` 1.
 
     The tokenizer (tokenizer.ggml.*, the chat template, bos/eos/pad ids) and general metadata
-    are copied from `metadata_from`, a GGUF of the source model: a transformers model has no
-    GGUF vocabulary that can be built here offline (see the module docstring). Its vocabulary
-    must have `export.config.vocab_size` tokens. The hyperparameters come from `export.config`.
+    are copied from `metadata_from`, a GGUF of the source model (a path, or a `GGUFReader` of
+    it: reading a 50k-token vocabulary takes gguf-py seconds): a transformers model has no GGUF
+    vocabulary that can be built here offline (see the module docstring). Its vocabulary must
+    have `export.config.vocab_size` tokens. The hyperparameters come from `export.config`.
     `file_type`: "f32", "f16" or "q8_0" for the 2-D weights (norms, the router and 1-D tensors
     stay f32; a Q8_0 tensor whose rows are not a multiple of 32 falls back to f16, as in
     llama.cpp's converter). `name`: general.name (default: the source's). Mistral's
@@ -268,14 +271,15 @@ def write_gguf(export: MixtralExport, out_file: str | Path, metadata_from: str |
     out = Path(out_file)
     partial = out.with_name(out.name + ".partial")
     planned = _plan(export, weights)
-    source = gguf.GGUFReader(str(metadata_from))
+    source = (metadata_from if isinstance(metadata_from, gguf.GGUFReader)
+              else gguf.GGUFReader(str(metadata_from)))
     writer = gguf.GGUFWriter(str(partial), ARCH_NAME)
     try:
         vocab = _copy_metadata(writer, source, name)
         if vocab != config.vocab_size:
-            raise ConfigError(f"export to GGUF: {metadata_from} has {vocab} tokens, the model "
-                              f"{config.vocab_size}; copy the metadata from the source model's "
-                              "GGUF")
+            raise ConfigError(f"export to GGUF: {source.data.filename} has {vocab} tokens, the "
+                              f"model {config.vocab_size}; copy the metadata from the source "
+                              "model's GGUF")
         head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
@@ -314,7 +318,7 @@ def write_gguf(export: MixtralExport, out_file: str | Path, metadata_from: str |
     return out
 
 
-def export_gguf(moe_model, out_file: str | Path, metadata_from: str | Path,
+def export_gguf(moe_model, out_file: str | Path, metadata_from: str | Path | gguf.GGUFReader,
                 file_type: str = "f32", name: str | None = None) -> Path:
     """`to_mixtral` then `write_gguf`: `moe_model` (a `MoEModel` or the model inside it, a
     LLaMA-style causal LM) as a llama.cpp GGUF, the vocabulary copied from `metadata_from`."""
