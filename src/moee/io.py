@@ -28,6 +28,7 @@ from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError
 from moee.integrity import add_digests, check_expert_ids, check_loaded_layer, verify_digests
 from moee.moe import MoEMLP
+from moee.remote_code import write_remote_code
 
 CONFIG_NAME = "moee_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,6 +75,7 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
     config_file.write_text(json.dumps(add_digests(config, weights), indent=1))
     os.replace(weights, out / WEIGHTS_NAME)
     os.replace(config_file, out / CONFIG_NAME)
+    write_remote_code(model, out)  # transformers alone can then run it (trust_remote_code)
     return out
 
 
