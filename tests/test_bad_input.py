@@ -174,3 +174,41 @@ def test_cli_refuses_bad_counts_naming_the_option(argv, capsys):
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and argv[1 if argv[0] != "calibrate" else 2] in err
+
+
+def test_binary_files_are_not_taken_for_text(tmp_path):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 60_000, dtype=np.uint8).tobytes())
+    with pytest.raises(moee.ConfigError, match="noise.txt is not UTF-8 text"):
+        moee.read_texts([noise])
+    text = tmp_path / "text.txt"
+    text.write_text("Readability counts. Caf\u00e9 na\u00efve. " * 50)
+    assert moee.read_texts([text]).startswith("Readability")
+
+
+def test_text_models_refuse_rows_past_their_positions_and_foreign_teachers(tiny_llm, tmp_path,
+                                                                          capsys):
+    """Checked before any work: rows longer than the model's 64 positions; a teacher whose
+    vocabulary is not the student's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moee.cli import main
+
+    folder, text = tiny_llm
+    data = ["--data", str(text), "--tokens", "120", "--algorithm", "kmeans", "--no-stability"]
+    assert main(["extract", "--model", str(folder), "--out", str(tmp_path / "x"), *data,
+                 "--seq-len", "100"]) == 2
+    assert "the model has 64 positions" in capsys.readouterr().err
+    assert main(["extract", "--model", str(folder), "--out", str(tmp_path / "x"), *data,
+                 "--seq-len", "16", "--reduce-dims", "8"]) == 0
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=77, hidden_size=16, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(other)
+    for folder_file in folder.glob("tok*"):  # the same tokenizer, another vocabulary size
+        (other / folder_file.name).write_bytes(folder_file.read_bytes())
+    capsys.readouterr()
+    assert main(["finetune", str(tmp_path / "x"), "--teacher", str(other), "--data", str(text),
+                 "--seq-len", "16", "--out", str(tmp_path / "y")]) == 2
+    assert "vocab_size is 77" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -7,12 +7,23 @@ from pathlib import Path
 
 import torch
 
-from moee.errors import EmptyDataError
+from moee.errors import ConfigError, EmptyDataError
 
 
-def read_texts(paths: Iterable[str | Path]) -> str:
-    """The files' contents joined by blank lines (UTF-8, undecodable bytes replaced)."""
-    return "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in paths)
+def read_texts(paths: Iterable[str | Path], max_undecodable: float = 0.01) -> str:
+    """The files' contents joined by blank lines (UTF-8, undecodable bytes replaced). A file
+    with NUL bytes or more than `max_undecodable` of its characters undecodable is refused:
+    it is not text, and calibrating on replacement characters would give a useless model."""
+    texts = []
+    for p in paths:
+        raw = Path(p).read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") + text.count("\x00")
+        if text and bad > max_undecodable * len(text):
+            raise ConfigError(f"data: {p} is not UTF-8 text ({bad:,} of {len(text):,} "
+                              "characters are NUL or undecodable); give plain text files")
+        texts.append(text)
+    return "\n\n".join(texts)
 
 
 def token_batches(tokenizer, text: str, length: int = 256, batch_size: int = 4,

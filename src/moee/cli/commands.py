@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from moee.cli.options import distill_config, extract_config
-from moee.cli.sources import calibration_data, load_dense, training_data, user_batches
+from moee.cli.sources import (
+    calibration_data,
+    check_pair,
+    check_seq_len,
+    load_dense,
+    training_data,
+    user_batches,
+)
 from moee.distributed import rank_and_world
 from moee.errors import ConfigError
 
@@ -78,6 +85,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from moee.api import extract
 
     dense, tokenizer = load_dense(args.model)
+    check_seq_len(args, dense)
     moe_model, report = extract(dense, calibration_data(args, tokenizer), extract_config(args))
     if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
         return 0
@@ -96,6 +104,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     student = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     source = recorded_source(args.checkpoint, args.teacher)
     teacher, tokenizer = load_dense(source)
+    check_seq_len(args, teacher)
+    check_pair(student, teacher, "teacher")
     # The run's state lives beside the output until the checkpoint is saved: rerunning the
     # same command after an interruption resumes it.
     state = Path(args.out) / "distill_state"
@@ -121,6 +131,8 @@ def _evaluate_on_data(args: argparse.Namespace) -> int:
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     dense, preprocessor = load_dense(recorded_source(args.checkpoint, args.dense))
+    check_seq_len(args, dense)
+    check_pair(moe_model, dense, "dense model")
     batches = list(itertools.islice(user_batches(args, preprocessor, None), args.max_batches))
     result = fidelity(moe_model, dense, batches)
     for name, model in (("dense", dense), ("moe", moe_model)):
@@ -150,6 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
+    check_pair(moe_model, dense, "dense model")
     rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
             "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
     time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)

@@ -115,3 +115,43 @@ def training_data(args: argparse.Namespace, tokenizer):
 
     train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
     return TrainingBatches(train_x, args.kd_batch_size, seed=args.seed)
+
+
+def positions(model) -> int | None:
+    """How many positions the model's position embeddings cover (None: no such limit)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(args: argparse.Namespace, model) -> None:
+    """Refuse text rows longer than the model's positions before any work (else an
+    IndexError deep in the embedding)."""
+    limit = positions(model)
+    if getattr(args, "data", None) and not Path(args.data[0]).is_dir() and limit is not None \
+            and args.seq_len > limit:
+        raise ConfigError(f"seq-len: {args.seq_len} tokens a row, but the model has "
+                          f"{limit} positions; give --seq-len {limit} or less")
+
+
+def check_pair(moe_model, dense, role: str) -> None:
+    """Refuse a dense `role` model (teacher, reference) whose outputs cannot be compared with
+    the MoE model's; warn when it is another model than the one the MoE came from."""
+    a, b = getattr(moe_model, "config", None), getattr(dense, "config", None)
+    if a is None or b is None:
+        return
+    for key in ("vocab_size", "num_labels"):
+        x, y = getattr(a, key, None), getattr(b, key, None)
+        if key == "num_labels" and getattr(a, "vocab_size", None) is not None:
+            continue  # a language model's labels are its vocabulary
+        if x is not None and y is not None and x != y:
+            raise ConfigError(f"{role}: its {key} is {y}, the MoE model's {x}: their outputs "
+                              f"cannot be compared; give the model the checkpoint came from")
+    differ = [k for k in ("model_type", "hidden_size", "num_hidden_layers")
+              if getattr(a, k, None) != getattr(b, k, None)]
+    if differ:
+        print(f"moee: warning: the {role} differs from the model the checkpoint came from in "
+              f"{', '.join(differ)}")
