@@ -212,3 +212,38 @@ def test_text_models_refuse_rows_past_their_positions_and_foreign_teachers(tiny_
                  "--seq-len", "16", "--out", str(tmp_path / "y")]) == 2
     assert "vocab_size is 77" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_sigterm_during_extraction_removes_the_temporary_store(tmp_path):
+    """A run without a work_dir that is terminated leaves no activation store behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent("""
+        import sys, time, torch
+        sys.path.insert(0, sys.argv[1])
+        from conftest import tiny_vit
+        import moee
+
+        def data():
+            while True:
+                print("batch", flush=True)
+                time.sleep(0.2)
+                yield torch.randn(4, 1, 8, 8)
+
+        moee.extract(tiny_vit(), data(), moee.ExtractConfig(
+            record=moee.RecordConfig(n_tokens=10**6), progress=False))
+    """)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__)],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "batch"  # recording has started
+    time.sleep(0.5)
+    assert any(p.name.startswith("moee-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not any(p.name.startswith("moee-") for p in tmp_path.iterdir())

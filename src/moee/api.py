@@ -27,6 +27,7 @@ from moee.errors import ConfigError, NoClustersError
 from moee.fingerprint import model_fingerprint
 from moee.fit import LayerFit, fit_layers
 from moee.local_distill import distill_layers
+from moee.modes import cleanup_on_terminate
 from moee.moe_model import MoEModel
 from moee.record import ActivationStore, record_activations, reuse_or_why_not
 from moee.resources import check_disk, plan_memory
@@ -134,7 +135,7 @@ def extract(
     if rank_and_world()[1] > 1:
         raise ConfigError("under torchrun, extract needs a work_dir every rank can read (the "
                           "ranks share the recorded activations and clusterings through it)")
-    with tempfile.TemporaryDirectory(prefix="moee-") as tmp:
+    with cleanup_on_terminate(), tempfile.TemporaryDirectory(prefix="moee-") as tmp:
         return _extract(model, data, config, adapter, sites, chosen, Path(tmp), probe)
 
 
