@@ -247,3 +247,38 @@ def test_sigterm_during_extraction_removes_the_temporary_store(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert not any(p.name.startswith("moee-") for p in tmp_path.iterdir())
+
+
+def test_cli_probes_outputs_before_work_and_reports_a_full_disk_in_one_line(tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    import moee.cli
+    from moee.cli import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["extract", "--out", str(a_file)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert main(["extract", "--out", str(a_file / "inside")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
+
+    monkeypatch.setattr(moee.cli, "cmd_extract", full_disk)
+    assert main(["extract", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_one_seed_reaches_every_stage_of_the_extraction():
+    from moee.cli import build_parser
+    from moee.cli.options import extract_config
+
+    args = build_parser().parse_args(["extract", "--out", "x", "--seed", "7", "--local-steps", "3",
+                                      "--method", "cmoe"])
+    config = extract_config(args)
+    seeds = {config.cluster.seed, config.select.seed, config.router.seed, config.local.seed,
+             config.carve.seed}
+    assert seeds == {7}

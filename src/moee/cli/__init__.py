@@ -7,6 +7,7 @@ print as one line (exit code 2); anything else shows its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from moee.cli.commands import (
@@ -29,7 +30,7 @@ from moee.cli.options import (
     extract_config,
     positive,
 )
-from moee.cli.sources import check_data
+from moee.cli.sources import check_data, check_writable
 from moee.config import DistillConfig, ExtractConfig
 from moee.engine import EXECUTIONS
 from moee.errors import MoeeError
@@ -164,6 +165,11 @@ def _join_torchrun() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+# A write that fails for want of room or rights: reported in one line, not a traceback.
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                errno.EROFS}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: every option passes through untouched
@@ -175,10 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     _join_torchrun()
     try:
         check_data(args)  # a missing file or folder is reported before any model loads
+        check_writable("out", getattr(args, "out", None))
+        check_writable("work-dir", getattr(args, "work_dir", None))
         return args.func(args)
     except MoeeError as e:
         print(f"moee {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"moee {args.command}: error: cannot write{where}: {e.strerror}. Free space or "
+              "choose another --out / --work-dir; with --work-dir, what was computed is kept "
+              "and the same command resumes", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "--p is then unused")
     p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
                    help="which MACs --target-macs counts: the whole model's or the MLPs'")
-    p.add_argument("--seed", type=count(0), default=c.seed)
+    p.add_argument("--seed", type=count(0), default=c.seed,
+                   help="seeds every random draw of the extraction: clustering, random "
+                   "selection and routing baselines, the router fit, carving, local distillation")
 
 
 def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
@@ -160,15 +162,18 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        dense_below_stability=args.dense_below_stability,
                        merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
+                      seed=args.seed,
                       compensate_mean=not args.no_compensate and args.export_ready is None,
                       refit_down=args.refit, width=args.export_ready,
                       refit_offsets=args.export_ready is None),
-             router=r(base.router, metric=args.metric, centres=args.router),
-             local=LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
+             router=r(base.router, metric=args.metric, centres=args.router, seed=args.seed),
+             local=LocalDistillConfig(steps=args.local_steps, seed=args.seed)
+             if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
              max_memory_gib=args.max_memory,
-             carve=CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k)
+             carve=CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k,
+                               seed=args.seed)
              if args.method in ("cmoe", "moefication") else None).with_method(args.method)
 
 
