@@ -277,3 +277,17 @@ def test_extract_with_the_reproducing_stages_from_the_command_line(tiny_llm, tmp
     assert report["config"]["router"]["centres"] == "fitted"
     assert report["config"]["select"]["refit_down"] and report["config"]["local"]["steps"] == 5
     assert all({"refit", "local"} <= set(row["reproduction"]) for row in report["layers"])
+
+
+def test_calibrate_a_text_checkpoint_on_its_own_text(tiny_llm, tmp_path, capsys):
+    folder, text = tiny_llm
+    data = ["--data", str(text), "--seq-len", "16"]
+    assert main(["extract", "--model", str(folder), "--out", str(tmp_path / "x"), *data,
+                 "--tokens", "120", "--algorithm", "kmeans", "--reduce-dims", "8",
+                 "--no-stability"]) == 0
+    assert main(["calibrate", str(tmp_path / "x"), "--out", str(tmp_path / "c")]) == 2
+    assert "give a batch of your own data with --data" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "x"), *data, "--batch", "2",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert "tokens" in capsys.readouterr().out
+    assert len(moee.load(tmp_path / "c").moe_layers()) == 2

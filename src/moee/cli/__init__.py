@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per batch you will serve")
     cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")
     cal.add_argument("--out", required=True)
-    add_data_args(cal)
+    add_data_args(cal, text=True)
     cal.set_defaults(func=cmd_calibrate)
     xp = sub.add_parser("export", help="write a MoE checkpoint in another engine's format "
                         "(Mixtral: transformers, vLLM, llama.cpp's converter)")

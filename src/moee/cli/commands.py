@@ -204,9 +204,31 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_batch(args: argparse.Namespace, moe_model):
+    """One batch of the size the user will serve: --batch rows of --data (text tokenized by
+    the checkpoint's source model's tokenizer, or images), else Fashion-MNIST test images."""
+    if args.data:
+        preprocessor = load_dense(recorded_source(args.checkpoint, None))[1]
+        args.kd_batch_size = args.image_batch = args.batch
+        batches = user_batches(args, preprocessor, None)
+        if isinstance(batches, list):  # text: rows of --seq-len tokens, --batch of them
+            ids = torch.cat([b["input_ids"] for b in batches])[: args.batch]
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return next(iter(batches))
+    from moee.demo import load_fashion_mnist, normalize_images
+
+    config = moe_model.config
+    shape = tuple(getattr(config, k, None) for k in ("num_channels", "image_size", "image_size"))
+    if shape != (1, 28, 28):
+        raise ConfigError("this checkpoint does not take Fashion-MNIST's 28x28 grey images: "
+                          "give a batch of your own data with --data (text files or an image "
+                          "folder)")
+    images = normalize_images(load_fashion_mnist("test", args.data_dir, args.download)[0])
+    return images[: args.batch]
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moee.api import calibrate
-    from moee.demo import load_fashion_mnist, normalize_images
     from moee.moe_model import MoEModel
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
@@ -214,14 +236,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         moe_model.configure(execution=args.force)
         print(f"every MoE layer set to execution={args.force!r}")
     else:
-        config = moe_model.config
-        shape = (config.num_channels, config.image_size, config.image_size)
-        if shape != (1, 28, 28):
-            raise ConfigError(f"this checkpoint takes {shape} images; the CLI calibrates on "
-                              "Fashion-MNIST only. Use moee.calibrate(model, your_batch) from "
-                              "Python.")
-        images = normalize_images(load_fashion_mnist("test", args.data_dir, args.download)[0])
-        rows = calibrate(moe_model, images[: args.batch])
+        images = _calibration_batch(args, moe_model)
+        rows = calibrate(moe_model, images)
         print(f"{'layer':<22}{'tokens':>7}{'experts ms':>12}{'union ms':>10}{'kept':>9}"
               f"{'masked up to':>14}")
         for r in rows:
