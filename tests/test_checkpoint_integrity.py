@@ -149,3 +149,12 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         moee.load(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_loading_on_cuda_without_cuda_says_so(tmp_path):
+    from conftest import tiny_moe_model
+
+    tiny_moe_model().save_pretrained(tmp_path)
+    with pytest.raises(moee.ConfigError, match="no CUDA device"):
+        moee.load(tmp_path, map_location="cuda")

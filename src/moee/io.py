@@ -186,6 +186,13 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
     root = Path(directory)
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory")
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as e:
+        raise ConfigError(f"map_location: {map_location!r} is not a device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location: {map_location!r}, but this machine has no CUDA device "
+                          "(load on 'cpu')")
     config = _read_config(root / CONFIG_NAME)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
