@@ -119,3 +119,66 @@ def test_padding_tokens_never_reach_the_activation_store(tmp_path):
     real = [x[b["attention_mask"].bool()] for x, b in zip(seen, data, strict=True)]
     assert store.n_tokens == sum(int(b["attention_mask"].sum()) for b in data) == 160
     np.testing.assert_array_equal(store.inputs(0), torch.cat(real).numpy())
+
+
+@pytest.fixture
+def self_confirming_adapter():
+    """A user adapter that ignores a LLaMA MLP's gate and whose `reference` repeats that very
+    formula, so the per-block probe compares the adapter with itself and passes."""
+    def finder(model):
+        sites = []
+        for n, m in model.named_modules():
+            if hasattr(m, "gate_proj"):
+                w = linear_weights(m.up_proj, m.down_proj)
+                sites.append(MLPSite(n, w, m.act_fn, m, _replace_at(model, n),
+                                     lambda x, w=w, act=m.act_fn: w().forward(x, act)))
+        return sites
+
+    moee.register_adapter("self-confirming")(finder)
+    yield "self-confirming"
+    del _ADAPTERS["self-confirming"]
+
+
+def _replace_at(model, name):
+    parent, _, attr = name.rpartition(".")
+    return lambda module: setattr(model.get_submodule(parent), attr, module)
+
+
+def test_a_user_adapter_is_checked_against_the_models_own_output(self_confirming_adapter,
+                                                                  tmp_path):
+    model = FAMILIES["hf-llama"][0]()
+    assert moee.find_mlp_sites(model, self_confirming_adapter)  # the block probe is fooled
+    config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=64), work_dir=str(tmp_path),
+                                progress=False)
+    with pytest.raises(moee.AdapterMismatchError, match="p = 1.*changes"):
+        moee.extract(model, batches("hf-llama"), config, adapter=self_confirming_adapter)
+
+
+def test_an_adapter_whose_blocks_never_run_is_told_so(tmp_path):
+    """Sites on modules the forward never calls: not 'no tokens', but which blocks."""
+    from torch import nn
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(8, 8)
+            self.spare = nn.ModuleDict({"mlp": nn.Sequential()})
+            self.spare.mlp.fc1, self.spare.mlp.act, self.spare.mlp.fc2 = (
+                nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+        def forward(self, x):
+            return self.used(x)
+
+    def finder(model):
+        m = model.spare.mlp
+        return [MLPSite("spare.mlp", linear_weights(m.fc1, m.fc2), m.act, m.fc1,
+                        lambda module: None, lambda x, m=m: m.fc2(m.act(m.fc1(x))))]
+
+    moee.register_adapter("never-runs")(finder)
+    try:
+        config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=64),
+                                    work_dir=str(tmp_path), progress=False)
+        with pytest.raises(moee.AdapterMismatchError, match="never ran.*spare.mlp"):
+            moee.extract(Unused(), [torch.randn(4, 8, 8)], config, adapter="never-runs")
+    finally:
+        del _ADAPTERS["never-runs"]

@@ -15,11 +15,11 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.adapters import find_mlp_sites
+from moee.adapters import BUILTIN_ADAPTERS, adapter_of, find_mlp_sites
 from moee.atomic import write_json
 from moee.batches import Batch
 from moee.budget import allocate_budget
-from moee.build import LayerPlan, apply_plans
+from moee.build import LayerPlan, apply_plans, check_full_width
 from moee.config import ExtractConfig
 from moee.distributed import barrier, merge_stores, rank_and_world, shard, shard_tokens
 from moee.engine.calibrate import calibrate_layers
@@ -120,6 +120,13 @@ def extract(
     """
     config = config or ExtractConfig()
     sites = find_mlp_sites(model, adapter)
+    name = adapter_of(model, adapter)
+    if name not in BUILTIN_ADAPTERS:  # a user's adapter proves itself on the first batch
+        it = iter(data)
+        first = next(it, None)
+        if first is not None:
+            check_full_width(model, name, first)
+            data = itertools.chain([first], it)
     chosen = list(range(len(sites))) if config.layers is None else list(config.layers)
     bad = [i for i in chosen if not 0 <= i < len(sites)]
     if bad:

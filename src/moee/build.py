@@ -8,8 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from moee.adapters import MLPSite
+from moee.adapters import MLPSite, find_mlp_sites
+from moee.batches import call_model, output_tensor
 from moee.engine import ExecutionConfig
+from moee.errors import AdapterMismatchError
+from moee.modes import eval_mode
 from moee.moe import MoEMLP
 
 
@@ -100,3 +103,30 @@ def apply_plans(sites: list[MLPSite], plans: list[LayerPlan]) -> dict[str, MoEML
         by_name[plan.site].install(moe)
         installed[plan.site] = moe
     return installed
+
+
+@torch.no_grad()
+def check_full_width(model: nn.Module, adapter: str, batch) -> None:
+    """A user adapter's proof: on a copy of `model`, every MLP the adapter finds becomes a
+    one-expert MoE layer of all its neurons (p = 1), which must give the model's own output
+    on `batch`. A wrong `weights()` or `install`, or a
+    `reference` repeating the adapter's own mistake, shows here as a different output."""
+    import copy
+
+
+    twin = copy.deepcopy(model).eval()
+    sites = find_mlp_sites(twin, adapter, validate=False)
+    plans = [LayerPlan(s.name, [np.arange(s.weights().hidden_size)],
+                       np.ones((1, s.weights().d_in), np.float32)) for s in sites]
+    apply_plans(sites, plans)
+    twin.eval()
+    with eval_mode(model):
+        expected = output_tensor(call_model(model, batch))
+    got = output_tensor(call_model(twin, batch))
+    diff = float((expected.float() - got.float()).abs().max())
+    scale = float(expected.float().abs().max()) + 1e-6
+    if diff > 1e-3 * scale:
+        raise AdapterMismatchError(
+            f"adapter {adapter!r}: with every MLP it finds replaced by all of its own neurons "
+            f"(p = 1) the model's output changes by {diff:.3g} (of {scale:.3g}); its weights() "
+            "or install() do not describe the model's MLP blocks")

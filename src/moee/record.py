@@ -25,7 +25,7 @@ from moee.adapters import MLPSite, entry_input
 from moee.atomic import write_json
 from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
-from moee.errors import EmptyDataError, NonFiniteError
+from moee.errors import AdapterMismatchError, EmptyDataError, NonFiniteError
 from moee.fingerprint import new_digest, update_batch_digest
 from moee.stored_array import RowWriter, StoredArray
 
@@ -171,6 +171,12 @@ def record_activations(
         model.train(was_training)
         bar.close()
     got = min(filled) if filled else 0
+    silent = [s.name for s, f in zip(sites, filled, strict=True) if f == 0]
+    if batches and silent:
+        raise AdapterMismatchError(
+            f"{len(silent)} MLP block(s) never ran in {batches} batch(es) of the model's "
+            f"forward ({', '.join(silent[:3])}): the adapter points at modules the model does "
+            "not call")
     if got == 0:
         raise EmptyDataError("The calibration data yielded no tokens: pass at least one batch.")
     for inp, hid in arrays.values():

@@ -6,7 +6,7 @@ block it finds on a probe.
 """
 
 from moee.adapters import layouts as _layouts  # noqa: F401  (registers the built-in adapters)
-from moee.adapters.registry import find_mlp_sites, list_adapters, register_adapter
+from moee.adapters.registry import adapter_of, find_mlp_sites, list_adapters, register_adapter
 from moee.adapters.site import (
     MLPSite,
     MLPWeights,
@@ -16,5 +16,8 @@ from moee.adapters.site import (
 )
 from moee.errors import NoMLPBlocksError
 
-__all__ = ["MLPSite", "MLPWeights", "NoMLPBlocksError", "entry_input", "find_mlp_sites",
-           "linear_weights", "list_adapters", "register_adapter", "validate_site"]
+BUILTIN_ADAPTERS = frozenset(list_adapters())  # moee's own, tested on every family they name
+
+__all__ = ["BUILTIN_ADAPTERS", "MLPSite", "MLPWeights", "NoMLPBlocksError", "adapter_of",
+           "entry_input", "find_mlp_sites", "linear_weights", "list_adapters",
+           "register_adapter", "validate_site"]

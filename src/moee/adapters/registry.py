@@ -25,6 +25,13 @@ def register_adapter(name: str):
     return wrap
 
 
+def adapter_of(model: nn.Module, adapter: str | None = None) -> str:
+    """The adapter `find_mlp_sites(model, adapter)` would use."""
+    if adapter is not None:
+        return adapter
+    return next((n for n, finder in _ADAPTERS.items() if finder(model)), "")
+
+
 def list_adapters() -> list[str]:
     """Registered adapter names, in the order `find_mlp_sites` tries them."""
     return list(_ADAPTERS)
