@@ -139,12 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     xp = sub.add_parser("export", help="write a MoE checkpoint in another engine's format "
                         "(Mixtral: transformers, vLLM, llama.cpp's converter)")
     add_checkpoint_arg(xp)
-    xp.add_argument("--to", default="mixtral", choices=["mixtral"])
-    xp.add_argument("--out", required=True, help="the directory to write")
+    xp.add_argument("--to", default="mixtral", choices=["mixtral", "gguf"],
+                    help="mixtral: a MixtralForCausalLM directory; gguf: a llama.cpp file")
+    xp.add_argument("--out", required=True, help="the directory (mixtral) or file (gguf)")
     xp.add_argument("--tokenizer", default=None, help="the model whose tokenizer to ship "
                     "(default: the model the checkpoint was extracted from)")
     xp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                    help="weights' dtype (default: the checkpoint's)")
+                    help="mixtral: the weights' dtype (default: the checkpoint's)")
+    xp.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f32",
+                    help="gguf: the 2-D weights' type (norms and routers stay f32)")
+    xp.add_argument("--gguf-metadata", default=None, metavar="FILE",
+                    help="gguf: a GGUF of the source model to copy the vocabulary from "
+                    "(default: the model the checkpoint came from, when it is a .gguf)")
     xp.set_defaults(func=cmd_export)
     # Listed for --help; main() hands `moee bench ...` to moee.bench.suite directly.
     sub.add_parser("bench", help="dense vs MoE speed side by side (moee bench --help)")
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     _join_torchrun()
     try:
         check_data(args)  # a missing file or folder is reported before any model loads
-        check_writable("out", getattr(args, "out", None))
+        out_file = getattr(args, "to", None) == "gguf"  # a file, not a folder
+        check_writable("out", None if out_file else getattr(args, "out", None))
         check_writable("work-dir", getattr(args, "work_dir", None))
         return args.func(args)
     except MoeeError as e:

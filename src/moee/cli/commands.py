@@ -267,14 +267,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     import moee
     from moee.export import export
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a directory")
     moe_model = moee.load(args.checkpoint, verify=not args.no_verify)
     source = recorded_source(args.checkpoint, args.tokenizer)
-    tokenizer = None if source == "default" else _tokenizer_of(source)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    result = export(moe_model, out, to=args.to, tokenizer=tokenizer, dtype=dtype)
+    out = Path(args.out)
+    if args.to == "gguf":
+        metadata = args.gguf_metadata or (source if source.endswith(".gguf") else None)
+        if metadata is None:
+            raise ConfigError("gguf-metadata: give a GGUF of the source model (its vocabulary "
+                              "is copied), or export --to mixtral and convert that directory "
+                              "with llama.cpp's convert_hf_to_gguf.py")
+        result = export(moe_model, out, to="gguf", gguf_metadata=metadata,
+                        gguf_type=args.gguf_type)
+        how = "llama.cpp (llama-cli -m FILE, or any llama.cpp binding)"
+    else:
+        tokenizer = None if source == "default" else _tokenizer_of(source)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        result = export(moe_model, out, to="mixtral", tokenizer=tokenizer, dtype=dtype)
+        how = "transformers.MixtralForCausalLM.from_pretrained, vLLM"
     print(f"moee: {result.padding_summary()}")
-    print(f"Exported to {out} (load with transformers.MixtralForCausalLM.from_pretrained)")
+    print(f"Exported to {out} (load with {how})")
     return 0

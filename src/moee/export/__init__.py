@@ -1,5 +1,6 @@
-"""Export a MoE model to formats other engines load: `export(moe_model, directory)` writes a
-`MixtralForCausalLM` checkpoint (transformers, vLLM, llama.cpp's converter)."""
+"""Export a MoE model to formats other engines load: `export(moe_model, path, to=...)` writes a
+`MixtralForCausalLM` checkpoint directory (transformers, vLLM, llama.cpp's converter) or a
+llama.cpp GGUF file (`moee.export.gguf`, needs the `gguf` package)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,34 @@ from moee.errors import ConfigError
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.moe_model import MoEModel
 
-FORMATS = ("mixtral",)
+FORMATS = ("mixtral", "gguf")
 
 
-def export(moe_model, directory: str | Path, to: str = "mixtral", tokenizer=None,
-           dtype: torch.dtype | None = None) -> MixtralExport:
-    """Write `moe_model` (a `MoEModel` or the model inside it) to `directory` as `to`:
-    config.json, model.safetensors, the generation config and `tokenizer`'s files (a
-    tokenizer object; engines need them to run the model). `dtype`: the weights' dtype
-    (default: the model's). The directory is written beside and renamed into place, so a
-    failed export leaves nothing half-written."""
+def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
+           dtype: torch.dtype | None = None, gguf_metadata: str | Path | None = None,
+           gguf_type: str = "f32") -> MixtralExport:
+    """Write `moe_model` (a `MoEModel` or the model inside it) to `path` as `to`.
+
+    "mixtral": a directory with config.json, model.safetensors, the generation config and
+    `tokenizer`'s files (engines need them to run the model); `dtype` the weights' dtype
+    (default: the model's). "gguf": one file for llama.cpp, 2-D weights as `gguf_type` ("f32",
+    "f16" or "q8_0"), the vocabulary and chat template copied from `gguf_metadata`, a GGUF of
+    the source model. Either is written beside and renamed into place, so a failed export
+    leaves nothing half-written. Returns what was exported (`padding_summary()` says what
+    padding costs)."""
     if to not in FORMATS:
         raise ConfigError(f"export: format must be one of {FORMATS}, got {to!r}")
     model = moe_model.model if isinstance(moe_model, MoEModel) else moe_model
-    out = Path(directory)
+    out = Path(path)
+    if to == "gguf":
+        if gguf_metadata is None:
+            raise ConfigError("export to GGUF: give gguf_metadata, a GGUF of the source model "
+                              "(its vocabulary and chat template are copied; any quantisation)")
+        from moee.export.gguf import write_gguf
+
+        result = to_mixtral(model, torch.float32)
+        write_gguf(result, out, gguf_metadata, gguf_type)
+        return result
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export: {out} exists and is not a directory")
     result = to_mixtral(model, dtype)

@@ -254,7 +254,9 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     have `export.config.vocab_size` tokens. The hyperparameters come from `export.config`.
     `file_type`: "f32", "f16" or "q8_0" for the 2-D weights (norms, the router and 1-D tensors
     stay f32; a Q8_0 tensor whose rows are not a multiple of 32 falls back to f16, as in
-    llama.cpp's converter). `name`: general.name (default: the source's). Mistral's
+    llama.cpp's converter); rounding can move a token whose two best router scores nearly tie
+    to the other expert, so a quantised MoE can drift further from f32 than its dense model
+    does. `name`: general.name (default: the source's). Mistral's
     sliding window, if any, is not written (llama.cpp's `llama` has none), as in the converter.
     The file is written beside and renamed into place. Returns `out_file`."""
     if file_type not in FILE_TYPES:
