@@ -16,6 +16,8 @@ variant, named "moee" or "static" followed by any of "+router", "+refit", "+outp
   +refit        the least-squares refit of the down projection and offsets
   +output       neurons ranked by the variance they put into the output
   +local        layer-local distillation (--local-steps, --local-lr)
+  +export       export-ready: every expert --width of its layer's neurons, every layer MoE,
+                no per-expert offsets (what a Mixtral export runs exactly, without padding)
   threshold     per-token activation sparsity (CATS-style threshold on |act(gate)|), at the
                 MLP MACs the last variant reached on Matthew (`--threshold`)
 Writes results.json in --out (render with benchmarks/save_result.py smollm2-reproduce).
@@ -69,15 +71,20 @@ def manpages_text(max_chars: int) -> str:
 
 
 def variant_config(base: moee.ExtractConfig, variant: str, p: float,
-                   local: moee.LocalDistillConfig | None = None) -> moee.ExtractConfig:
+                   local: moee.LocalDistillConfig | None = None,
+                   width: float = 0.71) -> moee.ExtractConfig:
     """`variant`: "moee" or "static", then any of "+router", "+refit", "+output" (rank neurons
-    by the variance they put into the output), "+local" (layer-local distillation)."""
+    by the variance they put into the output), "+local" (layer-local distillation), "+export"
+    (experts of one `width`, no offsets)."""
     r = dataclasses.replace
     parts = set(variant.split("+"))
     config = base.with_method("static") if "static" in parts else base
     criterion = "output_variance" if "output" in parts else "variance"
     config = r(config, select=r(config.select, p=p, refit_down="refit" in parts,
                                 criterion=criterion))
+    if "export" in parts:
+        config = r(config, select=r(config.select, width=width, compensate_mean=False,
+                                    refit_offsets=False))
     if "router" in parts:
         config = r(config, router=r(config.router, centres="fitted"))
     if "local" in parts:
@@ -137,6 +144,8 @@ def main() -> None:
                     help="calibrate on this many tokens of man(7) pages, the rest on --calibration")
     ap.add_argument("--local-steps", type=int, default=100)
     ap.add_argument("--local-lr", type=float, default=1e-4)
+    ap.add_argument("--width", type=float, default=0.71,
+                    help="+export: each expert's share of its layer's neurons")
     ap.add_argument("--max-experts", type=int, default=8)
     ap.add_argument("--cluster-tokens", type=int, default=None)
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -184,9 +193,11 @@ def main() -> None:
     for p in [float(v) for v in args.p.split(",") if v]:
         for variant in args.variants.split(","):
             t1 = time.perf_counter()
-            moe_model, report = moee.extract(dense, calib, variant_config(base, variant, p, local))
+            moe_model, report = moee.extract(dense, calib,
+                                             variant_config(base, variant, p, local, args.width))
             seconds = time.perf_counter() - t1
             row = {"variant": variant, "p": p, "extract_seconds": seconds,
+                   **({"width": args.width} if "export" in variant else {}),
                    "eval": measure(moe_model, texts, dense_row),
                    "layers": [{k: r.get(k) for k in ("site", "experts", "expert_sizes",
                                                      "load_share", "active_neurons_per_token",
