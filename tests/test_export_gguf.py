@@ -313,3 +313,23 @@ def test_cli_exports_a_checkpoint_to_gguf(small_source, tmp_path, capsys):
     assert "padding adds" in capsys.readouterr().out
     fields, tensors = read(out)
     assert fields["llama.expert_count"] == 3 and fields["general.file_type"] == 1
+
+
+def test_a_model_without_experts_is_a_plain_llama_gguf(smollm2_source, tmp_path):
+    """One expert a layer (the dense model, or structured pruning): llama.cpp's dense FFN
+    tensors, no router, the same tokens and log-probs as transformers."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=49152, hidden_size=D, intermediate_size=H, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.1)).eval()
+    out = G.write_gguf(to_mixtral(model, torch.float32), tmp_path / "dense.gguf", smollm2_source)
+    fields, tensors = read(out)
+    assert "llama.expert_count" not in fields and "blk.0.ffn_gate.weight" in tensors
+    assert not any("exps" in name or "gate_inp" in name for name in tensors)
+    steps = run_llama_cpp(out, PROMPT, NEW)
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                do_sample=False)[0, len(PROMPT):].tolist()
+    assert [s["id"] for s in steps] == greedy
+    assert logprob_error(model, PROMPT, steps) <= 1e-4

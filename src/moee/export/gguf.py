@@ -61,6 +61,8 @@ LAYER_TENSORS = {
     "block_sparse_moe.gate.weight": T.FFN_GATE_INP,
 }
 EXPERT_TENSORS = {"w1": T.FFN_GATE_EXP, "w3": T.FFN_UP_EXP, "w2": T.FFN_DOWN_EXP}
+# One expert a layer (a dense model, or structured pruning): llama.cpp's plain FFN tensors.
+DENSE_TENSORS = {"w1": T.FFN_GATE, "w3": T.FFN_UP, "w2": T.FFN_DOWN}
 GLOBAL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight": T.OUTPUT_NORM,
                   "lm_head.weight": T.OUTPUT}
 ALWAYS_F32 = (T.FFN_GATE_INP,)  # as the converter: the router is never quantised
@@ -219,15 +221,20 @@ def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Pl
         prefix = f"model.layers.{i}."
         for key, kind in LAYER_TENSORS.items():
             tensor = take(prefix + key)
+            if count == 1 and kind == T.FFN_GATE_INP:
+                continue  # one expert: nothing to route
             if kind in (T.ATTN_Q, T.ATTN_K):
                 make = partial(permute_qk, tensor, heads if kind == T.ATTN_Q else kv_heads)
             else:
                 make = partial(_same, tensor)
             add(kind, i, make, tuple(tensor.shape))
-        for w, kind in EXPERT_TENSORS.items():
+        for w, kind in (DENSE_TENSORS if count == 1 else EXPERT_TENSORS).items():
             parts = [take(f"{prefix}block_sparse_moe.experts.{e}.{w}.weight")
                      for e in range(count)]
-            add(kind, i, partial(torch.stack, parts), (count, *parts[0].shape))
+            if count == 1:
+                add(kind, i, partial(_same, parts[0]), tuple(parts[0].shape))
+            else:
+                add(kind, i, partial(torch.stack, parts), (count, *parts[0].shape))
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = tensors.get(f"{prefix}self_attn.{proj}.bias")
             if bias is not None:  # Qwen2's, all zero (to_mixtral refuses others): dropped
@@ -297,8 +304,9 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(params["factor"]))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_expert_count(config.num_local_experts)
-        writer.add_expert_used_count(config.num_experts_per_tok)
+        if config.num_local_experts > 1:  # else a plain dense llama (see DENSE_TENSORS)
+            writer.add_expert_count(config.num_local_experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_vocab_size(config.vocab_size)
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
