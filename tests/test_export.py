@@ -157,3 +157,14 @@ def test_export_ready_gives_a_layer_without_clusters_one_expert(tiny_llm, tmp_pa
                  "--export-ready", "0.25"]) == 0  # no two clusters of 60%: HDBSCAN finds none
     layers = list(moee.load(tmp_path / "x").moe_layers().values())
     assert [m.expert_sizes() for m in layers] == [[12], [12]]
+
+
+def test_expert_width_is_padded_to_a_multiple_of_8_neurons(tmp_path):
+    """transformers' grouped-matmul experts refuse rows that are not a multiple of 16 bytes."""
+    model = with_experts(tiny("llama", 2), [((13, 13), "cosine"), ((13, 13), "cosine")])
+    result = export(model, tmp_path / "m")
+    assert result.width == 16 and "adds 23.1% MLP MACs" in result.padding_summary()
+    mixtral = tf.MixtralForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - mixtral(input_ids=ids).logits).abs().max() <= 1e-5

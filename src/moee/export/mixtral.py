@@ -147,14 +147,18 @@ class MixtralExport:
                 "per token")
 
 
-def to_mixtral(model: nn.Module, dtype: torch.dtype | None = None) -> MixtralExport:
+def to_mixtral(model: nn.Module, dtype: torch.dtype | None = None,
+               multiple: int = 8) -> MixtralExport:
     """The Mixtral config and tensors of `model` (a LLaMA-style causal LM whose MLPs moee
-    replaced; see the module docstring for what is exact and what is padded)."""
+    replaced; see the module docstring for what is exact and what is padded). The expert
+    width is rounded up to a `multiple` of neurons: transformers' grouped-matmul experts need
+    rows of a multiple of 16 bytes."""
     from transformers import MixtralConfig
 
     check_exportable(model)
     layers = [layer_experts(layer.mlp, i) for i, layer in enumerate(_decoder_layers(model))]
     width = max(e.width for layer in layers for e in layer.experts)
+    width = -(-width // multiple) * multiple
     count = max(len(layer.experts) for layer in layers)
     source = model.config.to_dict()
     settings = {k: source[k] for k in SHARED_KEYS if k in source}
