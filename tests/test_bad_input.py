@@ -282,3 +282,11 @@ def test_one_seed_reaches_every_stage_of_the_extraction():
     seeds = {config.cluster.seed, config.select.seed, config.router.seed, config.local.seed,
              config.carve.seed}
     assert seeds == {7}
+
+
+def test_a_memory_budget_too_small_to_cluster_is_refused_before_clustering(tmp_path):
+    config = _config(tmp_path)
+    config = moee.ExtractConfig(record=config.record, cluster=config.cluster,
+                                work_dir=str(tmp_path), progress=False, max_memory_gib=1e-9)
+    with pytest.raises(moee.ResourceError, match="max_memory_gib=1e-09 allows clustering 0"):
+        moee.extract(tiny_vit(), [torch.randn(8, 1, 8, 8) for _ in range(20)], config)

@@ -52,7 +52,14 @@ def plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
     per_row = max(s.weights().hidden_size for s in sites) * 4 * 3  # float32 copy + PCA work
     rows = min(n_tokens, config.cluster.max_tokens or n_tokens)
     if config.max_memory_gib is not None and rows * per_row > config.max_memory_gib * 2**30:
-        rows = max(2, int(config.max_memory_gib * 2**30 // per_row))
+        rows = int(config.max_memory_gib * 2**30 // per_row)
+        # Fewer tokens than this cannot be clustered (PCA, HDBSCAN's minimum cluster size).
+        least = min(n_tokens, max(100, (config.cluster.reduce_dims or 0) + 1))
+        if rows < least:
+            raise ResourceError(
+                f"max_memory_gib={config.max_memory_gib:g} allows clustering {rows} tokens a "
+                f"layer ({per_row:,} bytes each); at least {least} are needed: give "
+                f"max_memory_gib >= {least * per_row / 2**30:.3g} (CLI: --max-memory)")
         config = replace(config, cluster=replace(config.cluster, max_tokens=rows))
     if config.progress:
         print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
