@@ -26,6 +26,19 @@ import numpy as np
 import torch
 
 from moee.errors import ConfigError
+from moee.export.gguf_layout import (
+    ALWAYS_F32,
+    DENSE_TENSORS,
+    EXPERT_TENSORS,
+    GLOBAL_TENSORS,
+    LAYER_TENSORS,
+    T,
+    llama3_rope_factors,
+    permute_qk,
+    rope_of,
+    tensor_name,
+    unpermute_qk,
+)
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.moe_model import MoEModel
 
@@ -34,7 +47,6 @@ try:
 except ImportError as error:  # pragma: no cover - gguf is an optional dependency
     raise ImportError("moee.export.gguf needs the `gguf` package (pip install gguf)") from error
 
-T = gguf.MODEL_TENSOR
 Q = gguf.GGMLQuantizationType
 ARCH = gguf.MODEL_ARCH.LLAMA
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
@@ -50,51 +62,6 @@ FILE_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 NOT_COPIED = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
               gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT,
               gguf.Keys.General.SIZE_LABEL}
-# Per-layer checkpoint names (after "model.layers.{i}.") -> GGUF tensor.
-LAYER_TENSORS = {
-    "input_layernorm.weight": T.ATTN_NORM,
-    "self_attn.q_proj.weight": T.ATTN_Q,
-    "self_attn.k_proj.weight": T.ATTN_K,
-    "self_attn.v_proj.weight": T.ATTN_V,
-    "self_attn.o_proj.weight": T.ATTN_OUT,
-    "post_attention_layernorm.weight": T.FFN_NORM,
-    "block_sparse_moe.gate.weight": T.FFN_GATE_INP,
-}
-EXPERT_TENSORS = {"w1": T.FFN_GATE_EXP, "w3": T.FFN_UP_EXP, "w2": T.FFN_DOWN_EXP}
-# One expert a layer (a dense model, or structured pruning): llama.cpp's plain FFN tensors.
-DENSE_TENSORS = {"w1": T.FFN_GATE, "w3": T.FFN_UP, "w2": T.FFN_DOWN}
-GLOBAL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight": T.OUTPUT_NORM,
-                  "lm_head.weight": T.OUTPUT}
-ALWAYS_F32 = (T.FFN_GATE_INP,)  # as the converter: the router is never quantised
-
-
-def tensor_name(kind: gguf.MODEL_TENSOR, layer: int | None = None) -> str:
-    """The GGUF name of a weight, from gguf-py's table (`blk.{i}.attn_q.weight`, ...)."""
-    base = gguf.TENSOR_NAMES[kind]
-    return (base.format(bid=layer) if layer is not None else base) + ".weight"
-
-
-def permute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q_proj / k_proj weight (heads·head_dim, d) reordered from transformers'
-    rotate-half RoPE layout (dimension j pairs with j + head_dim/2) to the interleaved pairs
-    (2j, 2j+1) that llama.cpp's `llama` RoPE rotates: within each head, new row 2j + k is old
-    row j + k·head_dim/2. `heads`: the query heads for q_proj, the key/value heads for k_proj."""
-    rows = weight.shape[0]
-    if rows % (2 * heads):
-        raise ConfigError(f"export to GGUF: {rows} q/k rows do not split into {heads} heads "
-                          "of an even width")
-    half = rows // heads // 2
-    return (weight.reshape(heads, 2, half, *weight.shape[1:]).transpose(1, 2)
-            .reshape(weight.shape))
-
-
-def unpermute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `permute_qk` (a GGUF `attn_q` / `attn_k` back to transformers' rows)."""
-    half = weight.shape[0] // heads // 2
-    return (weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2)
-            .reshape(weight.shape))
-
-
 @dataclass
 class _Planned:
     """One tensor to write: its name, how to make it (float32, torch order) and its type."""
@@ -132,34 +99,6 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[t
     else:
         stored, dtype = gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.dtype(np.uint8)
     return stored, dtype, math.prod(stored) * dtype.itemsize
-
-
-def _rope(config) -> tuple[float, str, dict]:
-    """(rope theta, rope type, all parameters) of a transformers 5 config."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None or "rope_type" not in params and any(
-            isinstance(v, dict) for v in params.values()):
-        raise ConfigError("export to GGUF: the config has no single rope_theta (per-layer-type "
-                          "RoPE is not llama's)")
-    return float(theta), params.get("rope_type", "default"), params
-
-
-def llama3_rope_factors(params: dict, head_dim: int, context: int) -> torch.Tensor:
-    """Llama 3.1's per-frequency RoPE divisors, as the `rope_freqs` tensor llama.cpp reads:
-    1 for high frequencies, `factor` for low ones, smoothly in between."""
-    base = float(params["rope_theta"])
-    factor = float(params.get("factor", 8.0))
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor",
-                                                                             4.0))
-    old = float(params.get("original_max_position_embeddings", context))
-    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old / wavelen - low) / (high - low)
-    mid = 1 / ((1 - smooth) / factor + smooth)
-    out = torch.where(wavelen < old / high, torch.ones_like(mid),
-                      torch.where(wavelen > old / low, torch.full_like(mid, factor), mid))
-    return out.to(torch.float32)
 
 
 def _copy_metadata(writer: gguf.GGUFWriter, source: gguf.GGUFReader,
@@ -213,7 +152,7 @@ def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Pl
         if key in tensors:
             tensor = take(key)
             add(kind, None, partial(_same, tensor), tuple(tensor.shape))
-    _, rope_type, params = _rope(config)
+    _, rope_type, params = rope_of(config)
     if rope_type == "llama3":
         factors = llama3_rope_factors(params, config.head_dim, config.max_position_embeddings)
         add(T.ROPE_FREQS, None, partial(_same, factors), tuple(factors.shape))
@@ -272,7 +211,7 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     config = export.config
     if config.num_experts_per_tok != 1:
         raise ConfigError("export to GGUF: moee's experts are top-1 (num_experts_per_tok 1)")
-    theta, rope_type, params = _rope(config)
+    theta, rope_type, params = rope_of(config)
     if rope_type not in ("default", "linear", "llama3"):
         raise ConfigError(f"export to GGUF: RoPE type {rope_type!r} is not written (default, "
                           "linear and llama3 are)")
