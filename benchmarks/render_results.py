@@ -362,6 +362,8 @@ def smollm2_kd_section(result: dict[str, Any]) -> str:
     if not isinstance(dense, dict):
         b, a, dense = {"matthew": b}, {"matthew": a}, {"matthew": dense}
     tokens = result["eval_tokens"]
+    if isinstance(tokens, dict):
+        tokens = ", ".join(f"{n:,} of {name}" for name, n in tokens.items())
     rows = [["dense", name, f"{dense[name]:.2f}", "–", "–"] for name in dense]
     for stage, row in (("MoE before KD", b), ("MoE after KD", a)):
         rows += [[stage, name, f"{m['perplexity']:.2f}",
