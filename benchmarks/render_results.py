@@ -380,6 +380,35 @@ def smollm2_kd_section(result: dict[str, Any]) -> str:
                      "next-token agreement with dense"], rows))
 
 
+def smollm2_export_section(result: dict[str, Any]) -> str:
+    """benchmarks/smollm2_export.py: the Mixtral / GGUF export against moee, and the engines'
+    speeds over dense side by side."""
+    t, n = result["transformers"], result["greedy_tokens"]
+    lines = [f"`{result['checkpoint']}`: {result['padding']}. Logits of the Mixtral export "
+             f"against moee's: max |Δ| {result['logits_max_abs_diff']:.1e}; greedy tokens "
+             f"equal to moee's: Mixtral {result['greedy_equal_prefix']['mixtral']}/{n}.", ""]
+    rows = []
+    for name, label in (("decode_batch1", "decode, batch 1"), ("decode_batch8", "decode, batch 8"),
+                        ("prefill_512", "prefill, 512 tokens")):
+        sp = t[name]["speedup"]
+        rows.append([f"transformers {label}", f"{sp['moee']:.2f}×", f"{sp['mixtral']:.2f}×",
+                     f"{t[name]['tokens_per_second']['dense']:.1f}"])
+    for ft, r in result.get("llama_cpp", {}).items():
+        rows.append([f"llama.cpp {ft} decode, batch 1 (greedy equal {r['greedy_equal_prefix']}"
+                     f"/{n})", "–", f"{r['decode_speedup']:.2f}×",
+                     f"{r['decode_batch1']['dense']:.1f}"])
+        rows.append([f"llama.cpp {ft} prefill, {r['prefill_tokens']} tokens", "–",
+                     f"{r['prefill_speedup']:.2f}×", f"{r['prefill']['dense']:.1f}"])
+    lines.append(table(["engine, work", "moee over dense", "export over dense",
+                        "dense tokens/s"], rows))
+    ideal = t["decode_batch1"].get("bytes_ideal")
+    if ideal:
+        lines += ["", f"Decoding at batch 1 is bound by weight bytes read per token: the ideal "
+                  f"speedup from them is {ideal:.2f}× (llama.cpp threads: "
+                  f"{result.get('llama_cpp_threads', '?')})."]
+    return "\n".join(lines)
+
+
 def smollm2_reproduce_section(result: dict[str, Any]) -> str:
     """benchmarks/smollm2_reproduce.py: each stage and baseline, perplexity and MLP MACs on two
     held-out texts."""
@@ -491,7 +520,8 @@ def gpu_decode_section(result: dict[str, Any]) -> str:
 
 
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
-            "smollm2-kd": smollm2_kd_section, "minilm": minilm_section,
+            "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
+            "minilm": minilm_section,
             "smollm2-reproduce": smollm2_reproduce_section,
             "memory": memory_section, "study": study_section,
             "gpu-decode": gpu_decode_section}

@@ -32,7 +32,8 @@ KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "block
          "smollm2": ("rows",), "smollm2-kd": ("before", "after", "kd_seconds"),
          "minilm": ("rows",), "smollm2-reproduce": ("dense", "rows"),
          "memory": ("layer_sweep", "token_sweep"),
-         "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate")}
+         "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate"),
+         "smollm2-export": ("transformers", "greedy_equal_prefix")}
 GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 
