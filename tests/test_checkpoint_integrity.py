@@ -40,7 +40,9 @@ def test_untouched_checkpoint_verifies_and_no_partial_files_remain(tmp_path):
     again = moee.load(path)
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(again(x).logits, moe_model(x).logits)
-    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "moee_config.json"]
+    # moee's checkpoint, plus what lets transformers run it alone (trust_remote_code)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors",
+                                                       "modeling_moee.py", "moee_config.json"]
     digests = json.loads((path / "moee_config.json").read_text())["digests"]
     assert set(digests) == {"weights_sha256", "config_sha256"}
 

@@ -54,9 +54,9 @@ def test_cli_calibrate_force_sets_every_layer_and_saves(tmp_path, capsys):
                  "--out", str(tmp_path / "forced")]) == 0
     layers = moee.load(tmp_path / "forced").moe_layers().values()
     assert {m.execution_config.execution for m in layers} == {"masked"}
-    # Timing needs real inputs: the CLI has Fashion-MNIST only, and says so for other shapes.
+    # Timing needs real inputs: without --data, Fashion-MNIST; other shapes are told to give it.
     assert main(["calibrate", str(tmp_path / "moe"), "--out", str(tmp_path / "c")]) == 2
-    assert "moee.calibrate(model, your_batch)" in capsys.readouterr().err
+    assert "give a batch of your own data with --data" in capsys.readouterr().err
 
 
 def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():

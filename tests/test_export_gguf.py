@@ -265,18 +265,24 @@ def routing(model, ids: list[int]) -> tuple[set[int], float]:
     return set(scores.argmax(-1).tolist()), (best[:, 0] - best[:, 1]).min().item()
 
 
-@pytest.mark.parametrize(("rope", "tied"), [(None, False), (LLAMA3, True), (LINEAR, False)],
-                         ids=["default", "llama3-tied", "linear"])
-def test_llama_cpp_gives_the_models_greedy_tokens_and_logprobs(smollm2_source, tmp_path, rope,
-                                                                tied):
-    model = tiny_llama(49152, tied=tied, rope=rope)
-    out = G.write_gguf(to_mixtral(model, torch.float32), tmp_path / "m.gguf", smollm2_source)
+def assert_llama_cpp_matches(model, out: Path) -> list[int]:
+    """llama.cpp on `out` gives `model`'s greedy tokens and log-probs (within 1e-4)."""
     steps = run_llama_cpp(out, PROMPT, NEW)
     with torch.no_grad():
         greedy = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
                                 do_sample=False)[0, len(PROMPT):].tolist()
     assert [s["id"] for s in steps] == greedy
     assert logprob_error(model, PROMPT, steps) <= 1e-4
+    return greedy
+
+
+@pytest.mark.parametrize(("rope", "tied"), [(None, False), (LLAMA3, True), (LINEAR, False)],
+                         ids=["default", "llama3-tied", "linear"])
+def test_llama_cpp_gives_the_models_greedy_tokens_and_logprobs(smollm2_source, tmp_path, rope,
+                                                                tied):
+    model = tiny_llama(49152, tied=tied, rope=rope)
+    out = G.write_gguf(to_mixtral(model, torch.float32), tmp_path / "m.gguf", smollm2_source)
+    greedy = assert_llama_cpp_matches(model, out)
     used, gap = routing(model, PROMPT + greedy)
     assert used == {0, 1, 2} and gap > 1e-3  # every expert used (their order matters), no tie
 
@@ -327,9 +333,4 @@ def test_a_model_without_experts_is_a_plain_llama_gguf(smollm2_source, tmp_path)
     fields, tensors = read(out)
     assert "llama.expert_count" not in fields and "blk.0.ffn_gate.weight" in tensors
     assert not any("exps" in name or "gate_inp" in name for name in tensors)
-    steps = run_llama_cpp(out, PROMPT, NEW)
-    with torch.no_grad():
-        greedy = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW, min_new_tokens=NEW,
-                                do_sample=False)[0, len(PROMPT):].tolist()
-    assert [s["id"] for s in steps] == greedy
-    assert logprob_error(model, PROMPT, steps) <= 1e-4
+    assert_llama_cpp_matches(model, out)
