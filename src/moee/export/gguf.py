@@ -186,6 +186,32 @@ def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Pl
     return planned
 
 
+def _write_hyperparameters(writer: gguf.GGUFWriter, config, theta: float, rope_type: str,
+                           params: dict, ftype: gguf.LlamaFileType) -> None:
+    """llama.* keys from the Mixtral config (the expert width is `feed_forward_length`); no
+    expert keys for one expert a layer, which llama.cpp then runs as a plain llama."""
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.num_local_experts > 1:  # else a plain dense llama (see DENSE_TENSORS)
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(ftype)
+
+
 def write_gguf(export: MixtralExport, out_file: str | Path,
                metadata_from: str | Path | gguf.GGUFReader, file_type: str = "f32",
                name: str | None = None) -> Path:
@@ -228,26 +254,7 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
             raise ConfigError(f"export to GGUF: {source.data.filename} has {vocab} tokens, the "
                               f"model {config.vocab_size}; copy the metadata from the source "
                               "model's GGUF")
-        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(theta)
-        if rope_type == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(params["factor"]))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        if config.num_local_experts > 1:  # else a plain dense llama (see DENSE_TENSORS)
-            writer.add_expert_count(config.num_local_experts)
-            writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(ftype)
+        _write_hyperparameters(writer, config, theta, rope_type, params, ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for p in planned:
             stored, dtype, nbytes = _nbytes(p.shape, p.qtype)
