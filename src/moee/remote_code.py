@@ -45,8 +45,10 @@ def _auto_classes(model: nn.Module) -> list[str]:
 
     names = []
     for name in dir(transformers):
+        if not name.startswith("AutoModel"):  # before getattr: it imports lazily
+            continue
         mapping = getattr(getattr(transformers, name), "_model_mapping", None)
-        if not name.startswith("AutoModel") or mapping is None:
+        if mapping is None:
             continue
         try:
             if mapping[type(model.config)] is type(model):
