@@ -119,8 +119,8 @@ def extract(
     is removed before returning.
     """
     config = config or ExtractConfig()
-    sites = find_mlp_sites(model, adapter)
     name = adapter_of(model, adapter)
+    sites = find_mlp_sites(model, name)  # the adapter found above, run once more
     if name not in BUILTIN_ADAPTERS:  # a user's adapter proves itself on the first batch
         it = iter(data)
         first = next(it, None)

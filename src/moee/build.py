@@ -109,17 +109,15 @@ def apply_plans(sites: list[MLPSite], plans: list[LayerPlan]) -> dict[str, MoEML
 def check_full_width(model: nn.Module, adapter: str, batch) -> None:
     """A user adapter's proof: on a copy of `model`, every MLP the adapter finds becomes a
     one-expert MoE layer of all its neurons (p = 1), which must give the model's own output
-    on `batch`. A wrong `weights()` or `install`, or a
-    `reference` repeating the adapter's own mistake, shows here as a different output."""
+    on `batch`. A wrong `weights()` or `install`, or a `reference` repeating the adapter's
+    own mistake, shows here as a different output."""
     import copy
 
-
-    twin = copy.deepcopy(model).eval()
+    twin = copy.deepcopy(model).eval()  # the MoE layers follow its flag (build_moe_mlp)
     sites = find_mlp_sites(twin, adapter, validate=False)
     plans = [LayerPlan(s.name, [np.arange(s.weights().hidden_size)],
                        np.ones((1, s.weights().d_in), np.float32)) for s in sites]
     apply_plans(sites, plans)
-    twin.eval()
     with eval_mode(model):
         expected = output_tensor(call_model(model, batch))
     got = output_tensor(call_model(twin, batch))

@@ -25,11 +25,22 @@ def register_adapter(name: str):
     return wrap
 
 
+def _first_match(model: nn.Module, adapter: str | None) -> tuple[str, list[MLPSite]]:
+    """(name, sites) of the first adapter (or the one named) that finds MLP blocks."""
+    if adapter is not None and adapter not in _ADAPTERS:
+        raise ConfigError(f"adapter: unknown {adapter!r}; registered: {list_adapters()}")
+    for name in [adapter] if adapter is not None else list(_ADAPTERS):
+        sites = _ADAPTERS[name](model)
+        if sites:
+            return name, sites
+    raise NoMLPBlocksError(
+        f"No MLP blocks found in {type(model).__name__}. moee recognises these layouts: "
+        f"{list_adapters()}. Register an adapter for others (moee.register_adapter).")
+
+
 def adapter_of(model: nn.Module, adapter: str | None = None) -> str:
-    """The adapter `find_mlp_sites(model, adapter)` would use."""
-    if adapter is not None:
-        return adapter
-    return next((n for n, finder in _ADAPTERS.items() if finder(model)), "")
+    """The adapter `find_mlp_sites(model, adapter)` uses."""
+    return _first_match(model, adapter)[0]
 
 
 def list_adapters() -> list[str]:
@@ -42,17 +53,9 @@ def find_mlp_sites(model: nn.Module, adapter: str | None = None,
     """MLP blocks of `model` in forward order, from the first adapter (or the one named) that
     finds any. With `validate`, every block is checked on a probe: the adapter's MLP must
     reproduce the block's own output, else AdapterMismatchError names the block."""
-    if adapter is not None and adapter not in _ADAPTERS:
-        raise ConfigError(f"adapter: unknown {adapter!r}; registered: {list_adapters()}")
-    names = [adapter] if adapter is not None else list(_ADAPTERS)
-    for name in names:
-        sites = _ADAPTERS[name](model)
-        if sites:
-            if validate:
-                with eval_mode(model):  # dropout off for the probe
-                    for site in sites:
-                        validate_site(site, name)
-            return sites
-    raise NoMLPBlocksError(
-        f"No MLP blocks found in {type(model).__name__}. moee recognises these layouts: "
-        f"{list_adapters()}. Register an adapter for others (moee.register_adapter).")
+    name, sites = _first_match(model, adapter)
+    if validate:
+        with eval_mode(model):  # dropout off for the probe
+            for site in sites:
+                validate_site(site, name)
+    return sites

@@ -52,11 +52,10 @@ class Expert:
 
 @dataclass
 class LayerExperts:
-    """A layer's router rows (k, d), its experts, and the neurons its own tokens computed."""
+    """A layer's router rows (k, d) and its experts."""
 
     router: torch.Tensor
     experts: list[Expert]
-    moe: bool
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -111,7 +110,7 @@ def layer_experts(mlp: nn.Module, layer: int) -> LayerExperts:
             idx = mlp.expert_index(e)
             experts.append(Expert(mlp.gate.weight[idx], mlp.fc1.weight[idx],
                                   mlp.fc2.weight[:, idx]))
-        return LayerExperts(rows, experts, moe=True)
+        return LayerExperts(rows, experts)
     parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in parts):
         raise ConfigError(f"export to Mixtral: layer {layer}'s MLP is neither a MoE layer "
@@ -120,7 +119,7 @@ def layer_experts(mlp: nn.Module, layer: int) -> LayerExperts:
     if any(p.bias is not None and bool(p.bias.any()) for p in parts):
         raise ConfigError(f"export to Mixtral: layer {layer}'s MLP has biases")
     router = torch.zeros(1, gate.in_features, dtype=torch.float32)
-    return LayerExperts(router, [Expert(gate.weight, up.weight, down.weight)], moe=False)
+    return LayerExperts(router, [Expert(gate.weight, up.weight, down.weight)])
 
 
 @dataclass
