@@ -93,6 +93,10 @@ def test_cli_method_and_mac_budget_reach_the_config():
     moef = extract_config(parser.parse_args(["extract", "--out", "x", "--method", "moefication",
                                              "--top-k", "3"]))
     assert moef.carve == moee.CarveConfig(style="moefication", top_k=3)
+    assert moef.router.top_k == 1  # moefication's k lives in its groups
+    assert plain.router.top_k == 1
+    top2 = extract_config(parser.parse_args(["extract", "--out", "x", "--top-k", "2"]))
+    assert top2.router.top_k == 2 and top2.carve is None
     study = parser.parse_args(["study", "--quick", "--out", "s"])
     assert study.quick and study.kd_epochs is None and study.only is None
     assert parser.parse_args(["study", "--only", "budget", "p=0.7"]).only == ["budget", "p=0.7"]

@@ -158,10 +158,12 @@ class RouterConfig:
     keeps the `metric` router on its cluster means when that does as well on held-out tokens.
     `fit_same_macs`: each token's label is the most exact expert at the cluster-mean router's
     mean expert size (the same MACs); off, it is the most exact expert, nearly always the
-    largest."""
+    largest. `top_k` (not in the paper): each token computes the union of its `top_k` most
+    similar experts' neurons (`moee.top_k`; metric "cosine" or "dot")."""
 
     metric: str = "cosine"
     centres: str = "input_mean"
+    top_k: int = 1
     fit_c: tuple[float, ...] = (0.01, 0.1, 1.0)
     fit_same_macs: bool = True
     fit_tokens: int = 50_000
@@ -176,6 +178,9 @@ class RouterConfig:
         check(len(self.fit_c) > 0 and all(c > 0 for c in self.fit_c), "router.fit_c",
               f"must be values > 0, got {self.fit_c}")
         check(self.fit_tokens >= 2, "router.fit_tokens", f"must be >= 2, got {self.fit_tokens}")
+        check(self.top_k >= 1, "router.top_k", f"must be >= 1, got {self.top_k}")
+        check(self.top_k == 1 or self.metric != "euclidean", "router.top_k",
+              "top-k routing adds linear scores: use metric 'cosine' or 'dot', not 'euclidean'")
 
 
 @dataclass(frozen=True)

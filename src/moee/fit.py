@@ -21,6 +21,7 @@ from moee.config import ExtractConfig, SelectConfig
 from moee.record import ActivationStore
 from moee.reproduce import reproduce_output, route_tokens
 from moee.select import ClusterStats, cluster_stats, select_experts
+from moee.top_k import combine_top_k
 
 
 @dataclass
@@ -53,17 +54,30 @@ class LayerFit:
             norms = None
             if select.criterion == "output_variance":
                 norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
-            experts = select_experts(self.stats, select, norms)
-            bias = (left_out_mean_output(self.site, experts, self.stats.hidden_mean)
-                    if select.compensate_mean else None)
-            plan = LayerPlan(self.site.name, experts, self.stats.input_mean.astype(np.float32),
-                             self.metric, bias, load=self.load)
+            plan = self._routed_plan(select_experts(self.stats, select, norms), select)
             c = self.config
             if c is not None and (select.refit_down or c.router.centres == "fitted"):
                 plan = reproduce_output(plan, self.site, self.store, self.index, select,
                                         c.router, c.held_out)
             self._plans[select] = plan
         return self._plans[select]
+
+    def _routed_plan(self, experts: list[np.ndarray], select: SelectConfig) -> LayerPlan:
+        """The plan of the selected experts under the router: top-1 over the experts, or, with
+        `router.top_k` > 1, over the unions of every k of them (`moee.top_k`)."""
+        stats, k = self.stats, (self.config.router.top_k if self.config is not None else 1)
+        centres, metric, hidden_mean = stats.input_mean, self.metric, stats.hidden_mean
+        load = self.load
+        if k > 1 and len(experts) > 1:
+            experts, centres, hidden_mean = combine_top_k(experts, centres, metric, hidden_mean,
+                                                          stats.counts, k, self.site.name)
+            metric = "dot"
+            routed = route_tokens(self.store.inputs(self.index), centres, metric)
+            load = np.bincount(routed, minlength=len(experts)) / len(routed)
+        bias = (left_out_mean_output(self.site, experts, hidden_mean)
+                if select.compensate_mean else None)
+        return LayerPlan(self.site.name, experts, np.asarray(centres, np.float32), metric, bias,
+                         load=load)
 
     def load_of(self, plan: LayerPlan) -> np.ndarray:
         """(k,) share of calibration tokens `plan`'s router sends to each of its experts."""

@@ -120,8 +120,10 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="cmoe / moefication: neuron groups per layer")
     p.add_argument("--active", type=float, default=carve.active, metavar="FRACTION",
                    help="cmoe: share of a layer's neurons one token computes")
-    p.add_argument("--top-k", type=count(1), default=carve.top_k,
-                   help="moefication: groups one token computes")
+    p.add_argument("--top-k", type=count(1), default=None,
+                   help="experts one token computes: the union of its k most similar clusters' "
+                   f"experts (moee, default 1) or neuron groups (moefication, default "
+                   f"{carve.top_k})")
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
                    "dense) from measured sensitivity to reach this fraction of the dense MACs; "
@@ -166,13 +168,15 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                       compensate_mean=not args.no_compensate and args.export_ready is None,
                       refit_down=args.refit, width=args.export_ready,
                       refit_offsets=args.export_ready is None),
-             router=r(base.router, metric=args.metric, centres=args.router, seed=args.seed),
+             router=r(base.router, metric=args.metric, centres=args.router, seed=args.seed,
+                      top_k=1 if args.method == "moefication" else args.top_k or 1),
              local=LocalDistillConfig(steps=args.local_steps, seed=args.seed)
              if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
              work_dir=args.work_dir,
              max_memory_gib=args.max_memory,
-             carve=CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k,
+             carve=CarveConfig(active=args.active, experts=args.groups,
+                               top_k=args.top_k or CarveConfig.top_k,
                                seed=args.seed)
              if args.method in ("cmoe", "moefication") else None).with_method(args.method)
 
