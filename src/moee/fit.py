@@ -18,6 +18,7 @@ from moee.carve import carve_layer, moefication_layer
 from moee.cluster import cluster_layer, unstable_remedy
 from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
+from moee.disk_space import ensure_room
 from moee.record import ActivationStore
 from moee.reproduce import reproduce_output, route_tokens
 from moee.select import ClusterStats, cluster_stats, select_experts
@@ -112,7 +113,9 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     key = clustering_key(store.origin, plain, i)
     clustering = load_clustering(work, i, key, store.n_tokens)
     reused = clustering is not None
-    if clustering is None:
+    if clustering is None:  # room for its labels (int64 per token) and manifest, checked first
+        ensure_room(work, store.n_tokens * 8 + 4096, f"the clustering of layer {i} in {work}",
+                    "free space or choose another work_dir (layers done so far are kept)")
         clustering = cluster_layer(hidden, config.cluster)
         save_clustering(work, i, key, clustering)
     clustering = unstable_remedy(clustering, config.cluster)

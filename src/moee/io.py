@@ -24,6 +24,7 @@ from torch import nn
 from moee._version import __version__
 from moee.adapters import find_mlp_sites
 from moee.build import LayerPlan, apply_plans
+from moee.disk_space import ensure_room, tensor_bytes
 from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError
 from moee.integrity import add_digests, check_expert_ids, check_loaded_layer, verify_digests
@@ -60,6 +61,8 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
         seen[v.data_ptr()] = k
     # Written under temporary names and renamed: an interrupted save never leaves a
     # half-written file under the real name (nor a new config beside old weights).
+    ensure_room(out, tensor_bytes(state.values()), f"the checkpoint {out}",
+                "free space or save it elsewhere")
     weights = out / (WEIGHTS_NAME + ".partial")
     save_file(state, str(weights))
     config = {

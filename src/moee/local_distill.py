@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.cache_key import digest
+from moee.disk_space import ensure_room, tensor_bytes
 from moee.moe import MoEMLP
 from moee.output_error import held_out_rows
 from moee.record import ActivationStore
@@ -67,6 +68,9 @@ def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store:
     """`distill_layer` for every MoE layer (by store index), resumable from `work`/local."""
     folder = work / "local"
     folder.mkdir(parents=True, exist_ok=True)
+    ensure_room(folder, sum(tensor_bytes(m.state_dict().values()) for m in layers.values()),
+                f"layer-local distillation's per-layer results in {folder}",
+                "free space or choose another work_dir")
     reports = {}
     for i, layer in tqdm(layers.items(), desc="layer-local distillation", disable=not progress,
                          leave=False):

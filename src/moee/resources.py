@@ -4,7 +4,6 @@ one layer's clustering memory (fitted into a budget by clustering a subsample)."
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from moee.config import ExtractConfig
+from moee.disk_space import ensure_room
 from moee.errors import ResourceError
 
 
@@ -19,14 +19,11 @@ def check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
     """Say what the activation store will take, and fail before recording if it won't fit."""
     per_token = sum(s.weights().d_in + s.weights().hidden_size for s in sites)
     need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
-    free_disk = shutil.disk_usage(work).free
     if config.progress:
         print(f"moee: recording {n_tokens} tokens x {len(sites)} layers: an activation store "
               f"of {need_disk / 2**30:.2f} GiB in {work}", file=sys.stderr)
-    if need_disk > free_disk * 0.9:
-        raise ResourceError(
-            f"the activation store needs {need_disk / 2**30:.1f} GiB but {work} has "
-            f"{free_disk / 2**30:.1f} GiB free: lower record.n_tokens or use another work_dir")
+    ensure_room(work, need_disk, "the activation store",
+                "lower record.n_tokens or use another work_dir")
 
 
 def available_memory(meminfo: str = "/proc/meminfo") -> int | None:

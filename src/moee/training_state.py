@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moee.disk_space import ensure_room, tensor_bytes
+
 STATE_NAME = "distill_state.pt"
 
 
@@ -32,6 +34,11 @@ def resume_state(directory: Path | None, key: str, student: nn.Module,
     (`key`); (steps done, their losses, the random generator's state to set before the next
     step: set later, since replaying the data up to it may draw from the generator)."""
     path = directory / STATE_NAME if directory is not None else None
+    if path is not None:  # weights + Adam's two moments per trained parameter, saved as it runs
+        trained = tensor_bytes(p for p in student.parameters() if p.requires_grad)
+        ensure_room(directory, tensor_bytes(student.state_dict().values()) + 2 * trained,
+                    f"the distillation's resume state in {directory}",
+                    "free space or choose another --work-dir / state_dir")
     if path is None or not path.is_file():
         return 0, [], None
     try:
