@@ -519,12 +519,25 @@ def gpu_decode_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def table2_seeds_section(result: dict[str, Any]) -> str:
+    """benchmarks/table2_seeds.py: the ablation's first rows over seeds of every random draw."""
+    refit = "with" if result.get("refit") else "without"
+    lines = [f"Embedded default, p = {result['p']}, {refit} the least-squares refit, no "
+             f"distillation; top-1 on the 10,000 test images (dense "
+             f"{result['dense_top1']:.2%}), {result['seeds']} seeds of every random draw.", ""]
+    rows = [[name, f"{s['mean']:.2%} ± {s['stdev']:.2%}", f"{s['min']:.2%} – {s['max']:.2%}",
+             f"{s['executed_macs']:.3f}"] for name, s in result["summary"].items()]
+    lines.append(table(["row", "top-1, mean ± sd", "min – max", "executed MACs of dense"],
+                       rows))
+    return "\n".join(lines)
+
+
 SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
             "minilm": minilm_section,
             "smollm2-reproduce": smollm2_reproduce_section,
             "memory": memory_section, "study": study_section,
-            "gpu-decode": gpu_decode_section}
+            "gpu-decode": gpu_decode_section, "table2-seeds": table2_seeds_section}
 
 
 def render(folder: Path) -> str:

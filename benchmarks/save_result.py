@@ -33,7 +33,8 @@ KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "block
          "minilm": ("rows",), "smollm2-reproduce": ("dense", "rows"),
          "memory": ("layer_sweep", "token_sweep"),
          "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate"),
-         "smollm2-export": ("transformers", "greedy_equal_prefix")}
+         "smollm2-export": ("transformers", "greedy_equal_prefix"),
+         "table2-seeds": ("dense_top1", "summary", "seeds")}
 GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 

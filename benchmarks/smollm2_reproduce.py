@@ -18,6 +18,9 @@ variant, named "moee" or "static" followed by any of "+router", "+refit", "+outp
   +local        layer-local distillation (--local-steps, --local-lr)
   +export       export-ready: every expert --width of its layer's neurons, every layer MoE,
                 no per-expert offsets (what a Mixtral export runs exactly, without padding)
+  +width        every expert --width of its layer's neurons (offsets kept)
+  +topK         top-K routing (K = 2, 3, ...): each token computes the union of its K best
+                experts
   threshold     per-token activation sparsity (CATS-style threshold on |act(gate)|), at the
                 MLP MACs the last variant reached on Matthew (`--threshold`)
 Writes results.json in --out (render with benchmarks/save_result.py smollm2-reproduce).
@@ -75,7 +78,8 @@ def variant_config(base: moee.ExtractConfig, variant: str, p: float,
                    width: float = 0.71) -> moee.ExtractConfig:
     """`variant`: "moee" or "static", then any of "+router", "+refit", "+output" (rank neurons
     by the variance they put into the output), "+local" (layer-local distillation), "+export"
-    (experts of one `width`, no offsets)."""
+    (experts of one `width`, no offsets), "+width" (experts of one `width`), "+topK" (top-K
+    routing)."""
     r = dataclasses.replace
     parts = set(variant.split("+"))
     config = base.with_method("static") if "static" in parts else base
@@ -85,6 +89,11 @@ def variant_config(base: moee.ExtractConfig, variant: str, p: float,
     if "export" in parts:
         config = r(config, select=r(config.select, width=width, compensate_mean=False,
                                     refit_offsets=False))
+    if "width" in parts:
+        config = r(config, select=r(config.select, width=width))
+    top = [int(part[3:]) for part in parts if part.startswith("top") and part[3:].isdigit()]
+    if top:
+        config = r(config, router=r(config.router, top_k=top[0]))
     if "router" in parts:
         config = r(config, router=r(config.router, centres="fitted"))
     if "local" in parts:
@@ -197,7 +206,8 @@ def main() -> None:
                                              variant_config(base, variant, p, local, args.width))
             seconds = time.perf_counter() - t1
             row = {"variant": variant, "p": p, "extract_seconds": seconds,
-                   **({"width": args.width} if "export" in variant else {}),
+                   **({"width": args.width} if "export" in variant or "width" in variant
+                      else {}),
                    "eval": measure(moe_model, texts, dense_row),
                    "layers": [{k: r.get(k) for k in ("site", "experts", "expert_sizes",
                                                      "load_share", "active_neurons_per_token",
