@@ -106,6 +106,22 @@ def test_cmoe_method_extracts_with_dot_routing_saves_and_loads(vit, images, tmp_
         moee.CarveConfig(active=0.1, experts=4)
 
 
+def test_carved_experts_get_the_same_fitted_router_and_refit_as_moees(vit, images, tmp_path):
+    """CMoE-style shared neurons measured with the new stages: the refit and the fitted
+    router run on carved experts too, and the refit lowers the held-out output error."""
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    base = _config(tmp_path).with_method("cmoe")
+    plain = dataclasses.replace(base, select=dataclasses.replace(base.select, refit_down=False))
+    _, report = moee.extract(vit, batches, plain)
+    assert all("reproduction" not in r for r in report.layers)
+    fitted = dataclasses.replace(base, router=dataclasses.replace(base.router, centres="fitted"))
+    _, report = moee.extract(vit, batches, fitted)
+    for row in report.layers:
+        refit = row["reproduction"]["refit"]
+        assert refit["heldout_error_after"] <= refit["heldout_error_before"]
+        assert "router" in row["reproduction"]
+
+
 def test_moefication_subsets_route_exactly_as_top_k_groups():
     from moee.carve import moefication_layer
 

@@ -46,16 +46,17 @@ class LayerFit:
         return self.row["hidden"]
 
     def plan(self, select: SelectConfig) -> LayerPlan | None:
-        """The layer's experts at `select.p` (None when it stays dense)."""
-        if self.carved is not None:
-            return self.carved
-        if self.stats is None:
+        """The layer's experts at `select.p` (None when it stays dense); carved experts (the
+        baselines) whatever `p`, given the same fitted router and refit as MoEE's."""
+        if self.stats is None and self.carved is None:
             return None
         if select not in self._plans:
-            norms = None
-            if select.criterion == "output_variance":
-                norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
-            plan = self._routed_plan(select_experts(self.stats, select, norms), select)
+            plan = self.carved
+            if plan is None:
+                norms = None
+                if select.criterion == "output_variance":
+                    norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
+                plan = self._routed_plan(select_experts(self.stats, select, norms), select)
             c = self.config
             if c is not None and (select.refit_down or c.router.centres == "fitted"):
                 plan = reproduce_output(plan, self.site, self.store, self.index, select,
@@ -171,7 +172,8 @@ def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig)
     row = layer_row(site.name, w.hidden_size, len(experts), time.perf_counter() - t0,
                     shared_neurons=shared)
     load = np.bincount(routed, minlength=len(experts)) / len(routed)
-    return LayerFit(i, site, row, load=load, metric="dot", carved=plan)
+    return LayerFit(i, site, row, load=load, metric="dot", carved=plan, store=store,
+                    config=config)
 
 
 def fit_layers(store: ActivationStore, sites: list[MLPSite], chosen: list[int],
