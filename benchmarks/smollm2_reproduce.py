@@ -12,6 +12,8 @@ fitting. One recording and one clustering (at most `--max-experts` experts a lay
 variant, named "moee" or "static" followed by any of "+router", "+refit", "+output", "+local":
   moee          the paper's experts (routed statistics, mean offset, cosine router)
   static        one expert for every token (structured pruning), mean offset
+  cmoe          CMoE-style carving: shared always-on neurons + 8 routed groups, a token
+                computing --width of the neurons (representative-neuron router)
   +router       the error-driven fitted router
   +refit        the least-squares refit of the down projection and offsets
   +output       neurons ranked by the variance they put into the output
@@ -76,13 +78,15 @@ def manpages_text(max_chars: int) -> str:
 def variant_config(base: moee.ExtractConfig, variant: str, p: float,
                    local: moee.LocalDistillConfig | None = None,
                    width: float = 0.71) -> moee.ExtractConfig:
-    """`variant`: "moee" or "static", then any of "+router", "+refit", "+output" (rank neurons
-    by the variance they put into the output), "+local" (layer-local distillation), "+export"
-    (experts of one `width`, no offsets), "+width" (experts of one `width`), "+topK" (top-K
-    routing)."""
+    """`variant`: "moee", "static" or "cmoe", then any of "+router", "+refit", "+output" (rank
+    neurons by the variance they put into the output), "+local" (layer-local distillation),
+    "+export" (experts of one `width`, no offsets), "+width" (experts of one `width`), "+topK"
+    (top-K routing)."""
     r = dataclasses.replace
     parts = set(variant.split("+"))
     config = base.with_method("static") if "static" in parts else base
+    if "cmoe" in parts:
+        config = r(base, carve=moee.CarveConfig(active=width)).with_method("cmoe")
     criterion = "output_variance" if "output" in parts else "variance"
     config = r(config, select=r(config.select, p=p, refit_down="refit" in parts,
                                 criterion=criterion))
