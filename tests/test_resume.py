@@ -89,6 +89,31 @@ def test_damaged_clustering_files_are_redone(tmp_path, reference):
     assert experts(moe_model) == reference
 
 
+def test_a_disk_that_fills_during_recording_then_has_room_resumes_to_the_same_experts(
+        tmp_path, reference, monkeypatch):
+    """The third batch's write fails with ENOSPC (a clear error naming the store's file); the
+    rerun with room records again and builds the experts of an uninterrupted run."""
+    import errno
+
+    import moee.stored_array
+
+    writes, real = [], moee.stored_array.os.pwrite
+
+    def filling(fd, data, offset):
+        writes.append(1)
+        if len(writes) > 8:  # 2 layers x (input, hidden) x 2 batches written, then full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(moee.stored_array.os, "pwrite", filling)
+    with pytest.raises(OSError, match=r"No space left on device: .*activations.*\.npy"):
+        run(tmp_path)
+    monkeypatch.undo()
+    moe_model, report = run(tmp_path)
+    assert "reused" not in report.activations
+    assert experts(moe_model) == reference
+
+
 def _kill_when(work: Path, ready, timeout: float = 120.0) -> bool:
     """Start the extraction in a subprocess and SIGKILL it as soon as `ready(work)`; False if
     it finished first."""

@@ -35,10 +35,14 @@ class RowWriter:
         self.row_bytes = shape[1] * np.dtype(dtype).itemsize
         self.dtype = np.dtype(dtype)
         self.fd = os.open(path, os.O_WRONLY)
+        self.path = path
 
     def write(self, start: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        try:
+            os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        except OSError as e:  # pwrite names no file: say which one (the CLI prints it)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         os.fsync(self.fd)
