@@ -29,4 +29,4 @@ part tests "${T_TESTS:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_
 part bench "${T_BENCH:-200}" python3 -m moee.cli bench --device cuda --dtypes float32,bfloat16 \
     --default-batches 1,8,64,256 --deit-batches 1,8,32,64 --out "$out"
 part decode "${T_DECODE:-120}" python3 benchmarks/gpu_decode.py --new 32 --out "$out"
-part profile "${T_PROFILE:-60}" python3 benchmarks/gpu_profile.py --batches 8,64 --out "$out"
+part profile "${T_PROFILE:-60}" python3 benchmarks/experiments/gpu_profile.py --batches 8,64 --out "$out"

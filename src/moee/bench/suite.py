@@ -1,6 +1,6 @@
 """Dense vs MoE speed, side by side in one run: MLP blocks and whole models.
 
-    moee bench --checkpoint runs/demo/moe --out runs/bench   (or python benchmarks/bench_moe.py)
+    moee bench --checkpoint runs/demo/moe --out runs/bench
     moee bench --device cuda --dtypes float32,bfloat16 --out runs/bench-gpu
 
 Parts: (1) DeiT-base-sized MLP blocks (768 -> 3072) at 25% / 50% active neurons per token,

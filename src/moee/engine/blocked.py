@@ -4,8 +4,8 @@ Why: on CPU in fp32 a GEMM of a few tens of rows ran up to 2x faster against a w
 reordered once into oneDNN's blocked layout than against either plain layout, for any row
 count (MKL's packed GEMM was as fast but is packed for one row count, at 2-4x the memory);
 at a few rows, and on small matrices at any row count, it was slower (a fixed cost per call;
-`benchmarks/gemm_layout.py`, docs/engine.md). So a layer whose experts are large enough has
-these copies, and the loop reads them for groups within the cost model's band.
+`benchmarks/experiments/gemm_layout.py`, docs/engine.md). So a layer whose experts are large
+enough has these copies, and the loop reads them for groups within the cost model's band.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class CostModel:
     flat_activation_max_elements: int  # above this the activation runs per expert
     expert_width_multiple: int  # default ExecutionConfig.width_multiple
     in_out_min_tokens: int  # "masked" reads (in, out) union copies from this many tokens
-    in_out_max_tokens: int  # ... to this many (fp32, CPU; benchmarks/gemm_layout.py)
+    in_out_max_tokens: int  # ... to this many (fp32, CPU; benchmarks/experiments/gemm_layout.py)
     blocked_min_tokens: int  # the expert loop reads oneDNN-blocked copies for groups of this
     blocked_max_tokens: int  # ... to this many tokens (fp32, CPU; engine/blocked.py)
     blocked_min_elements: int  # ... in layers whose experts' W1 average this many elements

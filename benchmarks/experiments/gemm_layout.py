@@ -4,8 +4,8 @@ the weight packed for the exact token count (what inductor's freezing uses), and
 blocked layout (`torch.ops.mkldnn._linear_pointwise` on a weight reordered once, valid for any
 token count; what moee.engine.blocked uses). All timed side by side in one process.
 
-    python benchmarks/gemm_layout.py                     # fp32, SmolLM2 and DeiT-base shapes
-    python benchmarks/gemm_layout.py --dtype bfloat16
+    python benchmarks/experiments/gemm_layout.py     # fp32, SmolLM2 and DeiT-base shapes
+    python benchmarks/experiments/gemm_layout.py --dtype bfloat16
 
 Prints, per weight shape and token count, the median time of `torch.addmm(b, x, W.T)` with W
 stored (out, in) and with W stored (in, out), and their ratio (< 1: (in, out) faster); then

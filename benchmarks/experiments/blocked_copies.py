@@ -1,8 +1,8 @@
 """The expert loop with and without oneDNN-blocked expert copies (moee.engine.blocked), on the
 same MoE block, timed round-robin in one process, beside the dense block.
 
-    python benchmarks/blocked_copies.py                       # DeiT-base-sized, 25% and 50%
-    python benchmarks/blocked_copies.py --tokens 197,394 --repeats 21
+    python benchmarks/experiments/blocked_copies.py      # DeiT-base-sized, 25% and 50%
+    python benchmarks/experiments/blocked_copies.py --tokens 197,394 --repeats 21
 
 Prints, per share of active neurons and token count, the dense block's time and the speedup
 over it of the loop reading blocked copies (within the cost model's band) and of the loop

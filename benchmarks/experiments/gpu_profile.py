@@ -1,6 +1,7 @@
 """Where the time of a DeiT-base-sized MoE forward goes on a GPU: a profiler summary.
 
-    python benchmarks/gpu_profile.py --checkpoint runs/demo/moe --batches 8,64 --out runs/prof
+    python benchmarks/experiments/gpu_profile.py --checkpoint runs/demo/moe --batches 8,64 \
+        --out runs/prof
 
 The same stand-in as `moee bench` part (3) (random weights, expert sizes from the checkpoint),
 bf16, eager and on "grouped". Prints the operators that take the most GPU time and the count of

@@ -1,6 +1,6 @@
 """Effect of the clustering settings (PCA dims, HDBSCAN min_samples) on what is found.
 
-    python benchmarks/cluster_sweep.py --store runs/demo/work/activations
+    python benchmarks/experiments/cluster_sweep.py --store runs/demo/work/activations
 
 Reads an activation store written by `moee demo` / `moee extract --work-dir` and, per layer
 and setting, prints clusters found, noise share, half-split stability and seconds.
