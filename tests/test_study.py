@@ -76,6 +76,12 @@ def test_matching_solves_a_continuous_knob_and_picks_the_nearest_choice():
     label, config, f = solve(by_series["moee, one p"], base, 0.5, measure)
     assert abs(f - 0.5) <= 0.005 and config.select.p == pytest.approx(float(label), abs=1e-4)
     assert len(calls) <= 10
+    static = by_series["static pruning, one p"].configure(base, 0.7)
+    assert (static.cluster.algorithm, static.cluster.n_clusters, static.select.p) == (
+        "random", 1, 0.7)
+    old = by_series["moee without refit, one p"].configure(base, 0.7)
+    assert not old.select.refit_down and old.router.centres == "input_mean"
+    assert base.select.refit_down and old.select.p == 0.7
     budget = by_series["moee, MAC budget"]  # searched around the target: its ends may fail
     label, config, f = solve(budget, base, 0.5, lambda c: c.budget.target_macs + 0.012)
     assert abs(f - 0.5) <= 0.005 and config.budget.p_grid == base.budget.p_grid

@@ -32,14 +32,20 @@ class Knob:
 
 
 def knobs(base: ExtractConfig) -> list[Knob]:
-    """MoEE (one p), its MAC budget, the random baseline, CMoE-style and MoEfication."""
+    """MoEE (one p) with and without the stages that reproduce the dense layer, its MAC
+    budget, static pruning (one expert, the same statistics and refit), the random baseline,
+    CMoE-style and MoEfication."""
     r = replace
     p = lambda c, v: r(c, select=r(c.select, p=round(v, 4)))  # noqa: E731
+    no_refit = lambda c, v: p(r(c, select=r(c.select, refit_down=False),  # noqa: E731
+                                router=r(c.router, centres="input_mean")), v)
     moefication = tuple(  # at most 8 groups: C(8, 4) = 70 expert copies at most
         (f"top-{k} of {e}", r(base, carve=CarveConfig("moefication", experts=e, top_k=k))
          .with_method("moefication")) for e in range(2, 9) for k in range(1, e))
     return [
         Knob("moee, one p", p, 0.3, 0.99),
+        Knob("moee without refit, one p", no_refit, 0.3, 0.99),
+        Knob("static pruning, one p", lambda c, v: p(c, v).with_method("static"), 0.3, 0.99),
         Knob("moee, MAC budget", lambda c, v: r(c, budget=r(c.budget, target_macs=round(v, 4))),
              around=0.05),
         Knob("random, one p", lambda c, v: p(c, v).with_method("random"), 0.3, 0.99),
