@@ -266,7 +266,7 @@ def test_cli_probes_outputs_before_work_and_reports_a_full_disk_in_one_line(tmp_
     def full_disk(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
 
-    monkeypatch.setattr(moee.cli, "cmd_extract", full_disk)
+    monkeypatch.setattr(moee.cli.parser, "cmd_extract", full_disk)
     assert main(["extract", "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "model.safetensors" in err and "Traceback" not in err

@@ -209,8 +209,7 @@ def _calibration_batch(args: argparse.Namespace, moe_model):
     the checkpoint's source model's tokenizer, or images), else Fashion-MNIST test images."""
     if args.data:
         preprocessor = load_dense(recorded_source(args.checkpoint, None))[1]
-        args.kd_batch_size = args.image_batch = args.batch
-        batches = user_batches(args, preprocessor, None)
+        batches = user_batches(args, preprocessor, None, batch_size=args.batch)
         if isinstance(batches, list):  # text: rows of --seq-len tokens, --batch of them
             ids = torch.cat([b["input_ids"] for b in batches])[: args.batch]
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -69,8 +69,10 @@ def _default_model_images(images: list):
     return normalize_images(torch.from_numpy(np.stack(arrays)))
 
 
-def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None):
-    """Batches from --data: one image folder, or text files."""
+def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
+                 batch_size: int | None = None):
+    """Batches from --data: one image folder (`batch_size` images a batch, default the
+    command's --kd-batch-size or --image-batch), or text files."""
     if Path(args.data[0]).is_dir():
         from moee.image_folder import image_batches
 
@@ -79,7 +81,7 @@ def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None)
         if preprocessor is None or hasattr(preprocessor, "decode"):
             raise ConfigError("data: an image folder needs a model with an image processor")
         size = getattr(args, "kd_batch_size", None) if max_tokens is None else None
-        return image_batches(args.data[0], preprocessor, size or args.image_batch)
+        return image_batches(args.data[0], preprocessor, batch_size or size or args.image_batch)
     from moee.text import read_texts, token_batches
 
     if not hasattr(preprocessor, "decode"):
