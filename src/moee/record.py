@@ -100,6 +100,66 @@ def _check_finite(site: str, x: torch.Tensor, hidden: torch.Tensor, limit: float
                 "RecordConfig(dtype='float32') (CLI: --store-dtype float32)")
 
 
+class _Recorder:
+    """What the sites' forward pre-hooks share: each site's row writers, the rows each holds,
+    the current batch's real-token mask and its index."""
+
+    def __init__(self, root: Path, n_sites: int, n: int, dtype: np.dtype) -> None:
+        self.root, self.n, self.dtype = root, n, dtype
+        self.limit = float(np.finfo(dtype).max)  # beyond it a value would be stored as Inf
+        self.arrays: dict[int, tuple[RowWriter, RowWriter]] = {}
+        self.filled = [0] * n_sites
+        self.mask: torch.Tensor | None = None
+        self.batches = 0
+
+    def hook(self, i: int, site: MLPSite):
+        weights = site.weights()
+
+        def hook(_module, args, kwargs):
+            x = entry_input(args, kwargs)
+            if min(self.n - self.filled[i], x.numel() // x.shape[-1]) <= 0:
+                return
+            hidden = weights.hidden(x, site.activation)  # as the block computes it
+            _check_finite(site.name, x, hidden, self.limit, self.batches - 1)
+            m = self.mask
+            if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
+                x, hidden = x[m], hidden[m]  # real tokens only
+            self._write(i, x.reshape(-1, x.shape[-1]), hidden.reshape(-1, hidden.shape[-1]))
+
+        return hook
+
+    def _write(self, i: int, x: torch.Tensor, hidden: torch.Tensor) -> None:
+        start = self.filled[i]
+        take = min(self.n - start, x.shape[0])
+        if i not in self.arrays:
+            self.arrays[i] = (
+                RowWriter(self.root / f"layer_{i}.input.npy", self.dtype, (self.n, x.shape[-1])),
+                RowWriter(self.root / f"layer_{i}.hidden.npy", self.dtype,
+                          (self.n, hidden.shape[-1])))
+        self.arrays[i][0].write(start, x[:take].float().cpu().numpy())
+        self.arrays[i][1].write(start, hidden[:take].float().cpu().numpy())
+        self.filled[i] = start + take
+
+    def check_every_site_ran(self, sites: list[MLPSite]) -> int:
+        """The tokens recorded at every site; an error when a site or the data gave none."""
+        silent = [s.name for s, f in zip(sites, self.filled, strict=True) if f == 0]
+        if self.batches and silent:
+            raise AdapterMismatchError(
+                f"{len(silent)} MLP block(s) never ran in {self.batches} batch(es) of the "
+                f"model's forward ({', '.join(silent[:3])}): the adapter points at modules the "
+                "model does not call")
+        got = min(self.filled) if self.filled else 0
+        if got == 0:
+            raise EmptyDataError("The calibration data yielded no tokens: pass at least one "
+                                 "batch.")
+        return got
+
+    def close(self) -> None:
+        for inp, hid in self.arrays.values():
+            inp.close()
+            hid.close()
+
+
 @torch.inference_mode()
 def record_activations(
     model: nn.Module,
@@ -115,74 +175,33 @@ def record_activations(
     root = Path(store_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / STORE_META).unlink(missing_ok=True)  # no old description beside new arrays
-    dtype = np.dtype(config.dtype)
-    limit = float(np.finfo(dtype).max)  # beyond it a value would be stored as Inf
     n = config.n_tokens
-    arrays: dict[int, tuple[RowWriter, RowWriter]] = {}
-    filled = [0] * len(sites)
-    mask: list[torch.Tensor | None] = [None]  # the current batch's real tokens
-
-    def make_hook(i: int, site: MLPSite):
-        weights = site.weights()
-
-        def hook(_module, args, kwargs):
-            x = entry_input(args, kwargs)
-            start = filled[i]
-            take = min(n - start, x.numel() // x.shape[-1])
-            if take <= 0:
-                return
-            hidden = weights.hidden(x, site.activation)  # as the block computes it
-            _check_finite(site.name, x, hidden, limit, batches - 1)
-            m = mask[0]
-            if m is not None and tuple(x.shape[:2]) == tuple(m.shape):
-                x, hidden = x[m], hidden[m]  # real tokens only
-            x, hidden = x.reshape(-1, x.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
-            take = min(take, x.shape[0])
-            if i not in arrays:
-                arrays[i] = (RowWriter(root / f"layer_{i}.input.npy", dtype, (n, x.shape[-1])),
-                             RowWriter(root / f"layer_{i}.hidden.npy", dtype,
-                                       (n, hidden.shape[-1])))
-            arrays[i][0].write(start, x[:take].float().cpu().numpy())
-            arrays[i][1].write(start, hidden[:take].float().cpu().numpy())
-            filled[i] = start + take
-
-        return hook
-
-    handles = [s.entry.register_forward_pre_hook(make_hook(i, s), with_kwargs=True)
+    rec = _Recorder(root, len(sites), n, np.dtype(config.dtype))
+    handles = [s.entry.register_forward_pre_hook(rec.hook(i, s), with_kwargs=True)
                for i, s in enumerate(sites)]
     was_training = model.training
     model.eval()
-    digest, batches = new_digest(), 0
+    digest = new_digest()
     bar = tqdm(total=n, desc="record tokens", unit="tok", disable=not progress, leave=False)
     try:
         for batch in data:
-            check_batch(batch, batches)
+            check_batch(batch, rec.batches)
             update_batch_digest(digest, batch)
-            batches += 1
-            before = filled[0]
-            mask[0] = token_mask(batch)
+            rec.batches += 1
+            before = rec.filled[0]
+            rec.mask = token_mask(batch)
             call_model(model, batch)
-            bar.update(filled[0] - before)
-            if min(filled) >= n:
+            bar.update(rec.filled[0] - before)
+            if min(rec.filled) >= n:
                 break
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
         bar.close()
-    got = min(filled) if filled else 0
-    silent = [s.name for s, f in zip(sites, filled, strict=True) if f == 0]
-    if batches and silent:
-        raise AdapterMismatchError(
-            f"{len(silent)} MLP block(s) never ran in {batches} batch(es) of the model's "
-            f"forward ({', '.join(silent[:3])}): the adapter points at modules the model does "
-            "not call")
-    if got == 0:
-        raise EmptyDataError("The calibration data yielded no tokens: pass at least one batch.")
-    for inp, hid in arrays.values():
-        inp.close()
-        hid.close()
-    origin = {"model": model_digest, "data": digest.hexdigest(), "batches": batches,
+    got = rec.check_every_site_ran(sites)
+    rec.close()
+    origin = {"model": model_digest, "data": digest.hexdigest(), "batches": rec.batches,
               "settings": settings_of(config)}
     # Written last, atomically: it vouches for the arrays beside it.
     write_json(root / STORE_META, {"site_names": [s.name for s in sites], "n_tokens": got,
