@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,55 @@ def _run_key(student: nn.Module, teacher: nn.Module, data, config: DistillConfig
     return h.hexdigest()
 
 
+def _training_data(data: Iterable[Batch], state_dir: str | Path | None, rank: int,
+                   world: int) -> tuple[Any, Path | None, bool]:
+    """(this rank's batches, its state folder, whether the batches were checked up front:
+    a sequence is checked before the first step, anything else as it comes)."""
+    if not hasattr(data, "__len__"):
+        data = list(data)
+    if len(data) == 0:
+        raise EmptyDataError("distill() got no batches")
+    state = Path(state_dir) if state_dir is not None else None
+    if world > 1:  # torchrun: each rank trains on its shard, gradients averaged by DDP
+        data = data[rank::world] if isinstance(data, Sequence) else _Shard(data, rank, world)
+        state = state / f"rank{rank}" if state is not None else None
+    checked = isinstance(data, Sequence)
+    for i, batch in enumerate(data if checked else ()):
+        check_batch(batch, i)
+    return data, state, checked
+
+
+def _to_training(student: nn.Module, teacher: nn.Module, config: DistillConfig,
+                 device: torch.device, world: int) -> nn.Module:
+    """Both models on `device`, the student in training mode (without dropout only its MoE
+    layers, for their differentiable path); the module to call (DDP under torchrun)."""
+    student.to(device).train(config.dropout)
+    if not config.dropout:
+        for layer in student.modules():
+            if isinstance(layer, MoEMLP):
+                layer.train()
+    teacher.to(device)
+    if world == 1:
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Unused parameters are normal here (e.g. a pooler the loss does not read).
+    return DistributedDataParallel(student, find_unused_parameters=True)
+
+
+def _step(trained: nn.Module, teacher: nn.Module, batch: Batch, config: DistillConfig,
+          opt: torch.optim.Optimizer, sched: Any) -> float:
+    """One optimiser step toward the teacher's outputs on `batch`; its loss."""
+    with torch.no_grad():
+        target = call_model(teacher, batch)
+    loss = _loss(call_model(trained, batch), target, batch, config)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
             config: DistillConfig | None = None,
             on_step: Callable[[int, float], None] | None = None,
@@ -120,33 +170,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     data's iteration up to it) and ends with the weights an uninterrupted run would have.
     """
     config = config or DistillConfig()
-    if not hasattr(data, "__len__"):
-        data = list(data)
-    if len(data) == 0:
-        raise EmptyDataError("distill() got no batches")
-    state_dir = Path(state_dir) if state_dir is not None else None
     rank, world = rank_and_world()
-    if world > 1:  # torchrun: each rank trains on its shard, gradients averaged by DDP
-        data = data[rank::world] if isinstance(data, Sequence) else _Shard(data, rank, world)
-        state_dir = state_dir / f"rank{rank}" if state_dir is not None else None
-    checked = isinstance(data, Sequence)
-    for i, batch in enumerate(data if checked else ()):
-        check_batch(batch, i)
+    data, state_dir, checked = _training_data(data, state_dir, rank, world)
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
     key = _run_key(student, teacher, data, config) if state_dir is not None else ""
-    student.to(device).train(config.dropout)
-    if not config.dropout:  # only the MoE layers in train mode: their differentiable path
-        for layer in student.modules():
-            if isinstance(layer, MoEMLP):
-                layer.train()
-    teacher.to(device)
-    trained = student
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Unused parameters are normal here (e.g. a pooler the loss does not read).
-        trained = DistributedDataParallel(student, find_unused_parameters=True)
+    trained = _to_training(student, teacher, config, device, world)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -166,15 +195,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                     torch.set_rng_state(rng)
                 if not checked:
                     check_batch(batch, (step - 1) % len(data))
-                batch = to_device(batch, device)
-                with torch.no_grad():
-                    target = call_model(teacher, batch)
-                loss = _loss(call_model(trained, batch), target, batch, config)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+                losses.append(_step(trained, teacher, to_device(batch, device), config, opt,
+                                    sched))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
                 if on_step:
