@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,7 @@ def run_demo(config: DemoConfig | None = None, dense: nn.Module | None = None,
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     ex = config.extract
-    if ex.work_dir is None:
-        ex = ExtractConfig(**{**ex.__dict__, "work_dir": str(out / "work")})
+    ex = ex if ex.work_dir is not None else replace(ex, work_dir=str(out / "work"))
     if dense is None:
         dense = load_default_model()
         top1 = default_model_card().get("test_top1_fp16_weights", float("nan"))
