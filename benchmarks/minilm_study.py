@@ -84,7 +84,11 @@ def main() -> None:
     ap.add_argument("--router", default="input_mean", choices=moee.config.ROUTER_CENTRES)
     ap.add_argument("--refit", action="store_true", help="least-squares refit of down projections")
     ap.add_argument("--local-steps", type=int, default=0, help="layer-local distillation steps")
-    ap.add_argument("--method", default="moee", choices=["moee", "static"])
+    ap.add_argument("--method", default="moee", choices=["moee", "static", "cmoe", "moefication"])
+    ap.add_argument("--active", type=float, default=0.74,
+                    help="cmoe: share of a layer's neurons one token computes")
+    ap.add_argument("--groups", type=int, default=4, help="cmoe / moefication: neuron groups")
+    ap.add_argument("--top-k", type=int, default=3, help="moefication: groups per token")
     ap.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--threshold", type=float, default=None, metavar="MLP_MACS",
                     help="also the per-token activation-threshold baseline at this fraction of "
@@ -116,6 +120,8 @@ def main() -> None:
                                      refit_down=args.refit),
             router=moee.RouterConfig(centres=args.router),
             local=moee.LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
+            carve=moee.CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k)
+            if args.method in ("cmoe", "moefication") else None,
             budget=budget, work_dir=str(out / "work")).with_method(args.method)
         moe_model, report = moee.extract(dense, calib, config)
         moe_macs = moee.count_macs(moe_model, probe)

@@ -14,6 +14,8 @@ variant, named "moee" or "static" followed by any of "+router", "+refit", "+outp
   static        one expert for every token (structured pruning), mean offset
   cmoe          CMoE-style carving: shared always-on neurons + 8 routed groups, a token
                 computing --width of the neurons (representative-neuron router)
+  moefication   MoEfication: 7 balanced groups of the gate rows, the top 5 per token (a token
+                computing 5/7 = 71% of the neurons; groups scored by their mean rows)
   +router       the error-driven fitted router
   +refit        the least-squares refit of the down projection and offsets
   +output       neurons ranked by the variance they put into the output
@@ -78,15 +80,18 @@ def manpages_text(max_chars: int) -> str:
 def variant_config(base: moee.ExtractConfig, variant: str, p: float,
                    local: moee.LocalDistillConfig | None = None,
                    width: float = 0.71) -> moee.ExtractConfig:
-    """`variant`: "moee", "static" or "cmoe", then any of "+router", "+refit", "+output" (rank
-    neurons by the variance they put into the output), "+local" (layer-local distillation),
-    "+export" (experts of one `width`, no offsets), "+width" (experts of one `width`), "+topK"
-    (top-K routing)."""
+    """`variant`: "moee", "static", "cmoe" or "moefication", then any of "+router", "+refit",
+    "+output" (rank neurons by the variance they put into the output), "+local" (layer-local
+    distillation), "+export" (experts of one `width`, no offsets), "+width" (experts of one
+    `width`), "+topK" (top-K routing)."""
     r = dataclasses.replace
     parts = set(variant.split("+"))
     config = base.with_method("static") if "static" in parts else base
     if "cmoe" in parts:
         config = r(base, carve=moee.CarveConfig(active=width)).with_method("cmoe")
+    if "moefication" in parts:
+        config = r(base, carve=moee.CarveConfig(style="moefication", experts=7, top_k=5)
+                   ).with_method("moefication")
     criterion = "output_variance" if "output" in parts else "variance"
     config = r(config, select=r(config.select, p=p, refit_down="refit" in parts,
                                 criterion=criterion))
