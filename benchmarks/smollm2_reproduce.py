@@ -48,7 +48,7 @@ from smollm2_study import bible_text, default_gguf, load, perplexity
 import moee
 from moee.activation_threshold import ThresholdMLP, sparsify_activations
 from moee.evaluate import dense_mlp_macs
-from moee.record import ActivationStore
+from moee.extraction.record import ActivationStore
 
 VARIANTS = ("moee", "moee+router", "moee+refit", "moee+router+refit", "static", "static+refit")
 

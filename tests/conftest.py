@@ -23,7 +23,7 @@ def tiny_vit(seed: int = 0, attn: str = "eager") -> ViTForImageClassification:
 def tiny_moe_model(seed: int = 1, attn: str = "eager"):
     """tiny_vit with every MLP split into 2 random experts of 6 of its 48 neurons."""
     import moee
-    from moee.build import LayerPlan, apply_plans
+    from moee.extraction.build import LayerPlan, apply_plans
 
     model = tiny_vit(attn=attn)
     sites = moee.find_mlp_sites(model)

@@ -10,8 +10,8 @@ from torch import nn
 
 import moee
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
 from moee.errors import CheckpointError, NoMLPBlocksError
+from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 
@@ -181,16 +181,17 @@ def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path
 def test_loading_builds_the_base_on_the_meta_device(tmp_path, monkeypatch):
     """The base is rebuilt with its parameters on the meta device (nothing initialised only to
     be overwritten); the loaded model has none left there."""
-    import moee.io
+    import moee.checkpoint.io
 
     model, _ = _small_moe()
     model.save_pretrained(tmp_path)
     built = []
-    real = moee.io._rebuild_base
-    monkeypatch.setattr(moee.io, "_rebuild_base", lambda spec: built.append(real(spec)) or built[0])
+    real = moee.checkpoint.io._rebuild_base
+    monkeypatch.setattr(moee.checkpoint.io, "_rebuild_base",
+                        lambda spec: built.append(real(spec)) or built[0])
     seen_meta = []
-    real_apply = moee.io.apply_plans
-    monkeypatch.setattr(moee.io, "apply_plans", lambda sites, plans: seen_meta.append(
+    real_apply = moee.checkpoint.io.apply_plans
+    monkeypatch.setattr(moee.checkpoint.io, "apply_plans", lambda sites, plans: seen_meta.append(
         all(p.is_meta for p in built[0].parameters())) or real_apply(sites, plans))
     again = moee.load(tmp_path)
     assert seen_meta == [True]

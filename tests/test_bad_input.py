@@ -103,7 +103,7 @@ def test_out_of_range_settings_name_the_field():
 def test_available_memory_counts_reclaimable_page_cache(tmp_path):
     """After recording, the store's pages fill the page cache: MemAvailable (free plus
     reclaimable), not MemFree, is what clustering can use."""
-    from moee.resources import available_memory
+    from moee.extraction.resources import available_memory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          400000 kB\n"
@@ -112,9 +112,9 @@ def test_available_memory_counts_reclaimable_page_cache(tmp_path):
 
 
 def test_clustering_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
-    import moee.resources
+    import moee.extraction.resources
 
-    monkeypatch.setattr(moee.resources, "available_memory", lambda: 1024)
+    monkeypatch.setattr(moee.extraction.resources, "available_memory", lambda: 1024)
     model = tiny_vit()
     config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=300), work_dir=str(tmp_path))
     data = [torch.randn(8, 1, 8, 8) for _ in range(8)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import moee
-from moee.cluster import cluster_layer
-from moee.select import ClusterStats, select_experts
+from moee.extraction.cluster import cluster_layer
+from moee.extraction.select import ClusterStats, select_experts
 
 
 def _config(tmp_path, **changes):
@@ -67,7 +67,7 @@ def test_unknown_method_and_centres_are_config_errors(tmp_path):
 
 
 def test_carving_shares_the_most_active_neurons_and_balances_the_rest():
-    from moee.carve import carve_layer
+    from moee.extraction.carve import carve_layer
 
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(2000, 96)).astype(np.float32)
@@ -123,7 +123,7 @@ def test_carved_experts_get_the_same_fitted_router_and_refit_as_moees(vit, image
 
 
 def test_moefication_subsets_route_exactly_as_top_k_groups():
-    from moee.carve import moefication_layer
+    from moee.extraction.carve import moefication_layer
 
     rng = np.random.default_rng(2)
     rows = rng.normal(size=(64, 12))

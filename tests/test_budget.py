@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import moee
-from moee import budget
-from moee.budget import Option, _hull, allocate
 from moee.evaluate import count_macs, dense_mlp_macs
+from moee.extraction import budget
+from moee.extraction.budget import Option, _hull, allocate
 
 
 def _table():

@@ -12,10 +12,10 @@ from conftest import tiny_vit
 from safetensors.torch import load_file, save_file
 
 import moee
-import moee.io
+import moee.checkpoint.io
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
 from moee.errors import CheckpointError
+from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 
@@ -143,7 +143,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C while the weights are written
 
-    monkeypatch.setattr(moee.io, "save_file", crash)
+    monkeypatch.setattr(moee.checkpoint.io, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         moe_model.save_pretrained(path)
     after = {p.name: p.read_bytes() for p in path.iterdir() if not p.name.endswith(".partial")}

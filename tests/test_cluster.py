@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from moee.cluster import TooFewTokensError, cluster_layer, unstable_remedy
 from moee.config import ClusterConfig
+from moee.extraction.cluster import TooFewTokensError, cluster_layer, unstable_remedy
 
 
 def blobs(n_per: int = 150, centers: int = 3, dim: int = 12, seed: int = 0) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_too_few_tokens_is_a_clear_error():
 
 
 def test_max_clusters_merges_the_nearest_clusters_and_keeps_noise():
-    from moee.cluster import merge_clusters
+    from moee.extraction.cluster import merge_clusters
 
     rng = np.random.default_rng(0)
     centres = np.array([[0.0, 0], [1, 0], [20, 0], [21, 0], [0, 40]])  # pairs 0-1 and 2-3
@@ -106,8 +106,8 @@ def test_a_remedy_needs_the_stability_score():
 
 
 def test_unset_optional_settings_leave_cache_keys_unchanged():
-    from moee.cache_key import settings_dict
-    from moee.cluster_cache import clustering_key
+    from moee.extraction.cluster_cache import clustering_key
+    from moee.util.cache_key import settings_dict
 
     base = ClusterConfig()
     assert "dense_below_stability" not in settings_dict(base)
@@ -123,7 +123,8 @@ def test_making_the_default_clusterer_keeps_torchs_thread_count():
     import sys
 
     code = ("import torch; torch.set_num_threads(1)\n"
-            "from moee.cluster import make_clusterer\nfrom moee.config import ClusterConfig\n"
+            "from moee.extraction.cluster import make_clusterer\n"
+            "from moee.config import ClusterConfig\n"
             "make_clusterer(ClusterConfig(), 100)\nprint(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import moee
-import moee.disk_space
-from moee.disk_space import ensure_room, nearest_existing
+import moee.util.disk_space
+from moee.util.disk_space import ensure_room, nearest_existing
 
 Usage = namedtuple("Usage", "total used free")
 
 
 def _free(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(moee.disk_space.shutil, "disk_usage", lambda _: Usage(10**12, 0, free))
+    monkeypatch.setattr(moee.util.disk_space.shutil, "disk_usage", lambda _: Usage(10**12, 0, free))
 
 
 def _config(tmp_path):

@@ -15,8 +15,8 @@ import transformers as tf
 
 import moee
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
 from moee.export import to_mixtral
+from moee.extraction.build import LayerPlan, apply_plans
 
 gguf = pytest.importorskip("gguf")
 G = pytest.importorskip("moee.export.gguf")

@@ -11,9 +11,9 @@ from tiny_models import FAMILIES, V, output
 import moee
 from moee.adapters import MLPSite, linear_weights
 from moee.adapters.registry import _ADAPTERS
-from moee.build import LayerPlan, apply_plans
 from moee.config import RecordConfig
-from moee.record import record_activations
+from moee.extraction.build import LayerPlan, apply_plans
+from moee.extraction.record import record_activations
 
 
 def batches(family: str, n: int = 12) -> list[torch.Tensor]:

@@ -123,7 +123,7 @@ def test_single_expert_batch_shortcut_matches_reference():
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean", "dot"])
 def test_route_tokens_on_recorded_inputs_matches_the_module(metric):
-    from moee.reproduce import route_tokens
+    from moee.extraction.reproduce import route_tokens
 
     centres = torch.randn(5, D)
     moe = make_moe([[0], [1], [2], [3], [4]], centres, metric)
@@ -372,7 +372,7 @@ def test_bf16_model_routes_in_fp32_like_extraction(execution):
     """Two centres 0.1% apart: their bf16 scores tie (bf16 steps by 0.8% near 1), so a bf16
     router would send every token to expert 0; in fp32 the tokens leaning to expert 1 go there,
     as `route_tokens` (extraction's fp32 routing) sends them."""
-    from moee.reproduce import route_tokens
+    from moee.extraction.reproduce import route_tokens
 
     centres = torch.zeros(2, D)
     centres[0, 0] = centres[1, 0] = 1.0

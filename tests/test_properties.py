@@ -10,10 +10,10 @@ from hypothesis.extra.numpy import arrays
 
 import moee
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
 from moee.engine import route, router_weights
+from moee.extraction.build import LayerPlan, apply_plans
+from moee.extraction.select import select_neurons
 from moee.moe_model import MoEModel
-from moee.select import select_neurons
 
 scores = arrays(np.float64, st.integers(1, 60),
                 elements=st.floats(0, 1e3, allow_nan=False, allow_subnormal=False))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from moee.adapters import find_mlp_sites
 from moee.config import RecordConfig
-from moee.record import EmptyDataError, record_activations
+from moee.extraction.record import EmptyDataError, record_activations
 
 
 def test_store_holds_inputs_and_post_activation_hidden(vit, images, tmp_path):

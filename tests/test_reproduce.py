@@ -7,9 +7,9 @@ import torch
 from test_api import small_config
 
 import moee
-from moee.down_refit import _moments, _solve, refit_down
-from moee.output_error import expert_errors, held_out_rows, relative_error
-from moee.router_fit import fit_router
+from moee.extraction.down_refit import _moments, _solve, refit_down
+from moee.extraction.output_error import expert_errors, held_out_rows, relative_error
+from moee.extraction.router_fit import fit_router
 
 
 def _layer(seed=0, n=600, width=12, d_out=5):
@@ -219,7 +219,7 @@ def test_layer_local_distillation_lowers_held_out_error_and_resumes(tmp_path):
 
 
 def test_labels_within_a_size_budget_trade_error_for_cost():
-    from moee.router_fit import labels_within
+    from moee.extraction.router_fit import labels_within
 
     errors = np.array([[0.0, 1.0], [0.0, 0.2], [0.0, 5.0], [0.0, 0.1]])  # expert 0 always exact
     sizes = np.array([10, 2])

@@ -95,9 +95,9 @@ def test_a_disk_that_fills_during_recording_then_has_room_resumes_to_the_same_ex
     rerun with room records again and builds the experts of an uninterrupted run."""
     import errno
 
-    import moee.stored_array
+    import moee.util.stored_array
 
-    writes, real = [], moee.stored_array.os.pwrite
+    writes, real = [], moee.util.stored_array.os.pwrite
 
     def filling(fd, data, offset):
         writes.append(1)
@@ -105,7 +105,7 @@ def test_a_disk_that_fills_during_recording_then_has_room_resumes_to_the_same_ex
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(moee.stored_array.os, "pwrite", filling)
+    monkeypatch.setattr(moee.util.stored_array.os, "pwrite", filling)
     with pytest.raises(OSError, match=r"No space left on device: .*activations.*\.npy"):
         run(tmp_path)
     monkeypatch.undo()

@@ -3,7 +3,7 @@ import pytest
 
 from moee.config import SelectConfig
 from moee.errors import ConfigError
-from moee.select import cluster_stats, select_experts, select_neurons
+from moee.extraction.select import cluster_stats, select_experts, select_neurons
 
 
 def test_select_neurons_smallest_set_reaching_p():
@@ -41,7 +41,7 @@ def test_left_out_mean_output_restores_constant_clusters_exactly():
     from torch import nn
 
     from moee.adapters import MLPSite, linear_weights
-    from moee.build import LayerPlan, build_moe_mlp, left_out_mean_output
+    from moee.extraction.build import LayerPlan, build_moe_mlp, left_out_mean_output
 
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(6, 20), nn.Linear(20, 6)
@@ -59,7 +59,7 @@ def test_left_out_mean_output_restores_constant_clusters_exactly():
 
 
 def test_output_variance_ranks_neurons_by_what_they_put_into_the_output():
-    from moee.select import ClusterStats
+    from moee.extraction.select import ClusterStats
 
     var = np.array([[1.0, 1.0, 1.0, 1.0]])
     stats = ClusterStats(np.array([10.0]), np.zeros((1, 4)), var, np.zeros((1, 3)))
@@ -71,7 +71,7 @@ def test_output_variance_ranks_neurons_by_what_they_put_into_the_output():
 
 
 def test_width_keeps_each_experts_top_ranked_neurons_at_one_size():
-    from moee.select import ClusterStats, select_experts
+    from moee.extraction.select import ClusterStats, select_experts
 
     var = np.array([[5.0, 1.0, 4.0, 3.0, 0.5, 2.0], [0.1, 0.2, 0.3, 6.0, 5.0, 4.0]])
     stats = ClusterStats(np.ones(2), np.zeros_like(var), var, np.zeros((2, 3)))

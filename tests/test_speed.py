@@ -6,7 +6,7 @@ from conftest import tiny_moe_model, tiny_vit
 
 import moee
 from moee.bench.blocks import loop_style, mask_style, random_moe_block
-from moee.build import LayerPlan, apply_plans
+from moee.extraction.build import LayerPlan, apply_plans
 
 
 def test_baseline_styles_and_union_match_references():

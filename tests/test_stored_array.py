@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from moee import stored_array
-from moee.stored_array import RowWriter, StoredArray
+from moee.util import stored_array
+from moee.util.stored_array import RowWriter, StoredArray
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

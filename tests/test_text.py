@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moee
-from moee.text import read_texts, token_batches
+from moee.util.text import read_texts, token_batches
 
 
 def char_tokenizer(text, return_tensors="pt"):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moee
+from moee.extraction.top_k import combine_top_k
 from moee.moe import MoEMLP
-from moee.top_k import combine_top_k
 
 D, H, E = 16, 48, 5
 

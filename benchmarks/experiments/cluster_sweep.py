@@ -13,9 +13,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from moee.cluster import cluster_layer
 from moee.config import ClusterConfig
-from moee.record import ActivationStore
+from moee.extraction.cluster import cluster_layer
+from moee.extraction.record import ActivationStore
 
 
 def main() -> None:

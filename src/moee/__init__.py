@@ -21,7 +21,6 @@ from moee.config import (
     RouterConfig,
     SelectConfig,
 )
-from moee.distill import distill
 from moee.engine import ExecutionConfig
 from moee.errors import (
     AdapterMismatchError,
@@ -39,10 +38,11 @@ from moee.errors import (
 )
 from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
 from moee.fidelity import fidelity
-from moee.image_folder import image_batches
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
-from moee.text import read_texts, token_batches
+from moee.training.distill import distill
+from moee.util.image_folder import image_batches
+from moee.util.text import read_texts, token_batches
 
 __all__ = [
     "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CarveConfig", "CheckpointError",

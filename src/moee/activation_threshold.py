@@ -19,7 +19,7 @@ from torch import nn
 from moee.adapters import MLPSite, MLPWeights, find_mlp_sites
 from moee.config import RecordConfig
 from moee.errors import ConfigError
-from moee.record import ActivationStore, record_activations
+from moee.extraction.record import ActivationStore, record_activations
 
 
 def first_projection(w: MLPWeights) -> tuple[torch.Tensor, torch.Tensor | None]:

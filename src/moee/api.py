@@ -16,21 +16,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import BUILTIN_ADAPTERS, adapter_of, find_mlp_sites
-from moee.atomic import write_json
-from moee.batches import Batch
-from moee.budget import allocate_budget
-from moee.build import LayerPlan, apply_plans, check_full_width
 from moee.config import ExtractConfig
-from moee.distributed import barrier, merge_stores, rank_and_world, shard, shard_tokens
 from moee.engine.calibrate import calibrate_layers
 from moee.errors import ConfigError, NoClustersError
-from moee.fingerprint import model_fingerprint
-from moee.fit import LayerFit, fit_layers
-from moee.local_distill import distill_layers
-from moee.modes import cleanup_on_terminate
+from moee.extraction.budget import allocate_budget
+from moee.extraction.build import LayerPlan, apply_plans, check_full_width
+from moee.extraction.fit import LayerFit, fit_layers
+from moee.extraction.local_distill import distill_layers
+from moee.extraction.record import (
+    ActivationStore,
+    merge_stores,
+    record_activations,
+    reuse_or_why_not,
+)
+from moee.extraction.resources import check_disk, plan_memory
 from moee.moe_model import MoEModel
-from moee.record import ActivationStore, record_activations, reuse_or_why_not
-from moee.resources import check_disk, plan_memory
+from moee.util.atomic import write_json
+from moee.util.batches import Batch
+from moee.util.distributed import barrier, rank_and_world, shard, shard_tokens
+from moee.util.fingerprint import model_fingerprint
+from moee.util.modes import cleanup_on_terminate
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moee.validation import check, check_types
+from moee.util.validation import check, check_types
 
 
 @dataclass(frozen=True)

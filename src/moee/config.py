@@ -10,7 +10,7 @@ from moee.carve_config import CarveConfig
 from moee.engine.routing import ROUTER_METRICS
 from moee.errors import ConfigError
 from moee.training_config import DISTILL_LOSSES, DistillConfig, LocalDistillConfig
-from moee.validation import check, check_types
+from moee.util.validation import check, check_types
 
 CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random")
 SELECT_CRITERIA = ("variance", "magnitude", "random", "output_variance")
@@ -159,7 +159,7 @@ class RouterConfig:
     `fit_same_macs`: each token's label is the most exact expert at the cluster-mean router's
     mean expert size (the same MACs); off, it is the most exact expert, nearly always the
     largest. `top_k` (not in the paper): each token computes the union of its `top_k` most
-    similar experts' neurons (`moee.top_k`; metric "cosine" or "dot")."""
+    similar experts' neurons (`moee.extraction.top_k`; metric "cosine" or "dot")."""
 
     metric: str = "cosine"
     centres: str = "input_mean"

@@ -13,11 +13,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from moee.adapters import find_mlp_sites
-from moee.batches import Batch, call_model, output_tensor, to_device
 from moee.engine.timing import time_interleaved
 from moee.errors import EmptyDataError
-from moee.modes import eval_mode
 from moee.moe import moe_layers
+from moee.util.batches import Batch, call_model, output_tensor, to_device
+from moee.util.modes import eval_mode
 
 Metric = Callable[[torch.Tensor, Batch], tuple[float, int]]
 

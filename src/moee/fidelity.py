@@ -11,9 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moee.batches import Batch, call_model, mean_pooled, model_inputs, output_tensor, token_mask
 from moee.errors import EmptyDataError
-from moee.modes import eval_mode
+from moee.util.batches import (
+    Batch,
+    call_model,
+    mean_pooled,
+    model_inputs,
+    output_tensor,
+    token_mask,
+)
+from moee.util.modes import eval_mode
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moee.io import read_checkpoint, write_checkpoint
+from moee.checkpoint.io import read_checkpoint, write_checkpoint
 from moee.moe import MoEMLP, moe_layers
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moee.validation import check, check_types
+from moee.util.validation import check, check_types
 
 DISTILL_LOSSES = ("auto", "kl", "mse", "pooled_cosine")
 

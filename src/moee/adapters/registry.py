@@ -8,7 +8,7 @@ from torch import nn
 
 from moee.adapters.site import MLPSite, validate_site
 from moee.errors import ConfigError, NoMLPBlocksError
-from moee.modes import eval_mode
+from moee.util.modes import eval_mode
 
 Finder = Callable[[nn.Module], list[MLPSite]]
 _ADAPTERS: dict[str, Finder] = {}  # in registration order: more specific layouts first

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moee.batches import Batch, call_model
-from moee.modes import eval_mode
 from moee.moe import MoEMLP, moe_layers
+from moee.util.batches import Batch, call_model
+from moee.util.modes import eval_mode
 
 
 @dataclass

@@ -18,8 +18,8 @@ from moee.cli.sources import (
     training_data,
     user_batches,
 )
-from moee.distributed import rank_and_world
 from moee.errors import ConfigError
+from moee.util.distributed import rank_and_world
 
 SOURCE_FILE = "moee_source.json"  # extract and finetune record the dense model's name in it
 
@@ -98,8 +98,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from moee.distill import distill
     from moee.moe_model import MoEModel
+    from moee.training.distill import distill
 
     student = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     source = recorded_source(args.checkpoint, args.teacher)

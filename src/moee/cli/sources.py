@@ -74,7 +74,7 @@ def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
     """Batches from --data: one image folder (`batch_size` images a batch, default the
     command's --kd-batch-size or --image-batch), or text files."""
     if Path(args.data[0]).is_dir():
-        from moee.image_folder import image_batches
+        from moee.util.image_folder import image_batches
 
         if preprocessor is None and args_model(args) == "default":
             preprocessor = _default_model_images
@@ -82,7 +82,7 @@ def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
             raise ConfigError("data: an image folder needs a model with an image processor")
         size = getattr(args, "kd_batch_size", None) if max_tokens is None else None
         return image_batches(args.data[0], preprocessor, batch_size or size or args.image_batch)
-    from moee.text import read_texts, token_batches
+    from moee.util.text import read_texts, token_batches
 
     if not hasattr(preprocessor, "decode"):
         raise ConfigError("data: text files need a model with a tokenizer")

@@ -18,8 +18,8 @@ from moee.demo.default_model import default_model_card, load_default_model
 from moee.demo.fashion_mnist import load_fashion_mnist
 from moee.demo.images import TrainingBatches, image_batches
 from moee.demo.report import comparison_table, measure, time_side_by_side
-from moee.distill import distill
 from moee.evaluate import evaluate
+from moee.training.distill import distill
 
 
 def demo_extract_config() -> ExtractConfig:

@@ -21,8 +21,8 @@ from moee.demo.default_model import (
 )
 from moee.demo.fashion_mnist import load_fashion_mnist
 from moee.demo.images import augment, image_batches, normalize_images
-from moee.distill import cosine_with_warmup
 from moee.evaluate import evaluate
+from moee.training.distill import cosine_with_warmup
 
 
 @dataclass

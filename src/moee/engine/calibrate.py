@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from moee.batches import Batch, call_model
 from moee.engine.timing import first_error, time_interleaved
-from moee.modes import eval_mode
+from moee.util.batches import Batch, call_model
+from moee.util.modes import eval_mode
 
 
 def _timed(layer: nn.Module, x: torch.Tensor, modes: dict[str, dict], repeats: int,

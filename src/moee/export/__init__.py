@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moee.disk_space import ensure_room, tensor_bytes
 from moee.errors import ConfigError
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.moe_model import MoEModel
+from moee.util.disk_space import ensure_room, tensor_bytes
 
 GGUF_BYTES_PER_VALUE = {"f32": 4, "f16": 2, "q8_0": 34 / 32}  # q8_0: 32 int8 + an f16 scale
 

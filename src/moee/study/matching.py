@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moee.atomic import write_json
-from moee.cache_key import digest, settings_dict
 from moee.config import CarveConfig, ExtractConfig
 from moee.study.points import StudyPoint
+from moee.util.atomic import write_json
+from moee.util.cache_key import digest, settings_dict
 
 Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
 

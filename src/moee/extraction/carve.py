@@ -1,4 +1,5 @@
-"""The baselines that group neurons instead of tokens, as plain statistics like `moee.select`.
+"""The baselines that group neurons instead of tokens, as plain statistics like
+`moee.extraction.select`.
 
 CMoE-style carving (Pei et al., "CMoE: Converting Mixture-of-Experts from Dense to Accelerate
 LLM Inference", 2025), the top-1 variant: neurons activated on most tokens become a shared

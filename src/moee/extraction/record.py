@@ -8,6 +8,7 @@ all of them still match. Padding tokens (attention_mask == 0) are not recorded.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -22,12 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite, entry_input
-from moee.atomic import write_json
-from moee.batches import call_model, check_batch, token_mask
 from moee.config import RecordConfig
 from moee.errors import AdapterMismatchError, EmptyDataError, NonFiniteError
-from moee.fingerprint import new_digest, update_batch_digest
-from moee.stored_array import RowWriter, StoredArray
+from moee.util.atomic import write_json
+from moee.util.batches import call_model, check_batch, token_mask
+from moee.util.fingerprint import new_digest, update_batch_digest
+from moee.util.stored_array import RowWriter, StoredArray
 
 STORE_META = "store.json"
 
@@ -207,3 +208,34 @@ def record_activations(
     write_json(root / STORE_META, {"site_names": [s.name for s in sites], "n_tokens": got,
                                    "dtype": config.dtype, "origin": origin})
     return ActivationStore(root, [s.name for s in sites], got, origin)
+
+
+def merge_stores(shards: list[Path], out: Path) -> ActivationStore:
+    """One store holding the shards' tokens in rank order, copied layer by layer in chunks
+    (memory stays a chunk); reused when it was merged from shards of the same origins."""
+    stores = [ActivationStore.open(s) for s in shards]
+    origin: dict[str, Any] = {
+        "shards": [s.origin for s in stores],
+        "data": hashlib.sha256(json.dumps([s.origin for s in stores],
+                                          sort_keys=True).encode()).hexdigest(),
+        "model": stores[0].origin.get("model"), "settings": stores[0].origin.get("settings")}
+    if (out / STORE_META).is_file() and ActivationStore.open(out).origin == origin:
+        return ActivationStore.open(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STORE_META).unlink(missing_ok=True)
+    total = sum(s.n_tokens for s in stores)
+    for layer in range(len(stores[0].site_names)):
+        for kind, read in (("input", ActivationStore.inputs), ("hidden", ActivationStore.hidden)):
+            first = read(stores[0], layer)
+            merged = RowWriter(out / f"layer_{layer}.{kind}.npy", first.dtype,
+                               (total, first.shape[1]))
+            start = 0
+            for s in stores:
+                part = read(s, layer)
+                for c in range(0, len(part), 65536):
+                    merged.write(start + c, part[c : c + 65536])
+                start += len(part)
+            merged.close()
+    write_json(out / STORE_META, {"site_names": stores[0].site_names, "n_tokens": total,
+                                  "dtype": str(first.dtype), "origin": origin})
+    return ActivationStore.open(out)

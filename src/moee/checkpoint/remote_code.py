@@ -1,5 +1,5 @@
 """What lets transformers run a saved MoE model without moee: the base model's config.json with
-`auto_map` and `moee_layers`, and `modeling_moee.py` (`moee/modeling_moee.py`, copied verbatim)
+`auto_map` and `moee_layers`, and `modeling_moee.py` (this folder's, copied verbatim)
 beside the weights, for `AutoModel….from_pretrained(dir, trust_remote_code=True)`."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moee.atomic import write_json
 from moee.moe import MoEMLP
+from moee.util.atomic import write_json
 
 TEMPLATE = Path(__file__).with_name("modeling_moee.py")
 

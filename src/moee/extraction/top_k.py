@@ -3,8 +3,8 @@ most similar experts. The router's scores are linear in the token, so the k best
 the k-subset with the largest summed score; each k-subset becomes one expert (the union of its
 members' neurons, each neuron computed once) scored by the sum of its members' router rows, and
 moee's top-1 engine runs top-k routing exactly, in every execution path and in the MAC count
-(MoEfication's groups take the same route, `moee.carve`). The price is C(E, k) expert copies
-where the engine keeps pre-sliced copies."""
+(MoEfication's groups take the same route, `moee.extraction.carve`). The price is C(E, k)
+expert copies where the engine keeps pre-sliced copies."""
 
 from __future__ import annotations
 

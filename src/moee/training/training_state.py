@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moee.disk_space import ensure_room, tensor_bytes
+from moee.util.disk_space import ensure_room, tensor_bytes
 
 STATE_NAME = "distill_state.pt"
 

@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
-from moee.cache_key import digest
-from moee.disk_space import ensure_room, tensor_bytes
+from moee.extraction.output_error import held_out_rows
+from moee.extraction.record import ActivationStore
 from moee.moe import MoEMLP
-from moee.output_error import held_out_rows
-from moee.record import ActivationStore
 from moee.training_config import LocalDistillConfig
+from moee.util.cache_key import digest
+from moee.util.disk_space import ensure_room, tensor_bytes
 
 
 def _error(layer: MoEMLP, dense: MLPSite, x: torch.Tensor) -> float:

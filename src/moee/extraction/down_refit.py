@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from moee.output_error import chunks
+from moee.extraction.output_error import chunks
 
 
 @dataclass

@@ -24,17 +24,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite, entry_input
-from moee.atomic import write_json
-from moee.batches import Batch, call_model, output_tensor
-from moee.build import LayerPlan, build_moe_mlp
-from moee.cache_key import digest, settings_dict
 from moee.config import DistillConfig, ExtractConfig
-from moee.distill import loss_kind, output_loss
 from moee.errors import ConfigError
 from moee.evaluate import count_macs
-from moee.fingerprint import new_digest, update_batch_digest
-from moee.fit import LayerFit
-from moee.modes import eval_mode
+from moee.extraction.build import LayerPlan, build_moe_mlp
+from moee.extraction.fit import LayerFit
+from moee.training.distill import loss_kind, output_loss
+from moee.util.atomic import write_json
+from moee.util.batches import Batch, call_model, output_tensor
+from moee.util.cache_key import digest, settings_dict
+from moee.util.fingerprint import new_digest, update_batch_digest
+from moee.util.modes import eval_mode
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from moee.output_error import relative_error
+from moee.extraction.output_error import relative_error
 
 
 @dataclass

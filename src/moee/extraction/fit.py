@@ -13,16 +13,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
-from moee.build import LayerPlan, left_out_mean_output
-from moee.carve import carve_layer, moefication_layer
-from moee.cluster import cluster_layer, unstable_remedy
-from moee.cluster_cache import clustering_key, load_clustering, save_clustering
 from moee.config import ExtractConfig, SelectConfig
-from moee.disk_space import ensure_room
-from moee.record import ActivationStore
-from moee.reproduce import reproduce_output, route_tokens
-from moee.select import ClusterStats, cluster_stats, select_experts
-from moee.top_k import combine_top_k
+from moee.extraction.build import LayerPlan, left_out_mean_output
+from moee.extraction.carve import carve_layer, moefication_layer
+from moee.extraction.cluster import cluster_layer, unstable_remedy
+from moee.extraction.cluster_cache import clustering_key, load_clustering, save_clustering
+from moee.extraction.record import ActivationStore
+from moee.extraction.reproduce import reproduce_output, route_tokens
+from moee.extraction.select import ClusterStats, cluster_stats, select_experts
+from moee.extraction.top_k import combine_top_k
+from moee.util.disk_space import ensure_room
 
 
 @dataclass
@@ -66,7 +66,7 @@ class LayerFit:
 
     def _routed_plan(self, experts: list[np.ndarray], select: SelectConfig) -> LayerPlan:
         """The plan of the selected experts under the router: top-1 over the experts, or, with
-        `router.top_k` > 1, over the unions of every k of them (`moee.top_k`)."""
+        `router.top_k` > 1, over the unions of every k of them (`moee.extraction.top_k`)."""
         stats, k = self.stats, (self.config.router.top_k if self.config is not None else 1)
         centres, metric, hidden_mean = stats.input_mean, self.metric, stats.hidden_mean
         load = self.load
@@ -155,7 +155,7 @@ def layer_row(site: str, hidden: int, experts: int, seconds: float,
 
 
 def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig) -> LayerFit:
-    """Experts from neuron groups (`moee.carve`): CMoE-style, each expert scored by its
+    """Experts from neuron groups (`moee.extraction.carve`): CMoE-style, each expert scored by its
     representative neuron's pre-activation, or MoEfication, by its groups' mean rows (gate
     rows when gated, else up rows; biases left out)."""
     t0 = time.perf_counter()

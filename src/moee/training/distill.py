@@ -13,7 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.batches import (
+from moee.config import DistillConfig
+from moee.errors import EmptyDataError
+from moee.moe import MoEMLP
+from moee.training.training_state import resume_state, save_state
+from moee.util.batches import (
     Batch,
     call_model,
     check_batch,
@@ -22,13 +26,9 @@ from moee.batches import (
     to_device,
     token_mask,
 )
-from moee.config import DistillConfig
-from moee.distributed import rank_and_world, shard
-from moee.errors import EmptyDataError
-from moee.fingerprint import model_fingerprint, new_digest, update_batch_digest
-from moee.modes import eval_mode
-from moee.moe import MoEMLP
-from moee.training_state import resume_state, save_state
+from moee.util.distributed import rank_and_world, shard
+from moee.util.fingerprint import model_fingerprint, new_digest, update_batch_digest
+from moee.util.modes import eval_mode
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:

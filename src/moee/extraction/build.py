@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from moee.adapters import MLPSite, find_mlp_sites
-from moee.batches import call_model, output_tensor
 from moee.engine import ExecutionConfig
 from moee.errors import AdapterMismatchError
-from moee.modes import eval_mode
 from moee.moe import MoEMLP
+from moee.util.batches import call_model, output_tensor
+from moee.util.modes import eval_mode
 
 
 @dataclass

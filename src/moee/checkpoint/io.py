@@ -23,13 +23,18 @@ from torch import nn
 
 from moee._version import __version__
 from moee.adapters import find_mlp_sites
-from moee.build import LayerPlan, apply_plans
-from moee.disk_space import ensure_room, tensor_bytes
+from moee.checkpoint.integrity import (
+    add_digests,
+    check_expert_ids,
+    check_loaded_layer,
+    verify_digests,
+)
+from moee.checkpoint.remote_code import write_remote_code
 from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError
-from moee.integrity import add_digests, check_expert_ids, check_loaded_layer, verify_digests
+from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe import MoEMLP
-from moee.remote_code import write_remote_code
+from moee.util.disk_space import ensure_room, tensor_bytes
 
 CONFIG_NAME = "moee_config.json"
 WEIGHTS_NAME = "model.safetensors"

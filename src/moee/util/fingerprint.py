@@ -7,7 +7,7 @@ import hashlib
 import torch
 from torch import nn
 
-from moee.batches import Batch, model_inputs
+from moee.util.batches import Batch, model_inputs
 
 
 def _update(h, t: torch.Tensor) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from moee.atomic import save_npy, write_json
-from moee.cache_key import digest, settings_dict
-from moee.cluster import LayerClustering
 from moee.config import ClusterConfig
+from moee.extraction.cluster import LayerClustering
+from moee.util.atomic import save_npy, write_json
+from moee.util.cache_key import digest, settings_dict
 
 
 def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int) -> str:

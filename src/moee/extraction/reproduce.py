@@ -1,8 +1,8 @@
 """Make a layer's experts reproduce the dense layer (not in the paper): after the experts' neurons
-are selected, fit the router to the expert that serves each token best (`moee.router_fit`) and
-refit the down projection and offsets by least squares on the tokens it routes
-(`moee.down_refit`). Both choose their strength on held-out calibration tokens and keep what
-they replace when they do not beat it there."""
+are selected, fit the router to the expert that serves each token best (`router_fit`) and refit
+the down projection and offsets by least squares on the tokens it routes (`down_refit`). Both
+choose their strength on held-out calibration tokens and keep what they replace when they do
+not beat it there."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from moee.adapters import MLPSite
-from moee.build import LayerPlan
 from moee.config import RouterConfig, SelectConfig
-from moee.down_refit import refit_down
 from moee.engine import route, router_weights
-from moee.output_error import expert_errors, held_out_rows, output_energy
-from moee.record import ActivationStore
-from moee.router_fit import fit_router
+from moee.extraction.build import LayerPlan
+from moee.extraction.down_refit import refit_down
+from moee.extraction.output_error import expert_errors, held_out_rows, output_energy
+from moee.extraction.record import ActivationStore
+from moee.extraction.router_fit import fit_router
 
 
 @torch.no_grad()

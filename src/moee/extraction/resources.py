@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from moee.config import ExtractConfig
-from moee.disk_space import ensure_room
 from moee.errors import ResourceError
+from moee.util.disk_space import ensure_room
 
 
 def check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
