@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from save_result import cpu_model, git
 from torch import nn
 
 from moee.engine.activation import inplace_activation
@@ -272,8 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nmeasured in {time.perf_counter() - t0:.0f} s\n")
     merged = {**stored, **fitted}
     CostModel.from_json(json.dumps(merged))  # every field still there and accepted
+    dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    merged["fitted_on"] = {  # where and from what the refit constants were measured
+        "machine": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "commit": (git("rev-parse", "--short=7", "HEAD") or "unknown") + dirty,
+        "date": time.strftime("%Y-%m-%d"), "refit": sorted(fitted)}
     print(f"{'constant':<34}{'current':>10}{'fitted':>10}  note")
-    for name in (k for k in stored if k != "about"):
+    for name in (k for k in stored if k not in ("about", "fitted_on")):
         print(f"{name:<34}{stored[name]!s:>10}{merged[name]!s:>10}  "
               + notes.get(name, "" if name in fitted else "kept"))
     if args.write:
