@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moee
-from moee.extraction.top_k import combine_top_k
+from moee.extraction.top_k import top_k_router
 from moee.moe import MoEMLP
 
 D, H, E = 16, 48, 5
@@ -41,7 +41,8 @@ def _top_k_moe(metric: str, k: int):
     fc1, fc2 = nn.Linear(D, H), nn.Linear(H, D)
     experts, centres = _experts_and_centres()
     counts = np.ones(E)
-    union, rows, _ = combine_top_k(experts, centres, metric, np.zeros((E, H)), counts, k)
+    router = top_k_router(centres, metric, np.zeros((E, H)), counts, k)
+    union, rows = router.union_experts(experts), router.rows
     moe = MoEMLP(fc1, fc2, nn.GELU(), [torch.as_tensor(u) for u in union],
                  torch.as_tensor(rows), torch.arange(H), "dot").eval()
     return moe, fc1, fc2, experts, centres
@@ -77,9 +78,8 @@ def test_euclidean_top_k_and_too_many_combinations_are_clear_errors():
         moee.RouterConfig(metric="euclidean", top_k=2)
     with pytest.raises(moee.ConfigError, match="router.top_k"):
         moee.RouterConfig(top_k=0)
-    experts = [np.arange(3)] * 20
     with pytest.raises(moee.ConfigError, match="max-experts"):
-        combine_top_k(experts, np.ones((20, 4)), "cosine", np.zeros((20, 8)), np.ones(20), 5)
+        top_k_router(np.ones((20, 4)), "cosine", np.zeros((20, 8)), np.ones(20), 5)
 
 
 def _config(tmp_path, **select):

@@ -21,7 +21,7 @@ from moee.extraction.cluster_cache import clustering_key, load_clustering, save_
 from moee.extraction.record import ActivationStore
 from moee.extraction.reproduce import reproduce_output, route_tokens
 from moee.extraction.select import ClusterStats, cluster_stats, select_experts
-from moee.extraction.top_k import combine_top_k
+from moee.extraction.top_k import TopKRouter, top_k_router
 from moee.util.disk_space import ensure_room
 
 
@@ -40,6 +40,7 @@ class LayerFit:
     store: ActivationStore | None = None  # for the stages that refit to the dense output
     config: ExtractConfig | None = None
     _plans: dict = field(default_factory=dict, repr=False)  # by SelectConfig: each built once
+    _top_k: tuple[TopKRouter, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
@@ -71,15 +72,24 @@ class LayerFit:
         centres, metric, hidden_mean = stats.input_mean, self.metric, stats.hidden_mean
         load = self.load
         if k > 1 and len(experts) > 1:
-            experts, centres, hidden_mean = combine_top_k(experts, centres, metric, hidden_mean,
-                                                          stats.counts, k, self.site.name)
-            metric = "dot"
-            routed = route_tokens(self.store.inputs(self.index), centres, metric)
-            load = np.bincount(routed, minlength=len(experts)) / len(routed)
+            router, load = self._top_k_router(k)
+            experts = router.union_experts(experts)
+            centres, metric, hidden_mean = router.rows, "dot", router.hidden_mean
         bias = (left_out_mean_output(self.site, experts, hidden_mean)
                 if select.compensate_mean else None)
         return LayerPlan(self.site.name, experts, np.asarray(centres, np.float32), metric, bias,
                          load=load)
+
+    def _top_k_router(self, k: int) -> tuple[TopKRouter, np.ndarray]:
+        """The layer's top-k router and the share of calibration tokens it sends to each
+        subset, built and routed once for every p."""
+        if self._top_k is None:
+            s = self.stats
+            router = top_k_router(s.input_mean, self.metric, s.hidden_mean, s.counts, k,
+                                  self.site.name)
+            routed = route_tokens(self.store.inputs(self.index), router.rows, "dot")
+            self._top_k = router, np.bincount(routed, minlength=len(router.subsets)) / len(routed)
+        return self._top_k
 
     def load_of(self, plan: LayerPlan) -> np.ndarray:
         """(k,) share of calibration tokens `plan`'s router sends to each of its experts."""

@@ -9,6 +9,7 @@ expert copies where the engine keeps pre-sliced copies."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
@@ -43,17 +44,29 @@ def subsets(n_experts: int, k: int, site: str = "") -> list[tuple[int, ...]]:
     return list(itertools.combinations(range(n_experts), k))
 
 
-def combine_top_k(experts: list[np.ndarray], centres: np.ndarray, metric: str,
-                  hidden_mean: np.ndarray, counts: np.ndarray, k: int, site: str = ""
-                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(union experts, their (S, d) "dot" router rows, their (S, H) hidden means) for top-`k`
-    routing over `experts` with router `centres` under `metric`. A union's hidden mean is its
-    members' means weighted by their token counts (for the left-out neurons' offset)."""
+@dataclass(frozen=True)
+class TopKRouter:
+    """Top-`k` routing over a layer's clusters as top-1 over their k-subsets: `subsets` (S of
+    them), their (S, d) "dot" router rows and (S, H) hidden means (a subset's members' means
+    weighted by their token counts, for the left-out neurons' offset). None of it depends on
+    which neurons each expert keeps, so one serves every p."""
+
+    subsets: list[tuple[int, ...]]
+    rows: np.ndarray
+    hidden_mean: np.ndarray
+
+    def union_experts(self, experts: list[np.ndarray]) -> list[np.ndarray]:
+        """Each subset's expert: the union of its members' neurons, each neuron once."""
+        return [np.unique(np.concatenate([experts[e] for e in s])) for s in self.subsets]
+
+
+def top_k_router(centres: np.ndarray, metric: str, hidden_mean: np.ndarray, counts: np.ndarray,
+                 k: int, site: str = "") -> TopKRouter:
+    """The `TopKRouter` for top-`k` routing with router `centres` under `metric`."""
     rows = router_rows(np.asarray(centres, dtype=np.float64), metric)
-    chosen = subsets(len(experts), k, site)
+    chosen = subsets(len(centres), k, site)
     weights = np.maximum(np.asarray(counts, dtype=np.float64), 1e-12)
-    union = [np.unique(np.concatenate([experts[e] for e in s])) for s in chosen]
     summed = np.stack([rows[list(s)].sum(0) for s in chosen]).astype(np.float32)
     means = np.stack([np.average(hidden_mean[list(s)], axis=0, weights=weights[list(s)])
                       for s in chosen])
-    return union, summed, means
+    return TopKRouter(chosen, summed, means)
