@@ -11,7 +11,7 @@ import torch
 
 from moee.errors import ResourceError
 
-MARGIN = 0.95  # leave the filesystem a little: other writers, metadata, the .partial copy
+MARGIN = 0.9  # leave the filesystem room: other writers, metadata, the .partial copy
 
 
 def nearest_existing(path: str | Path) -> Path:
