@@ -189,6 +189,20 @@ def test_refusals_leave_nothing_written(small_source, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_full_disk_stops_the_gguf_before_it_writes(small_source, tmp_path, monkeypatch):
+    import collections
+
+    import moee.util.disk_space
+
+    usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(moee.util.disk_space.shutil, "disk_usage",
+                        lambda _: usage(10**12, 0, 1000))
+    export = to_mixtral(tiny_llama(64), torch.float32)
+    with pytest.raises(moee.ResourceError, match="the GGUF file .*m.gguf needs"):
+        G.write_gguf(export, tmp_path / "m.gguf", small_source)
+    assert not list(tmp_path.iterdir())
+
+
 # --- llama.cpp runs the file -------------------------------------------------------------
 
 

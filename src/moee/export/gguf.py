@@ -41,6 +41,7 @@ from moee.export.gguf_layout import (
 )
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.moe_model import MoEModel
+from moee.util.disk_space import ensure_room
 
 try:
     import gguf
@@ -245,6 +246,8 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     out = Path(out_file)
     partial = out.with_name(out.name + ".partial")
     planned = _plan(export, weights)
+    ensure_room(out.parent, sum(_nbytes(p.shape, p.qtype)[2] for p in planned),
+                f"the GGUF file {out}", "free space or export elsewhere")
     source = (metadata_from if isinstance(metadata_from, gguf.GGUFReader)
               else gguf.GGUFReader(str(metadata_from)))
     writer = gguf.GGUFWriter(str(partial), ARCH_NAME)
