@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from moee.config import DistillConfig
 from moee.errors import EmptyDataError
 from moee.moe import MoEMLP
-from moee.training.training_state import resume_state, save_state
+from moee.training.training_state import check_state_room, resume_state, save_state
 from moee.util.batches import (
     Batch,
     call_model,
@@ -174,7 +174,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     data, state_dir, checked = _training_data(data, state_dir, rank, world)
     steps = max(1, math.ceil(config.epochs * len(data)))
     device = torch.device(config.device)
-    key = _run_key(student, teacher, data, config) if state_dir is not None else ""
+    key = ""
+    if state_dir is not None:
+        check_state_room(state_dir, student)
+        key = _run_key(student, teacher, data, config)
     trained = _to_training(student, teacher, config, device, world)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -27,6 +27,15 @@ def save_state(directory: Path, key: str, step: int, losses: list[float], studen
     os.replace(partial, directory / STATE_NAME)
 
 
+def check_state_room(directory: Path, student: nn.Module) -> None:
+    """Refuse before training when `directory` cannot hold the run's saved state: the weights
+    and Adam's two moments per trained parameter."""
+    trained = tensor_bytes(p for p in student.parameters() if p.requires_grad)
+    ensure_room(directory, tensor_bytes(student.state_dict().values()) + 2 * trained,
+                f"the distillation's resume state in {directory}",
+                "free space or choose another --work-dir / state_dir")
+
+
 def resume_state(directory: Path | None, key: str, student: nn.Module,
                  opt: torch.optim.Optimizer, sched: Any
                  ) -> tuple[int, list[float], torch.Tensor | None]:
@@ -34,11 +43,6 @@ def resume_state(directory: Path | None, key: str, student: nn.Module,
     (`key`); (steps done, their losses, the random generator's state to set before the next
     step: set later, since replaying the data up to it may draw from the generator)."""
     path = directory / STATE_NAME if directory is not None else None
-    if path is not None:  # weights + Adam's two moments per trained parameter, saved as it runs
-        trained = tensor_bytes(p for p in student.parameters() if p.requires_grad)
-        ensure_room(directory, tensor_bytes(student.state_dict().values()) + 2 * trained,
-                    f"the distillation's resume state in {directory}",
-                    "free space or choose another --work-dir / state_dir")
     if path is None or not path.is_file():
         return 0, [], None
     try:
