@@ -213,6 +213,21 @@ def _write_hyperparameters(writer: gguf.GGUFWriter, config, theta: float, rope_t
     writer.add_file_type(ftype)
 
 
+def _check_writable(config, file_type: str) -> tuple[float, str, dict]:
+    """`config`'s RoPE (theta, type, parameters) when this writer can write it as `file_type`;
+    else a ConfigError naming what it cannot."""
+    if file_type not in FILE_TYPES:
+        raise ConfigError(f"export to GGUF: file_type must be one of {tuple(FILE_TYPES)}, "
+                          f"got {file_type!r}")
+    if config.num_experts_per_tok != 1:
+        raise ConfigError("export to GGUF: moee's experts are top-1 (num_experts_per_tok 1)")
+    theta, rope_type, params = rope_of(config)
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ConfigError(f"export to GGUF: RoPE type {rope_type!r} is not written (default, "
+                          "linear and llama3 are)")
+    return theta, rope_type, params
+
+
 def write_gguf(export: MixtralExport, out_file: str | Path,
                metadata_from: str | Path | gguf.GGUFReader, file_type: str = "f32",
                name: str | None = None) -> Path:
@@ -229,19 +244,12 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     stay f32; a Q8_0 tensor whose rows are not a multiple of 32 falls back to f16, as in
     llama.cpp's converter); rounding can move a token whose two best router scores nearly tie
     to the other expert, so a quantised MoE can drift further from f32 than its dense model
-    does. `name`: general.name (default: the source's). Mistral's
-    sliding window, if any, is not written (llama.cpp's `llama` has none), as in the converter.
-    The file is written beside and renamed into place. Returns `out_file`."""
-    if file_type not in FILE_TYPES:
-        raise ConfigError(f"export to GGUF: file_type must be one of {tuple(FILE_TYPES)}, "
-                          f"got {file_type!r}")
+    does. `name`: general.name (default: the source's). Mistral's sliding window, if any, is not
+    written (llama.cpp's `llama` has none), as in the converter. The file is written beside and
+    renamed into place, after its tensors' bytes are checked against the free space. Returns
+    `out_file`."""
     config = export.config
-    if config.num_experts_per_tok != 1:
-        raise ConfigError("export to GGUF: moee's experts are top-1 (num_experts_per_tok 1)")
-    theta, rope_type, params = rope_of(config)
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ConfigError(f"export to GGUF: RoPE type {rope_type!r} is not written (default, "
-                          "linear and llama3 are)")
+    theta, rope_type, params = _check_writable(config, file_type)
     weights, ftype = FILE_TYPES[file_type]
     out = Path(out_file)
     partial = out.with_name(out.name + ".partial")
