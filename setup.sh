@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent setup: Fashion-MNIST (Debian package), a venv with the CPU build of torch, moee.
+# Idempotent setup: Fashion-MNIST (Debian package), a venv with the CPU build of torch, moee
+# and moee-lab.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
@@ -9,4 +10,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 [ -d .venv ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-cpu.txt   # torch==2.13.0, the CPU build
-.venv/bin/pip install -q -e ".[dev]"
+# The library with its test tools, and moee-lab (the demo, study, bench and analyze commands).
+.venv/bin/pip install -q -e ".[dev]" -e ./lab

@@ -17,9 +17,9 @@ import copy
 import torch
 
 from moee import calibrate, load
-from moee.demo import load_default_model, load_fashion_mnist, normalize_images
 from moee.engine.timing import time_interleaved
 from moee.util.batches import output_tensor
+from moee_lab.demo import load_default_model, load_fashion_mnist, normalize_images
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from moee.bench.models import random_moe_copy
 from moee.engine.cuda_graph import capture, make_capturable
 from moee.engine.timing import first_error, time_interleaved
+from moee_lab.bench.models import random_moe_copy
 
 ASSET = Path(__file__).parent / "assets" / "smollm2-budget0.7-experts.json"
 

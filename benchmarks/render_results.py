@@ -484,7 +484,7 @@ def memory_section(result: dict[str, Any]) -> str:
 
 def study_section(result: dict[str, Any]) -> str:
     """moee study: the tables it printed, from its study.json."""
-    from moee.study.report import study_tables
+    from moee_lab.study.report import study_tables
 
     how = "quick" if result.get("quick") else "full"
     return (f"`moee study{' --quick' if result.get('quick') else ''}` ({how} study, "

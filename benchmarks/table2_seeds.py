@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import moee
-from moee.demo import image_batches, load_default_model, load_fashion_mnist
-from moee.demo.pipeline import calibration_batches, demo_extract_config
+from moee_lab.demo import image_batches, load_default_model, load_fashion_mnist
+from moee_lab.demo.pipeline import calibration_batches, demo_extract_config
 
 
 def row_configs(base: moee.ExtractConfig, seed: int) -> dict[str, moee.ExtractConfig]:

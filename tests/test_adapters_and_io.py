@@ -168,7 +168,7 @@ def test_loading_and_running_a_checkpoint_needs_no_clustering_libraries(tmp_path
     script = (
         "import sys\n"
         "for m in ('sklearn', 'fast_hdbscan', 'matplotlib', 'numba'): sys.modules[m] = None\n"
-        "import torch, moee, moee.cli, moee.bench.suite\n"
+        "import torch, moee, moee.cli, moee_lab.bench.suite\n"
         f"m = moee.load({str(tmp_path)!r}).eval()\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
         "with torch.no_grad():\n"

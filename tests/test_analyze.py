@@ -15,8 +15,8 @@ from test_cli import EXTRACT_ARGS, work  # noqa: F401 - the module-scoped fixtur
 
 pytest.importorskip("matplotlib")
 
-from moee.analysis import analyse_layers, routing_by_class  # noqa: E402
 from moee.cli import main  # noqa: E402
+from moee_lab.analysis import analyse_layers, routing_by_class  # noqa: E402
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ def test_random_selection_keeps_as_many_neurons_as_variance_at_other_ids():
     rng = np.random.default_rng(1)
     var = rng.gamma(0.5, size=(3, 64))
     stats = ClusterStats(np.ones(3), np.zeros((3, 64)), var, np.zeros((3, 8)))
-    by_variance = select_experts(stats, moee.SelectConfig(p=0.7))
-    at_random = select_experts(stats, moee.SelectConfig(p=0.7, criterion="random"))
+    by_variance = select_experts(stats, 0.7, moee.SelectConfig())
+    at_random = select_experts(stats, 0.7, moee.SelectConfig(criterion="random"))
     assert [len(e) for e in at_random] == [len(e) for e in by_variance]
     assert all(len(np.unique(e)) == len(e) for e in at_random)
     assert any(not np.array_equal(a, b) for a, b in zip(at_random, by_variance, strict=True))

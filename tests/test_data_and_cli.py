@@ -6,8 +6,8 @@ from conftest import fake_dataset, write_idx
 
 import moee
 from moee.cli import main
-from moee.demo import FashionMNISTNotFound, load_fashion_mnist
-from moee.demo.fashion_mnist import read_idx
+from moee_lab.demo import FashionMNISTNotFound, load_fashion_mnist
+from moee_lab.demo.fashion_mnist import read_idx
 
 
 def test_reads_idx_from_a_user_folder(tmp_path):
@@ -25,7 +25,7 @@ def test_truncated_idx_is_a_clear_error(tmp_path):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
-    import moee.demo.fashion_mnist as fm
+    import moee_lab.demo.fashion_mnist as fm
 
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "none")
     monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "none2")

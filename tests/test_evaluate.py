@@ -42,7 +42,7 @@ def test_side_by_side_latency_fills_every_row():
 
     from conftest import tiny_moe_model, tiny_vit
 
-    from moee.demo.report import comparison_table, measure, time_side_by_side
+    from moee_lab.demo.report import comparison_table, measure, time_side_by_side
 
     images, labels = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
     models = {"dense": tiny_vit(), "moe": tiny_moe_model()}

@@ -31,7 +31,7 @@ def test_select_experts_criteria(criterion):
     hidden = rng.normal(size=(300, 8)) * np.array([5, 1, 1, 1, 1, 1, 1, 0.1])
     hidden[:, 3] += 10  # large mean, small variance
     stats = cluster_stats(hidden, hidden[:, :2], np.zeros(300, dtype=int), 1)
-    (expert,) = select_experts(stats, SelectConfig(criterion=criterion, p=0.5))
+    (expert,) = select_experts(stats, 0.5, SelectConfig(criterion=criterion))
     assert expert.tolist() == ([0] if criterion == "variance" else [3])
 
 
@@ -65,9 +65,9 @@ def test_output_variance_ranks_neurons_by_what_they_put_into_the_output():
     stats = ClusterStats(np.array([10.0]), np.zeros((1, 4)), var, np.zeros((1, 3)))
     norms = np.array([0.1, 5.0, 0.1, 3.0])  # |W2[:, j]|²: neurons 1 and 3 dominate the output
     config = SelectConfig(p=0.9, criterion="output_variance")
-    assert select_experts(stats, config, norms)[0].tolist() == [1, 3]
+    assert select_experts(stats, config.p, config, norms)[0].tolist() == [1, 3]
     with pytest.raises(ValueError, match="column norms"):
-        select_experts(stats, config)
+        select_experts(stats, config.p, config)
 
 
 def test_width_keeps_each_experts_top_ranked_neurons_at_one_size():
@@ -75,7 +75,7 @@ def test_width_keeps_each_experts_top_ranked_neurons_at_one_size():
 
     var = np.array([[5.0, 1.0, 4.0, 3.0, 0.5, 2.0], [0.1, 0.2, 0.3, 6.0, 5.0, 4.0]])
     stats = ClusterStats(np.ones(2), np.zeros_like(var), var, np.zeros((2, 3)))
-    experts = select_experts(stats, SelectConfig(width=0.5))
+    experts = select_experts(stats, 1.0, SelectConfig(width=0.5))
     assert [e.tolist() for e in experts] == [[0, 2, 3], [3, 4, 5]]
     with pytest.raises(ConfigError, match="width"):
         SelectConfig(width=1.5)

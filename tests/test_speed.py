@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_moe_model, tiny_vit
 
 import moee
-from moee.bench.blocks import loop_style, mask_style, random_moe_block
 from moee.extraction.build import LayerPlan, apply_plans
+from moee_lab.bench.blocks import loop_style, mask_style, random_moe_block
 
 
 def test_baseline_styles_and_union_match_references():
@@ -62,7 +62,7 @@ def test_calibration_records_choice_and_survives_save_load(tmp_path):
 
 
 def test_whole_model_bench_reports_both_ideals():
-    from moee.bench.models import bench_model, without_mlps
+    from moee_lab.bench.models import bench_model, without_mlps
 
     dense = tiny_vit()
     rest = without_mlps(dense)
@@ -79,7 +79,7 @@ def test_whole_model_bench_reports_both_ideals():
 
 
 def test_peak_forward_memory_in_a_fresh_process(tmp_path):
-    from moee.bench.peak_memory import cpu_peak_bytes
+    from moee_lab.bench.peak_memory import cpu_peak_bytes
 
     moe_model = tiny_moe_model()
     moe_model.save_pretrained(tmp_path)
@@ -155,7 +155,7 @@ def test_block_bench_reports_a_style_the_device_cannot_run_instead_of_failing(mo
     import math
 
     import moee.moe
-    from moee.bench.blocks import bench_block
+    from moee_lab.bench.blocks import bench_block
 
     def no_kernel(tokens, expert, weights):
         raise RuntimeError("Expected inputs of BF16 type but got float")

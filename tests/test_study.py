@@ -8,8 +8,8 @@ import pytest
 from conftest import fake_dataset
 
 import moee
-from moee.study import StudyConfig, run_study, study_points
-from moee.study import runner as study_runner
+from moee_lab.study import StudyConfig, run_study, study_points
+from moee_lab.study import runner as study_runner
 
 
 def _base() -> moee.ExtractConfig:
@@ -63,7 +63,7 @@ def test_a_small_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch)
 
 
 def test_matching_solves_a_continuous_knob_and_picks_the_nearest_choice():
-    from moee.study.matching import knobs, solve
+    from moee_lab.study.matching import knobs, solve
 
     base = _base()
     by_series = {k.series: k for k in knobs(base)}
@@ -109,5 +109,5 @@ def test_matched_points_meet_the_target_and_are_reused(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a solved knob was searched again")
 
-    monkeypatch.setattr("moee.study.matching.solve", fail)
+    monkeypatch.setattr("moee_lab.study.matching.solve", fail)
     assert run_study(config, say=lambda *_: None)["rows"] == results["rows"]

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 
 import moee.engine.blocked as blocked
-from moee.bench.blocks import random_moe_block
 from moee.engine.timing import time_interleaved
+from moee_lab.bench.blocks import random_moe_block
 
 
 def time_block(dense, moe, x: torch.Tensor, band, never, repeats: int) -> dict[str, float]:

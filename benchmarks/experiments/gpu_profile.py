@@ -19,8 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
-from moee.bench.models import deit_base_sized_moe, fractions_from_checkpoint
 from moee.engine.grouped import sort_key_dtype
+from moee_lab.bench.models import deit_base_sized_moe, fractions_from_checkpoint
 
 
 def summary(model, x, label: str, rows: int) -> str:

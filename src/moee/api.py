@@ -156,23 +156,24 @@ def _plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter, prob
            ) -> tuple[list[LayerPlan], list[dict], dict[str, Any]]:
     """(plans, report rows, budget summary): every layer at `select.p`, or in budget mode at
     the p per layer that meets `budget.target_macs` with the least measured loss."""
-    ps: list[float | None] = [config.select.p] * len(fits)
+    p, target_macs = config.select.p, config.budget.target_macs
+    ps: list[float | None] = [p] * len(fits)
     summary: dict[str, Any] = {}
-    if config.budget.target_macs is not None:
+    if target_macs is not None:
         allocation = allocate_budget(model, sites, student,
                                      find_mlp_sites(student, adapter, validate=False), fits,
-                                     probe, config, store.origin, work)
+                                     probe, config, store.origin, work, target_macs)
         ps = [o.p for o in allocation.choice]
-        summary = {"target_macs": config.budget.target_macs, "scope": config.budget.scope,
+        summary = {"target_macs": target_macs, "scope": config.budget.scope,
                    "predicted_fraction": allocation.fraction, "p_per_layer": ps}
     plans, rows = [], []
     slow = config.select.refit_down or config.router.centres == "fitted"
-    for fit, p in tqdm(list(zip(fits, ps, strict=True)), desc="fit router + refit", leave=False,
-                       disable=not (config.progress and slow)):
-        plan = None if p is None else fit.plan(replace(config.select, p=p))
+    for fit, layer_p in tqdm(list(zip(fits, ps, strict=True)), desc="fit router + refit",
+                             leave=False, disable=not (config.progress and slow)):
+        plan = None if layer_p is None else fit.plan(layer_p)
         if plan is not None:
             plans.append(plan)
-        rows.append(fit.report_row(plan, p if plan is not None else None))
+        rows.append(fit.report_row(plan, layer_p if plan is not None else None))
     return plans, rows, summary
 
 

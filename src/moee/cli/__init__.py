@@ -1,4 +1,5 @@
-"""`moee` command line: demo, study, extract, finetune, evaluate, analyze, calibrate, bench.
+"""`moee` command line: extract, finetune, evaluate, calibrate, export (and, with moee-lab
+installed, demo, study, train-base, analyze, bench).
 
 Thin over the Python API; every default comes from the config dataclasses. moee's own errors
 print as one line (exit code 2); anything else shows its traceback.
@@ -12,6 +13,7 @@ import sys
 
 from moee.cli.options import extract_config
 from moee.cli.parser import make_parser
+from moee.cli.plugins import LAB_COMMANDS, LAB_HINT, commands_installed
 from moee.cli.sources import check_data, check_writable
 from moee.errors import MoeeError
 
@@ -44,12 +46,14 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPE
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser: every option passes through untouched
-        from moee.bench.suite import main as bench_main
-
-        bench_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] and argv[0] in LAB_COMMANDS and not commands_installed():
+        print(f"moee {argv[0]}: error: {LAB_HINT}", file=sys.stderr)
+        return 2
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # a command with its own parser (moee-lab's bench) reads the rest
     _join_torchrun()
     try:
         check_data(args)  # a missing file or folder is reported before any model loads

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from moee.cli.options import distill_config, extract_config
+from moee.cli.plugins import embedded_default
 from moee.cli.sources import (
     calibration_data,
     check_pair,
@@ -45,40 +46,6 @@ def recorded_source(checkpoint: str, given: str | None) -> str:
         return "default"
     print(f"moee: dense model {source!r}, as moee extract recorded it")
     return source
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from moee.demo import DemoConfig, run_demo
-
-    run_demo(DemoConfig(extract=extract_config(args), distill=distill_config(args),
-                        kd_batch_size=args.kd_batch_size, latency_batch=args.latency_batch,
-                        seed=args.seed, out=args.out, data_dir=args.data_dir,
-                        download=args.download),
-             dense=None if args.model == "default" else load_dense(args.model)[0])
-    return 0
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    from moee.study import StudyConfig, run_study
-
-    run_study(StudyConfig(out=args.out, quick=args.quick, kd_epochs=args.kd_epochs,
-                          test_images=args.test_images, seed=args.seed, data_dir=args.data_dir,
-                          download=args.download, only=tuple(args.only or ())))
-    return 0
-
-
-def cmd_train_base(args: argparse.Namespace) -> int:
-    from moee.demo.train_base import TrainBaseConfig, train_base
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    card = train_base(TrainBaseConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                      seed=args.seed, device=device),
-                      args.out, args.data_dir, args.download)
-    print(f"Saved to {args.out}: test top-1 {card['test_top1_fp16_weights']:.2%} "
-          f"after {args.epochs} epochs ({card['train_minutes']:.1f} min)")
-    return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -154,54 +121,13 @@ def _evaluate_on_data(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:
         return _evaluate_on_data(args)
-    from moee.demo import image_batches, load_fashion_mnist
-    from moee.demo.report import comparison_table, measure, time_side_by_side
-    from moee.evaluate import evaluate
     from moee.moe_model import MoEModel
 
-    test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
+    default = embedded_default()  # Fashion-MNIST: says how to get it, before any model loads
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
     check_pair(moe_model, dense, "dense model")
-    rows = {"dense": measure(dense, test_x, test_y, args.latency_batch),
-            "moe": measure(moe_model, test_x, test_y, args.latency_batch)}
-    time_side_by_side({"dense": dense, "moe": moe_model}, rows, test_x, args.latency_batch)
-    print(comparison_table(rows))
-    with moe_model.track_routing():
-        evaluate(moe_model, image_batches(test_x, test_y, 500, 2000))
-    for row in moe_model.routing_report():
-        print(f"{row['site']:<22} {row['experts']:>3} experts, top load "
-              f"{max(row['load_share']):.0%}, {row['active_neurons_per_token']:.0f} of "
-              f"{row['kept_neurons']} kept neurons active per token")
-    if args.json:
-        Path(args.json).write_text(json.dumps({k: v.as_dict() for k, v in rows.items()}, indent=1))
-        print(f"Results JSON: {args.json}")
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from moee.adapters import find_mlp_sites
-    from moee.analysis import analyse_layers, routing_by_class, write_report
-    from moee.moe_model import MoEModel
-
-    moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
-    widths = {s.name: s.weights().hidden_size for s in find_mlp_sites(dense, validate=False)}
-    by_class = names = None
-    config = moe_model.config
-    if (getattr(config, "num_channels", None), getattr(config, "image_size", None)) == (1, 28):
-        from moee.demo import FASHION_MNIST_CLASSES, image_batches, load_fashion_mnist
-
-        test_x, test_y = load_fashion_mnist("test", args.data_dir, args.download)
-        by_class = routing_by_class(moe_model, image_batches(test_x, test_y, 500, args.images),
-                                    len(FASHION_MNIST_CLASSES))
-        names = list(FASHION_MNIST_CLASSES)
-    else:
-        print("routing per class: only for checkpoints taking Fashion-MNIST images; skipped")
-    path = write_report(analyse_layers(moe_model, widths), args.out,
-                        f"moee analysis of {args.checkpoint}", by_class, names)
-    print(f"Report: {path} (figures beside it)")
-    return 0
+    return default.evaluate(args, moe_model, dense)
 
 
 def _calibration_batch(args: argparse.Namespace, moe_model):
@@ -214,16 +140,7 @@ def _calibration_batch(args: argparse.Namespace, moe_model):
             ids = torch.cat([b["input_ids"] for b in batches])[: args.batch]
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return next(iter(batches))
-    from moee.demo import load_fashion_mnist, normalize_images
-
-    config = moe_model.config
-    shape = tuple(getattr(config, k, None) for k in ("num_channels", "image_size", "image_size"))
-    if shape != (1, 28, 28):
-        raise ConfigError("this checkpoint does not take Fashion-MNIST's 28x28 grey images: "
-                          "give a batch of your own data with --data (text files or an image "
-                          "folder)")
-    images = normalize_images(load_fashion_mnist("test", args.data_dir, args.download)[0])
-    return images[: args.batch]
+    return embedded_default().calibration_batch(args, moe_model)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -18,6 +18,9 @@ from moee.config import (
     LocalDistillConfig,
 )
 
+DEFAULT_BATCH = 64  # images (or text rows) a batch when timing and calibrating
+KD_BATCH_SIZE = 128  # examples a distillation step
+
 
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a directory written by extract / finetune / save_pretrained")
@@ -182,8 +185,6 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
 
 
 def add_kd_args(p: argparse.ArgumentParser) -> None:
-    from moee.demo.pipeline import DemoConfig
-
     d = DistillConfig()
     p.add_argument("--kd-epochs", type=positive, default=d.epochs, help="KD epochs (fractions ok)")
     p.add_argument("--kd-lr", type=positive, default=d.lr)
@@ -192,7 +193,7 @@ def add_kd_args(p: argparse.ArgumentParser) -> None:
                         "sentence encoders")
     p.add_argument("--kd-no-dropout", action="store_true",
                    help="train the student without dropout (a deterministic loss)")
-    p.add_argument("--kd-batch-size", type=count(1), default=DemoConfig.kd_batch_size)
+    p.add_argument("--kd-batch-size", type=count(1), default=KD_BATCH_SIZE)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 

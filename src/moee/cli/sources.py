@@ -1,11 +1,12 @@
-"""What the CLI runs on: a dense model from a name, and batches from text files or
-Fashion-MNIST."""
+"""What the CLI runs on: a dense model from a name, and batches from text files, an image
+folder, or (through moee-lab's embedded default) Fashion-MNIST."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from moee.cli.plugins import embedded_default
 from moee.errors import ConfigError
 
 
@@ -15,9 +16,7 @@ def load_dense(spec: str):
     transformers) or a transformers model directory or hub id (the class its config names,
     e.g. LlamaForCausalLM)."""
     if spec == "default":
-        from moee.demo import load_default_model
-
-        return load_default_model(), None
+        return embedded_default().load_model(), None
     looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
     if looks_local and not Path(spec).expanduser().exists():
         raise ConfigError(f"model: {spec} does not exist (a model is 'default', a .gguf "
@@ -58,17 +57,6 @@ def check_data(args: argparse.Namespace) -> None:
         raise ConfigError(f"data-dir: the data folder {data_dir} does not exist")
 
 
-def _default_model_images(images: list):
-    """The embedded ViT's preprocessing: 28x28 greyscale, normalised as in its training."""
-    import numpy as np
-    import torch
-
-    from moee.demo import normalize_images
-
-    arrays = [np.asarray(im.convert("L").resize((28, 28))) for im in images]
-    return normalize_images(torch.from_numpy(np.stack(arrays)))
-
-
 def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
                  batch_size: int | None = None):
     """Batches from --data: one image folder (`batch_size` images a batch, default the
@@ -77,7 +65,7 @@ def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
         from moee.util.image_folder import image_batches
 
         if preprocessor is None and args_model(args) == "default":
-            preprocessor = _default_model_images
+            preprocessor = embedded_default().preprocess_images
         if preprocessor is None or hasattr(preprocessor, "decode"):
             raise ConfigError("data: an image folder needs a model with an image processor")
         size = getattr(args, "kd_batch_size", None) if max_tokens is None else None
@@ -102,21 +90,14 @@ def calibration_data(args: argparse.Namespace, tokenizer):
     """Recording batches: the text files' tokens, or shuffled Fashion-MNIST training images."""
     if args.data:
         return user_batches(args, tokenizer, args.tokens)
-    from moee.demo import load_fashion_mnist
-    from moee.demo.pipeline import calibration_batches
-
-    train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
-    return calibration_batches(train_x, args.seed)
+    return embedded_default().calibration_data(args)
 
 
 def training_data(args: argparse.Namespace, tokenizer):
     """Distillation batches: the text files' tokens, or augmented Fashion-MNIST images."""
     if args.data:
         return user_batches(args, tokenizer, None)
-    from moee.demo import TrainingBatches, load_fashion_mnist
-
-    train_x, _ = load_fashion_mnist("train", args.data_dir, args.download)
-    return TrainingBatches(train_x, args.kd_batch_size, seed=args.seed)
+    return embedded_default().training_data(args)
 
 
 def positions(model) -> int | None:

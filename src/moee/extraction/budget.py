@@ -113,7 +113,7 @@ def measure_options(dense: nn.Module, student: nn.Module, student_sites: dict[st
             options = [Option(None, _option_macs(fit, None, n), 0.0)]
             site, previous = student_sites[fit.site.name], None
             for p in grid if fit.stats is not None else ():
-                plan = fit.plan(replace(config.select, p=p))
+                plan = fit.plan(p)
                 if _same_experts(plan, previous):
                     options.append(replace(options[-1], p=p))
                 else:
@@ -205,9 +205,11 @@ def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batc
 
 def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Module,
                     student_sites: list[MLPSite], fits: list[LayerFit], probe: list[Batch],
-                    config: ExtractConfig, origin: dict[str, Any], work: Path) -> Allocation:
-    """Measure (or reuse from `work/budget_options.json`) every layer's options and choose
-    one per layer meeting `config.budget.target_macs`."""
+                    config: ExtractConfig, origin: dict[str, Any], work: Path,
+                    target_macs: float) -> Allocation:
+    """Measure (or reuse from `work/budget_options.json`) every layer's options, one per p
+    of `config.budget.p_grid`, and choose one per layer meeting `target_macs` of the dense
+    MACs (counted as `config.budget.scope` says)."""
     if not probe:
         raise ConfigError("budget mode needs calibration batches to measure sensitivity on")
     by_name = {s.name: s for s in student_sites}
@@ -230,6 +232,5 @@ def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Mo
         dense_macs = float(sum(n * w.hidden_size * w.params_per_neuron for n, w in
                                zip(tokens_all, (s.weights() for s in dense_sites), strict=True)))
     fitted_dense = sum(row[0].macs for row in table)
-    choice, fraction = allocate(table, dense_macs - fitted_dense, dense_macs,
-                                config.budget.target_macs)
+    choice, fraction = allocate(table, dense_macs - fitted_dense, dense_macs, target_macs)
     return Allocation(choice, fraction)

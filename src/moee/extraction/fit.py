@@ -38,37 +38,40 @@ class LayerFit:
     metric: str = "cosine"
     carved: LayerPlan | None = None  # CMoE-style experts: the plan whatever p
     store: ActivationStore | None = None  # for the stages that refit to the dense output
-    config: ExtractConfig | None = None
-    _plans: dict = field(default_factory=dict, repr=False)  # by SelectConfig: each built once
+    config: ExtractConfig = field(default_factory=ExtractConfig)
+    _plans: dict = field(default_factory=dict, repr=False)  # by p: each built once
     _top_k: tuple[TopKRouter, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
         return self.row["hidden"]
 
-    def plan(self, select: SelectConfig) -> LayerPlan | None:
-        """The layer's experts at `select.p` (None when it stays dense); carved experts (the
-        baselines) whatever `p`, given the same fitted router and refit as MoEE's."""
+    def plan(self, p: float) -> LayerPlan | None:
+        """The layer's experts at variance share `p` (None when it stays dense); carved experts
+        (the baselines) whatever `p`, given the same fitted router and refit as MoEE's. The
+        other selection settings are the fit's `config.select`; its `p` is not read here (the
+        MAC-budget mode chooses `p` per layer)."""
         if self.stats is None and self.carved is None:
             return None
-        if select not in self._plans:
+        if p not in self._plans:
+            select = self.config.select
             plan = self.carved
             if plan is None:
                 norms = None
                 if select.criterion == "output_variance":
                     norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
-                plan = self._routed_plan(select_experts(self.stats, select, norms), select)
+                plan = self._routed_plan(select_experts(self.stats, p, select, norms), select)
             c = self.config
-            if c is not None and (select.refit_down or c.router.centres == "fitted"):
+            if select.refit_down or c.router.centres == "fitted":
                 plan = reproduce_output(plan, self.site, self.store, self.index, select,
                                         c.router, c.held_out)
-            self._plans[select] = plan
-        return self._plans[select]
+            self._plans[p] = plan
+        return self._plans[p]
 
     def _routed_plan(self, experts: list[np.ndarray], select: SelectConfig) -> LayerPlan:
         """The plan of the selected experts under the router: top-1 over the experts, or, with
         `router.top_k` > 1, over the unions of every k of them (`moee.extraction.top_k`)."""
-        stats, k = self.stats, (self.config.router.top_k if self.config is not None else 1)
+        stats, k = self.stats, self.config.router.top_k
         centres, metric, hidden_mean = stats.input_mean, self.metric, stats.hidden_mean
         load = self.load
         if k > 1 and len(experts) > 1:

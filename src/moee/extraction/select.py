@@ -59,19 +59,20 @@ def select_neurons(scores: np.ndarray, p: float) -> np.ndarray:
     return np.sort(order[: min(m, len(order))])
 
 
-def select_experts(stats: ClusterStats, config: SelectConfig,
+def select_experts(stats: ClusterStats, p: float, config: SelectConfig,
                    down_norms: np.ndarray | None = None) -> list[np.ndarray]:
     """One neuron index set per cluster, ranked by within-cluster variance or |mean| (the top
-    share `config.p` of the score, or `config.width` of the neurons), or as many as variance
-    would keep drawn at random; "output_variance" ranks by the variance each
-    neuron puts into the MLP output, var(h_j)·|W2[:, j]|² (`down_norms` (H,) = |W2[:, j]|²)."""
+    share `p` of the score, or `config.width` of the neurons), or as many as variance would
+    keep drawn at random; "output_variance" ranks by the variance each neuron puts into the
+    MLP output, var(h_j)·|W2[:, j]|² (`down_norms` (H,) = |W2[:, j]|²). `p` is an argument,
+    not `config.p`: the MAC-budget mode chooses one per layer."""
     scores = stats.hidden_var if config.criterion != "magnitude" else np.abs(stats.hidden_mean)
     if config.criterion == "output_variance":
         if down_norms is None:
             raise ValueError("output_variance needs the down projection's column norms")
         scores = stats.hidden_var * down_norms
     if config.width is None:
-        experts = [select_neurons(s, config.p) for s in scores]
+        experts = [select_neurons(s, p) for s in scores]
     else:  # every expert the same size: its top-ranked neurons
         m = max(1, round(config.width * scores.shape[1]))
         experts = [np.sort(np.argsort(-s, kind="stable")[:m]) for s in scores]

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moee.demo.images import image_batches
 from moee.evaluate import count_macs, count_params, evaluate, latency_ms
+from moee_lab.demo.images import image_batches
 
 
 @dataclass

@@ -14,15 +14,15 @@ from tqdm.auto import tqdm
 
 from moee.api import extract
 from moee.config import DistillConfig, ExtractConfig
-from moee.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
-from moee.demo.pipeline import calibration_batches, demo_extract_config
 from moee.evaluate import count_macs, evaluate
-from moee.study.matching import matched_points
-from moee.study.points import StudyPoint, study_points
-from moee.study.report import study_tables, write_plot
 from moee.training.distill import distill
 from moee.util.atomic import write_json
 from moee.util.cache_key import digest, settings_dict
+from moee_lab.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
+from moee_lab.demo.pipeline import calibration_batches, demo_extract_config
+from moee_lab.study.matching import matched_points
+from moee_lab.study.points import StudyPoint, study_points
+from moee_lab.study.report import study_tables, write_plot
 
 MATCHED_TARGETS = (0.6, 0.5)  # fractions of dense executed MACs the methods are matched at
 MATCHED_TARGETS_FULL = (0.7, 0.6, 0.5)

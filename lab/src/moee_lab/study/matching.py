@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moee.config import CarveConfig, ExtractConfig
-from moee.study.points import StudyPoint
 from moee.util.atomic import write_json
 from moee.util.cache_key import digest, settings_dict
+from moee_lab.study.points import StudyPoint
 
 Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
 

@@ -1,15 +1,15 @@
 """The embedded default and its Fashion-MNIST demo: the model, the data, `train-base` and the
 demo pipeline. The core library never imports this package."""
 
-from moee.demo.default_model import build_default_vit, default_model_card, load_default_model
-from moee.demo.fashion_mnist import (
+from moee_lab.demo.default_model import build_default_vit, default_model_card, load_default_model
+from moee_lab.demo.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FashionMNISTNotFound,
     find_fashion_mnist,
     load_fashion_mnist,
 )
-from moee.demo.images import TrainingBatches, image_batches, normalize_images
-from moee.demo.pipeline import DemoConfig, demo_extract_config, run_demo
+from moee_lab.demo.images import TrainingBatches, image_batches, normalize_images
+from moee_lab.demo.pipeline import DemoConfig, demo_extract_config, run_demo
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "DemoConfig", "FashionMNISTNotFound", "TrainingBatches",

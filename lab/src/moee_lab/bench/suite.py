@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 
 from moee.api import calibrate
-from moee.bench.blocks import bench_block, random_moe_block
-from moee.bench.models import (
+from moee.moe_model import load
+from moee_lab.bench.blocks import bench_block, random_moe_block
+from moee_lab.bench.models import (
     bench_model,
     deit_base_sized_moe,
     fractions_from_checkpoint,
     param_bytes,
 )
-from moee.bench.peak_memory import cpu_peak_bytes, cuda_peak_bytes, test_images
-from moee.demo.default_model import load_default_model
-from moee.moe_model import load
+from moee_lab.bench.peak_memory import cpu_peak_bytes, cuda_peak_bytes, test_images
+from moee_lab.demo.default_model import load_default_model
 
 
 def part_blocks(device, dtypes, batches, token_counts, results):

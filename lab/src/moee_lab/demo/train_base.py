@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from moee.demo.default_model import (
+from moee.evaluate import evaluate
+from moee.training.distill import cosine_with_warmup
+from moee_lab.demo.default_model import (
     ASSET_META,
     ASSET_WEIGHTS,
     build_default_vit,
     load_default_model,
 )
-from moee.demo.fashion_mnist import load_fashion_mnist
-from moee.demo.images import augment, image_batches, normalize_images
-from moee.evaluate import evaluate
-from moee.training.distill import cosine_with_warmup
+from moee_lab.demo.fashion_mnist import load_fashion_mnist
+from moee_lab.demo.images import augment, image_batches, normalize_images
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moee.analysis.collect import LayerAnalysis
+from moee_lab.analysis.collect import LayerAnalysis
 
 
 def _plt():

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from moee.bench.models import param_bytes
-from moee.demo.default_model import load_default_model
-from moee.demo.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
-from moee.demo.images import normalize_images
 from moee.moe import MoEMLP
 from moee.moe_model import load
+from moee_lab.bench.models import param_bytes
+from moee_lab.demo.default_model import load_default_model
+from moee_lab.demo.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+from moee_lab.demo.images import normalize_images
 
 _PROC = Path("/proc/self")
 
@@ -49,7 +49,7 @@ def cpu_peak_bytes(which: str, checkpoint: str, batch: int) -> dict | None:
     if not (_PROC / "clear_refs").exists():
         return None
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-m", "moee.bench.peak_memory", which, checkpoint,
+    out = subprocess.run([sys.executable, "-m", "moee_lab.bench.peak_memory", which, checkpoint,
                           str(batch)], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moee.analysis.collect import LayerAnalysis
-from moee.analysis.figures import matrix_figure, sizes_figure
+from moee_lab.analysis.collect import LayerAnalysis
+from moee_lab.analysis.figures import matrix_figure, sizes_figure
 
 # Sets the page title to how many figures decoded, so a headless browser can prove it.
 _CHECK = ("<script>window.addEventListener('load', () => { const n = [...document.images]"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import ViTConfig, ViTForImageClassification
 
-from moee.demo.fashion_mnist import FASHION_MNIST_CLASSES
+from moee_lab.demo.fashion_mnist import FASHION_MNIST_CLASSES
 
 ASSET_WEIGHTS = "fmnist_vit.safetensors"
 ASSET_META = "fmnist_vit.json"
@@ -51,7 +51,7 @@ def build_default_vit(seed: int | None = None) -> ViTForImageClassification:
 
 
 def default_asset_dir() -> Path:
-    return Path(str(resources.files("moee.demo") / "assets"))
+    return Path(str(resources.files("moee_lab.demo") / "assets"))
 
 
 def load_default_model(path: str | Path | None = None) -> ViTForImageClassification:

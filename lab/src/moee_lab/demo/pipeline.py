@@ -14,12 +14,12 @@ from torch import nn
 
 from moee.api import calibrate, extract
 from moee.config import ClusterConfig, DistillConfig, ExtractConfig, RecordConfig
-from moee.demo.default_model import default_model_card, load_default_model
-from moee.demo.fashion_mnist import load_fashion_mnist
-from moee.demo.images import TrainingBatches, image_batches
-from moee.demo.report import comparison_table, measure, time_side_by_side
 from moee.evaluate import evaluate
 from moee.training.distill import distill
+from moee_lab.demo.default_model import default_model_card, load_default_model
+from moee_lab.demo.fashion_mnist import load_fashion_mnist
+from moee_lab.demo.images import TrainingBatches, image_batches
+from moee_lab.demo.report import comparison_table, measure, time_side_by_side
 
 
 def demo_extract_config() -> ExtractConfig:

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moee.bench.models import graphed_times
 from moee.engine.timing import first_error, time_interleaved
 from moee.evaluate import count_macs
 from moee.moe import MoEMLP
+from moee_lab.bench.models import graphed_times
 
 
 def random_moe_block(d: int, hidden: int, n_experts: int, active: float, seed: int = 0,

@@ -3,7 +3,7 @@ to MoEE, p sweeps per method, the MAC-budget mode, and (in the full study) clust
 algorithms, selection and routing variants and calibration size; each point cached, so an
 interrupted study resumes. The core library never imports this package."""
 
-from moee.study.points import StudyPoint, study_points
-from moee.study.runner import StudyConfig, run_study
+from moee_lab.study.points import StudyPoint, study_points
+from moee_lab.study.runner import StudyConfig, run_study
 
 __all__ = ["StudyConfig", "StudyPoint", "run_study", "study_points"]
