@@ -59,11 +59,11 @@ def test_blocked_copies_are_built_only_in_band_and_counted(monkeypatch):
         moe(torch.randn(1, D))
         moe(torch.randn(12, D))  # 4 experts: no group reaches 20 tokens
         plain_bytes = moe.cache_bytes()
-        assert moe.inference_weights().blocked is None
+        assert moe.inference_weights().built("blocked") is None  # not built
         x = torch.randn(1, D).expand(24, D)  # one group of 24: in the band
         y = moe(x)
     w = moe.inference_weights()
-    assert w.blocked is not None
+    assert w.built("blocked") is not None
     widths = sum(w.widths) * (D + D)  # W1_e (w_e, D) and W2_e (D, w_e), fp32
     assert moe.cache_bytes() == plain_bytes + 4 * widths
     torch.testing.assert_close(y, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
@@ -76,7 +76,7 @@ def test_no_blocked_copies_without_presliced_experts_or_off_cpu_fp32(monkeypatch
     x = torch.randn(30, D)
     with torch.no_grad():
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
-    assert moe.inference_weights().blocked == []
+    assert moe.inference_weights().blocked is None
     assert not blocked.blocked_supported(torch.zeros(1, dtype=torch.bfloat16))
 
 
@@ -101,4 +101,4 @@ def test_layers_with_small_experts_keep_plain_copies(monkeypatch):
     _band(monkeypatch, 1, 10**6, min_elements=int(mean) + 1)
     with torch.no_grad():
         moe(torch.randn(30, D))
-    assert moe.inference_weights().blocked == []
+    assert moe.inference_weights().blocked is None

@@ -459,9 +459,8 @@ def test_masked_path_silences_neurons_by_bias_where_the_activation_allows(make_a
     x = torch.randn(3, 11, D)
     with torch.no_grad():
         out = moe(x)
-        from moee.engine.weights import masking
 
-        assert masking(moe.inference_weights())[0] == how  # tanh(-3e4) = -1: must multiply
+        assert moe.inference_weights().masking[0] == how  # tanh(-3e4) = -1: must multiply
         torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
@@ -540,21 +539,19 @@ def test_gated_experts_slice_gate_up_and_down_together(execution, presliced, bia
 
 
 def test_gated_masked_path_silences_by_the_gate_offset_and_one_full_expert_is_dense():
-    from moee.engine.weights import masking
-
     moe, (gate, up, down, act) = _gated_moe(bias=True, experts=[torch.arange(H)])
     x = torch.randn(20, D)
     moe.configure(execution="masked")
     with torch.no_grad():
         torch.testing.assert_close(moe(x), down(act(gate(x)) * up(x)), rtol=1e-5, atol=1e-5)
-        assert masking(moe.inference_weights())[0] == "bias"  # SiLU(-3e4) is exactly 0
+        assert moe.inference_weights().masking[0] == "bias"  # SiLU(-3e4) is exactly 0
     gelu_moe, _ = _gated_moe(act=nn.Tanh())
     gelu_moe.configure(execution="masked")
     y = torch.randn(20, D)
     with torch.no_grad():
         torch.testing.assert_close(gelu_moe(y), gelu_moe.forward_reference(y), rtol=1e-5,
                                    atol=1e-5)
-        assert masking(gelu_moe.inference_weights())[0] == "mul"  # tanh(-3e4) = -1
+        assert gelu_moe.inference_weights().masking[0] == "mul"  # tanh(-3e4) = -1
 
 
 def test_gated_gradients_reach_gate_up_and_down():
@@ -600,7 +597,7 @@ def test_engine_copies_are_stored_for_small_gemms_and_counted():
         moe(torch.randn(1, D))
         moe.configure(execution="masked")
         moe(torch.randn(3, D))  # below the (in, out) band: the union as it is
-        assert moe.inference_weights().union is None
+        assert moe.inference_weights().built("union") is None
         moe(torch.randn(8, D))
     w = moe.inference_weights()
     for w1e, _, w2e in w.experts:

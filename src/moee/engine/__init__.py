@@ -1,9 +1,9 @@
 """The execution engine: how a MoE layer runs its tokens at inference, one file per job.
 
 settings (per-layer `ExecutionConfig`), routing, activation facts, the cost model and its
-fitted constants, the scratch workspace, the inference-weight cache (one expert-slicing
-function) and its oneDNN-blocked expert copies, one module per execution, calibration and
-timing. Nothing here imports the MoE module: executions are functions of (tokens, expert
+fitted constants, the scratch workspace, the per-layer inference state (`InferenceWeights`:
+frozen, built once per weights, device, dtype and slicing; one expert-slicing function) and
+its oneDNN-blocked expert copies, one module per execution, calibration and timing. Nothing here imports the MoE module: executions are functions of (tokens, expert
 ids, `InferenceWeights`).
 """
 

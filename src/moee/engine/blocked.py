@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from moee.engine.cost_model import COSTS
-from moee.engine.weights import InferenceWeights
 
 # The operator inductor's CPU freezing uses for fp32 linears; absent from builds without oneDNN.
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -31,20 +30,18 @@ def in_blocked_band(rows: int) -> bool:
     return COSTS.blocked_min_tokens <= rows <= COSTS.blocked_max_tokens
 
 
-def blocked_experts(w: InferenceWeights) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Each expert's (W1_e, W2_e) reordered for oneDNN, built on first use and kept in the
-    cache; None without pre-sliced copies, where `blocked_supported` is false, or where the
-    experts' mean W1_e is smaller than the cost model's `blocked_min_elements`."""
-    if w.blocked is None:
-        mean_w1 = (sum(e[0].numel() for e in w.experts) / len(w.experts)) if w.experts else 0
-        if not blocked_supported(w.w1) or mean_w1 < COSTS.blocked_min_elements:
-            w.blocked = []
-        else:
-            hint = COSTS.blocked_min_tokens  # the reorder's row-count hint; any count runs
-            with torch.no_grad():
-                w.blocked = [(_REORDER(w1e.contiguous(), hint), _REORDER(w2e.contiguous(), hint))
-                             for w1e, _, w2e in w.experts]
-    return w.blocked or None
+@torch.no_grad()
+def blocked_copies(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+                   w1: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each expert's (W1_e, W2_e) reordered for oneDNN; None without pre-sliced copies
+    (`experts`), where `blocked_supported(w1)` is false, or where the experts' mean W1_e is
+    smaller than the cost model's `blocked_min_elements`."""
+    mean_w1 = (sum(e[0].numel() for e in experts) / len(experts)) if experts else 0
+    if not blocked_supported(w1) or mean_w1 < COSTS.blocked_min_elements:
+        return None
+    hint = COSTS.blocked_min_tokens  # the reorder's row-count hint; any count runs
+    return [(_REORDER(w1e.contiguous(), hint), _REORDER(w2e.contiguous(), hint))
+            for w1e, _, w2e in experts]
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

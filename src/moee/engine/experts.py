@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moee.engine.blocked import blocked_experts, blocked_linear, in_blocked_band
+from moee.engine.blocked import blocked_linear, in_blocked_band
 from moee.engine.cost_model import COSTS
 from moee.engine.weights import InferenceWeights
 from moee.engine.workspace import scratch
@@ -14,7 +14,7 @@ def run_one_expert(tokens: torch.Tensor, e: int, w: InferenceWeights) -> torch.T
     """(N, d) tokens all routed to expert e -> (N, d_out): its two matmuls, nothing else. The
     one-token (decoding) path calls this directly, skipping the loop's counting and sorting."""
     w1e, b1e, w2e = w.expert(e)
-    blocked = blocked_experts(w) if in_blocked_band(tokens.shape[0]) else None
+    blocked = w.read("blocked") if in_blocked_band(tokens.shape[0]) else None
     if blocked is not None:
         h = w.activate(blocked_linear(tokens, blocked[e][0], b1e), w.widths[e])
         return blocked_linear(h, blocked[e][1], w.out_bias[e])
@@ -41,7 +41,7 @@ def run_experts(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     grouped = scratch("grouped", tokens.numel(), tokens).view(n, -1)  # (N, d) sorted by expert
     torch.index_select(tokens, 0, order, out=grouped)
     used = [(e, n_e) for e, n_e in enumerate(counts) if n_e]
-    blocked = blocked_experts(w) if any(in_blocked_band(n_e) for _, n_e in used) else None
+    blocked = w.read("blocked") if any(in_blocked_band(n_e) for _, n_e in used) else None
     halves = 2 if w.gated else 1  # a gated expert's first matmul gives gate and up
     total = sum(n_e * halves * widths[e] for e, n_e in used)
     # One activation call over all experts saves a call per expert; past a few MiB of hidden

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moee.engine.weights import InferenceWeights, padded
+from moee.engine.weights import InferenceWeights
 
 # Public from torch 2.10 (or so); earlier releases with the kernel have the private name.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -37,7 +37,7 @@ def run_grouped(tokens: torch.Tensor, expert: torch.Tensor, w: InferenceWeights)
     if _GROUPED_MM is None:
         raise NotImplementedError("'grouped' needs torch.nn.functional.grouped_mm "
                                   f"(not in torch {torch.__version__})")
-    pw1, pw2, unit, m_max = padded(w)
+    pw1, pw2, unit, m_max = w.read("padded")
     n, d, d_out = tokens.shape[0], tokens.shape[1], w.w2.shape[0]
     if n == 0:
         return tokens.new_zeros(0, d_out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ from moee.engine.activation import (
     is_elementwise,
     silenced_by_offset,
 )
+from moee.engine.blocked import blocked_copies
 from moee.engine.cost_model import COSTS, default_small_batch_tokens
 from moee.engine.routing import Router, router_weights, routing_dtype
 
@@ -32,6 +35,10 @@ Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # W1_e (w, d), b1_e (w
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _pad8(n: int) -> int:
+    return round_up(n, 8)  # grouped_mm wants row strides that are multiples of 16 bytes
 
 
 def first_weights(fc1: nn.Linear, gate: nn.Linear | None
@@ -80,11 +87,15 @@ def slice_expert(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
     return w1e, b1e, w2e
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class InferenceWeights:
-    """Everything inference reads, as plain references (the hot path avoids
-    `nn.Module.__getattr__`, microseconds per lookup). `experts[e]` holds expert e's sliced
-    copies zero-padded to `widths[e]` (None in gather mode: sliced each call)."""
+    """Everything one layer's inference reads, for one (weights, device, dtype, slicing):
+    built once by `build_inference_weights`, never changed (a changed tensor or setting gets a
+    new object). Plain references: the hot path avoids `nn.Module.__getattr__`, microseconds
+    per lookup. `experts[e]` holds expert e's sliced copies zero-padded to `widths[e]` (None
+    in gather mode: sliced each call). The copies only some executions read — `masking`,
+    `union`, `padded`, `blocked` — are pure functions of these fields, derived on first use and
+    kept (`cached_property`), so a layer pays only for the executions it runs."""
 
     key: tuple
     w1: torch.Tensor  # (U, d) union weights (gated: (2U, d), gate rows over up rows)
@@ -101,14 +112,21 @@ class InferenceWeights:
     elementwise_activation: bool  # act may run once over all experts' hidden values
     activation_: Callable[[torch.Tensor], torch.Tensor]  # act, in place where it can be
     default_small_batch_tokens: int  # the cost model's threshold for these weights
-    masking: tuple[str, torch.Tensor] | None = None  # built on "masked"'s first call
-    union: tuple[torch.Tensor, torch.Tensor] | None = None  # ditto: `union_weights`
-    padded: tuple | None = None  # built on "grouped"'s first call
-    blocked: list | None = None  # oneDNN copies of the experts, built on first use ([]: none)
 
     @property
     def sizes(self) -> list[int]:
         return [len(i) for i in self.indices]
+
+    def built(self, name: str) -> Any:
+        """The derived copy `name` if it has been built, else None (nothing is built)."""
+        return self.__dict__.get(name)
+
+    def read(self, name: str) -> Any:
+        """The derived copy `name`, built now if needed; under torch.compile only one that an
+        eager call built (building it would be traced)."""
+        if torch.compiler.is_compiling():
+            return compiled_cache(self.built(name))
+        return getattr(self, name)
 
     def expert(self, e: int) -> Expert:
         """Expert e's weights: the pre-sliced copy, or sliced now in gather mode."""
@@ -123,6 +141,63 @@ class InferenceWeights:
         if not self.gated:
             return self.activation_(h)
         return self.activation_(h[:, :width]).mul_(h[:, width:])
+
+    @cached_property
+    @torch.no_grad()
+    def masking(self) -> tuple[str, torch.Tensor]:
+        """How "masked" silences the neurons a token's expert lacks: ("bias", (k, U) fc1 bias
+        with MASK_OFFSET on those neurons) where the activation maps the offset exactly to 0,
+        else ("mul", (k, U) 0/1 masks)."""
+        union = self.w2.shape[1]
+        masks = self.w1.new_zeros(len(self.indices), union)
+        for e, index in enumerate(self.indices):
+            masks[e, index] = 1
+        if not (self.elementwise_activation and silenced_by_offset(self.activation, self.w1)):
+            return "mul", masks
+        # gated: the offset goes on the gate, act(gate) = 0 silences act(gate) * up
+        bias = self.w1.new_zeros(self.w1.shape[0]) if self.b1 is None else self.b1
+        table = bias.expand(len(self.indices), -1).clone()
+        table[:, :union] += (masks - 1) * -MASK_OFFSET
+        return "bias", table.contiguous()
+
+    @cached_property
+    @torch.no_grad()
+    def union(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W1 and W2ᵀ of the union in `gemm_layout` (on CPU in fp32 a copy), for "masked"
+        within the cost model's (in, out) token band (`union_weights`)."""
+        return gemm_layout(self.w1), gemm_layout(self.w2).T
+
+    @cached_property
+    @torch.no_grad()
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For "grouped": W1 (k, d_pad, H) and W2 (k, m_pad, d_out_pad) zero-padded stacks
+        with the biases folded in, the input's padding row (d_pad - d,) and m_max.
+
+        Input column d is a constant 1 whose W1 row holds each expert's first bias; hidden
+        column m_max (after every expert's neurons) is a constant 1 whose W2 row holds the
+        expert's output bias (fc2 bias + left-out-neuron offset): the matmuls add the biases,
+        no gathered bias tensors. Gated: H = 2·m_pad, gate over up. The weights are transposed
+        views of (out, in) storage, the layout grouped_mm runs fast in bf16."""
+        d, d_out, k = self.w1.shape[1], self.w2.shape[0], len(self.indices)
+        m_max = max(self.sizes)
+        m_pad = _pad8(m_max + 1)
+        parts = [slice_expert(self.w1, self.b1, self.w2, i, m_pad, self.gated)
+                 for i in self.indices]
+        pw1 = self.w1.new_zeros(k, parts[0][0].shape[0], _pad8(d + 1))  # (k, H, d_pad)
+        pw1[:, :, :d] = torch.stack([p[0] for p in parts])
+        pw1[:, :, d] = torch.stack([p[1] for p in parts])
+        pw2 = self.w2.new_zeros(k, _pad8(d_out), m_pad)  # (k, d_out_pad, m_pad)
+        pw2[:, :d_out] = torch.stack([p[2] for p in parts])
+        pw2[:, :d_out, m_max] = self.out_bias
+        unit = self.w1.new_zeros(pw1.shape[2] - d)
+        unit[0] = 1
+        return pw1.transpose(1, 2), pw2.transpose(1, 2), unit, m_max
+
+    @cached_property
+    def blocked(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each expert's (W1_e, W2_e) reordered for oneDNN (`moee.engine.blocked`), or None
+        where they do not pay."""
+        return blocked_copies(self.experts, self.w1)
 
 
 def build_inference_weights(key: tuple, fc1: nn.Linear, fc2: nn.Linear, gate: nn.Linear | None,
@@ -155,87 +230,27 @@ def compiled_cache(value):
     return value
 
 
-def masking(w: InferenceWeights) -> tuple[str, torch.Tensor]:
-    """How "masked" silences the neurons a token's expert lacks: ("bias", (k, U) fc1 bias with
-    MASK_OFFSET on those neurons) where the activation maps the offset exactly to 0, else
-    ("mul", (k, U) 0/1 masks)."""
-    if torch.compiler.is_compiling():
-        return compiled_cache(w.masking)
-    if w.masking is None:
-        union = w.w2.shape[1]
-        with torch.no_grad():
-            masks = w.w1.new_zeros(len(w.indices), union)
-            for e, index in enumerate(w.indices):
-                masks[e, index] = 1
-            if w.elementwise_activation and silenced_by_offset(w.activation, w.w1):
-                # gated: the offset goes on the gate, act(gate) = 0 silences act(gate) * up
-                bias = w.w1.new_zeros(w.w1.shape[0]) if w.b1 is None else w.b1
-                table = bias.expand(len(w.indices), -1).clone()
-                table[:, :union] += (masks - 1) * -MASK_OFFSET
-                w.masking = ("bias", table.contiguous())
-            else:
-                w.masking = ("mul", masks)
-    return w.masking
-
-
 def union_weights(w: InferenceWeights, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For "masked" on `tokens` tokens: W1 (2U or U, d) and W2ᵀ (U, d_out). Within the cost
-    model's (in, out) token band, copies in `gemm_layout` (on CPU in fp32 a copy of the union,
-    built on first use and counted by `derived_bytes`); otherwise `w.w1` and `w.w2t`, whose
-    (out, in) storage ran faster at 2-6 rows for DeiT-base-sized matrices."""
+    model's (in, out) token band, `w.union` (on CPU in fp32 a copy of the union, counted by
+    `derived_bytes`); otherwise `w.w1` and `w.w2t`, whose (out, in) storage ran faster at 2-6
+    rows for DeiT-base-sized matrices."""
     if not COSTS.in_out_min_tokens <= tokens <= COSTS.in_out_max_tokens:
         return w.w1, w.w2t
-    if torch.compiler.is_compiling():
-        return compiled_cache(w.union)
-    if w.union is None:
-        with torch.no_grad():
-            w.union = (gemm_layout(w.w1), gemm_layout(w.w2).T)
-    return w.union
+    return w.read("union")
 
 
 def derived_bytes(w: InferenceWeights, own: set[int]) -> int:
     """Bytes of the cache's weight copies (expert copies, the gated first matrix, union copies,
     oneDNN-blocked expert copies) whose storage is not in `own` (the layer's own tensors' data
     pointers)."""
-    tensors = [w.w1, *(t for e in (w.experts or []) for t in e), *(w.union or ())]
+    tensors = [w.w1, *(t for e in (w.experts or []) for t in e), *(w.built("union") or ())]
     seen = set(own)
     # blocked copies are opaque tensors (no storage to ask): their elements' bytes
-    total = sum(t.numel() * t.element_size() for pair in (w.blocked or []) for t in pair)
+    total = sum(t.numel() * t.element_size() for pair in (w.built("blocked") or [])
+                for t in pair)
     for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.untyped_storage().nbytes()
     return total
-
-
-def _pad8(n: int) -> int:
-    return round_up(n, 8)  # grouped_mm wants row strides that are multiples of 16 bytes
-
-
-def padded(w: InferenceWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """For "grouped": W1 (k, d_pad, H) and W2 (k, m_pad, d_out_pad) zero-padded stacks with
-    the biases folded in, the input's padding row (d_pad - d,) and m_max.
-
-    Input column d is a constant 1 whose W1 row holds each expert's first bias; hidden column
-    m_max (after every expert's neurons) is a constant 1 whose W2 row holds the expert's output
-    bias (fc2 bias + left-out-neuron offset): the matmuls add the biases, no gathered bias
-    tensors. Gated: H = 2·m_pad, gate over up. The weights are transposed views of (out, in)
-    storage, the layout grouped_mm runs fast in bf16."""
-    if torch.compiler.is_compiling():
-        return compiled_cache(w.padded)
-    if w.padded is None:
-        d, d_out, k = w.w1.shape[1], w.w2.shape[0], len(w.indices)
-        m_max = max(w.sizes)
-        m_pad = _pad8(m_max + 1)
-        with torch.no_grad():
-            parts = [slice_expert(w.w1, w.b1, w.w2, i, m_pad, w.gated) for i in w.indices]
-            pw1 = w.w1.new_zeros(k, parts[0][0].shape[0], _pad8(d + 1))  # (k, H, d_pad)
-            pw1[:, :, :d] = torch.stack([p[0] for p in parts])
-            pw1[:, :, d] = torch.stack([p[1] for p in parts])
-            pw2 = w.w2.new_zeros(k, _pad8(d_out), m_pad)  # (k, d_out_pad, m_pad)
-            pw2[:, :d_out] = torch.stack([p[2] for p in parts])
-            pw2[:, :d_out, m_max] = w.out_bias
-            unit = w.w1.new_zeros(pw1.shape[2] - d)
-            unit[0] = 1
-        w.padded = (pw1.transpose(1, 2), pw2.transpose(1, 2), unit, m_max)
-    return w.padded
