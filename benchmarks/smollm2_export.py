@@ -30,12 +30,12 @@ from smollm2_study import (
     decode_tokens_per_second,
     default_gguf,
     load,
-    perplexity,
     prefill_tokens_per_second,
 )
 
 import moee
 from moee.export import export
+from moee.fidelity import perplexity
 
 PROMPT = "In the beginning God created"
 

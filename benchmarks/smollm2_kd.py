@@ -22,27 +22,18 @@ from pathlib import Path
 
 import torch
 from smollm2_reproduce import debian_reference_text
-from smollm2_study import bible_text, default_gguf, load, perplexity
+from smollm2_study import bible_text, default_gguf, load
 
 import moee
-
-
-@torch.inference_mode()
-def agreement(model, dense, batches: list[dict]) -> float:
-    """Share of positions where the model's greedy next token equals the dense model's."""
-    same = total = 0
-    for b in batches:
-        a, d = model(**b).logits.argmax(-1), dense(**b).logits.argmax(-1)
-        same += int((a == d).sum())
-        total += a.numel()
-    return same / total
+from moee.fidelity import fidelity, perplexity
 
 
 def measure(model, dense, texts: dict[str, list[dict]]) -> dict:
-    """Perplexity and next-token agreement with dense on each held-out text."""
-    return {name: {"perplexity": perplexity(model, batches),
-                   "next_token_agreement": agreement(model, dense, batches)}
-            for name, batches in texts.items()}
+    """Perplexity and next-token agreement with dense (`moee.fidelity`) on each held-out
+    text."""
+    rows = {name: fidelity(model, dense, batches) for name, batches in texts.items()}
+    return {name: {"perplexity": r["perplexity"], "next_token_agreement": r["top1_agreement"]}
+            for name, r in rows.items()}
 
 
 def line(row: dict, dense: dict) -> str:

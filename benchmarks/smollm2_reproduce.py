@@ -43,12 +43,13 @@ import time
 from pathlib import Path
 
 import torch
-from smollm2_study import bible_text, default_gguf, load, perplexity
+from smollm2_study import bible_text, default_gguf, load
 
 import moee
 from moee.activation_threshold import ThresholdMLP, sparsify_activations
 from moee.evaluate import dense_mlp_macs
 from moee.extraction.record import ActivationStore
+from moee.fidelity import perplexity
 
 VARIANTS = ("moee", "moee+router", "moee+refit", "moee+router+refit", "static", "static+refit")
 

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import re
 import resource
 import subprocess
@@ -32,24 +31,13 @@ import torch
 
 import moee
 from moee.evaluate import dense_mlp_macs
+from moee.fidelity import perplexity
 
 
 def bible_text(passage: str) -> str:
     """Verses of the KJV from Debian's bible-kjv, without their references."""
     out = subprocess.run(["bible", "-f", passage], capture_output=True, text=True, check=True)
     return " ".join(re.sub(r"^\S+\s", "", line) for line in out.stdout.splitlines() if line)
-
-
-@torch.inference_mode()
-def perplexity(model, batches: list[dict]) -> float:
-    total, count = 0.0, 0
-    for b in batches:
-        logits = model(**b).logits[:, :-1]
-        target = b["input_ids"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        count += target.numel()
-    return math.exp(total / count)
 
 
 def decode_tokens_per_second(models: dict, prompt: dict, new_tokens: int = 32,

@@ -3,12 +3,14 @@ and cosine of identical and of different models."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import text_batches, tiny_bert
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moee
+from moee.fidelity import perplexity
 
 
 def tiny_llama(seed=0):
@@ -30,7 +32,8 @@ def padded_batches():
 def test_perplexity_counts_only_real_next_tokens():
     model, batches = tiny_llama(), padded_batches()
     ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
-    logits = model(**batches[0]).logits
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
     nll, n = 0.0, 0
     for row in range(3):  # by hand: each real position predicting the next real token
         real = int(mask[row].sum())
@@ -39,6 +42,7 @@ def test_perplexity_counts_only_real_next_tokens():
     result = moee.fidelity(model, model, batches)
     assert math.isclose(result["perplexity"], math.exp(nll / n), rel_tol=1e-5)
     assert result["perplexity"] == result["reference_perplexity"]
+    assert math.isclose(perplexity(model, batches), math.exp(nll / n), rel_tol=1e-5)
     assert result["top1_agreement"] == 1.0 and result["examples"] == int(mask.sum())
     assert math.isclose(result["cosine"], 1.0, rel_tol=1e-6)
 
@@ -51,3 +55,9 @@ def test_different_models_disagree_and_encoders_get_no_perplexity():
     bert = tiny_bert(dropout=0.0)
     encoded = moee.fidelity(bert, tiny_bert(seed=1, dropout=0.0), text_batches(2))
     assert "perplexity" not in encoded and -1 <= encoded["cosine"] < 0.999
+
+
+def test_perplexity_of_no_next_token_is_refused():
+    one_token = [{"input_ids": torch.tensor([[3]]), "attention_mask": torch.tensor([[1]])}]
+    with pytest.raises(moee.MoeeError, match="no next tokens"):
+        perplexity(tiny_llama(), one_token)

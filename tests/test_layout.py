@@ -24,3 +24,10 @@ def test_no_module_over_300_lines():
     long = {str(p): n for src in SOURCES for p in src.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 300}
     assert long == {}
+
+
+def test_benchmarks_readme_lists_every_script():
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    listed = (bench / "README.md").read_text()
+    scripts = [p for p in bench.rglob("*") if p.suffix in (".py", ".sh")]
+    assert scripts and [p.name for p in scripts if f"`{p.name}`" not in listed] == []

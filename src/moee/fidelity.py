@@ -40,6 +40,20 @@ def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
 
 
 @torch.inference_mode()
+def perplexity(model: nn.Module, data: Iterable[Batch]) -> float:
+    """A causal LM's perplexity on `data`: exp of the mean cross-entropy of each position's
+    prediction of the next real token (padding left out)."""
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for batch in data:
+            s, n = _next_token_nll(output_tensor(call_model(model, batch)), batch)
+            total, count = total + s, count + n
+    if count == 0:
+        raise EmptyDataError("perplexity() got no next tokens to predict")
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
 def fidelity(model: nn.Module, reference: nn.Module, data: Iterable[Batch]) -> dict[str, float]:
     """`top1_agreement` (share of examples, or real tokens, where both models' argmax agree),
     `cosine` (mean cosine of the outputs mean-pooled over real tokens: sentence embeddings for

@@ -3,8 +3,9 @@
 settings (per-layer `ExecutionConfig`), routing, activation facts, the cost model and its
 fitted constants, the scratch workspace, the per-layer inference state (`InferenceWeights`:
 frozen, built once per weights, device, dtype and slicing; one expert-slicing function) and
-its oneDNN-blocked expert copies, one module per execution, calibration and timing. Nothing here imports the MoE module: executions are functions of (tokens, expert
-ids, `InferenceWeights`).
+its oneDNN-blocked expert copies, one module per execution, calibration and timing. Nothing
+here imports the MoE module: executions are functions of (tokens, expert ids,
+`InferenceWeights`).
 """
 
 from moee.engine.cost_model import COSTS, CostModel, default_small_batch_tokens
