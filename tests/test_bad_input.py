@@ -272,16 +272,26 @@ def test_cli_probes_outputs_before_work_and_reports_a_full_disk_in_one_line(tmp_
     assert "cannot write" in err and "model.safetensors" in err and "Traceback" not in err
 
 
-def test_one_seed_reaches_every_stage_of_the_extraction():
+def test_the_cli_seed_is_the_run_seed_and_no_stage_has_its_own():
     from moee.cli import build_parser
     from moee.cli.options import extract_config
 
     args = build_parser().parse_args(["extract", "--out", "x", "--seed", "7", "--local-steps", "3",
                                       "--method", "cmoe"])
     config = extract_config(args)
-    seeds = {config.cluster.seed, config.select.seed, config.router.seed, config.local.seed,
-             config.carve.seed}
-    assert seeds == {7}
+    assert config.seed == 7
+    stages = (config.cluster, config.select, config.router, config.local, config.carve)
+    assert [s for s in stages if hasattr(s, "seed")] == []
+
+
+def test_settings_saved_with_a_seed_per_stage_still_load():
+    old = moee.ExtractConfig().as_dict()
+    del old["seed"]
+    for stage in ("cluster", "select", "router"):
+        old[stage]["seed"] = 3
+    old["local"] = {"steps": 5, "seed": 3}
+    config = moee.ExtractConfig.from_dict(old)
+    assert config.seed == 3 and config.local.steps == 5
 
 
 def test_a_memory_budget_too_small_to_cluster_is_refused_before_clustering(tmp_path):

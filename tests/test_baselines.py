@@ -57,6 +57,24 @@ def test_random_method_extracts_saves_and_loads(vit, images, tmp_path):
         torch.testing.assert_close(loaded(x).logits, moe_model(x).logits)
 
 
+def test_the_run_seed_draws_every_random_stage(vit, images, tmp_path):
+    """The random baseline draws clusters, neurons and centres: the same run seed gives the
+    same model, another seed another draw at each of the three."""
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+
+    def drawn(seed, folder):
+        model, _ = moee.extract(vit, batches, _config(tmp_path / folder, seed=seed)
+                                .with_method("random"))
+        layer = next(iter(model.moe_layers().values()))
+        return ([layer.expert_index(e).tolist() for e in range(layer.num_experts)],
+                layer.router_centres.clone())
+
+    (experts_a, centres_a), (experts_b, centres_b) = drawn(3, "a"), drawn(3, "b")
+    experts_c, centres_c = drawn(4, "c")
+    assert experts_a == experts_b and torch.equal(centres_a, centres_b)
+    assert experts_a != experts_c and not torch.equal(centres_a, centres_c)
+
+
 def test_unknown_method_and_centres_are_config_errors(tmp_path):
     with pytest.raises(moee.ConfigError, match="method"):
         _config(tmp_path).with_method("lora")

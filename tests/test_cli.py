@@ -61,7 +61,6 @@ def finetuned(work, extracted) -> Path:
 def _macs_ok(results: dict) -> None:
     dense, moe = results["dense"], results["moe"]
     for row in (dense, moe):
-        assert 0 <= row["top1"] <= 1
         assert row["executed_macs_per_image"] > 0 and row["params"] > 0
     assert moe["macs_per_image"] < dense["macs_per_image"]
     assert moe["params"] < dense["params"]
@@ -223,7 +222,6 @@ def test_extract_and_finetune_a_text_model_on_text_files(tiny_llm, tmp_path):
     assert main(["evaluate", str(tmp_path / "y"), *data, "--json", str(report)]) == 0
     result = json.loads(report.read_text())
     assert 1 < result["perplexity"] < 1e4 and 1 < result["reference_perplexity"] < 1e4
-    assert 0 <= result["top1_agreement"] <= 1
     assert result["moe_macs"] < result["dense_macs"]
 
 

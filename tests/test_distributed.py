@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import blob_images, tiny_vit
 
@@ -44,6 +45,7 @@ def config(work):
         work_dir=str(work), progress=False)
 
 
+@pytest.mark.slow
 def test_torchrun_extract_and_distill_on_two_cpu_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(TESTS), work=str(tmp_path / "work"),

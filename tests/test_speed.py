@@ -87,7 +87,6 @@ def test_peak_forward_memory_in_a_fresh_process(tmp_path):
     if got is None:
         pytest.skip("no /proc/self/clear_refs on this system")
     assert got["peak"] >= got["resident"] > 0
-    assert got["forward"] == got["peak"] - got["resident"]
 
 
 def test_masked_threshold_sweep_leaves_the_layer_as_it_was():

@@ -31,6 +31,7 @@ def test_the_ablation_adds_one_part_of_moee_at_a_time():
     assert len(study_points(_base())) > len(points)  # the full study has more
 
 
+@pytest.mark.slow
 def test_a_small_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
@@ -93,6 +94,7 @@ def test_matching_solves_a_continuous_knob_and_picks_the_nearest_choice():
     assert config.carve.style == "moefication"
 
 
+@pytest.mark.slow
 def test_matched_points_meet_the_target_and_are_reused(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()

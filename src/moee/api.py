@@ -215,7 +215,8 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
     if config.local is not None:
         index = {s.name: i for i, s in enumerate(sites)}
         local = distill_layers({index[n]: m for n, m in installed.items()}, sites, store,
-                               config.held_out, config.local, work, config.progress)
+                               config.held_out, config.local, work, config.progress,
+                               config.seed)
         for row in rows:
             if row["site"] in local:
                 row.setdefault("reproduction", {})["local"] = local[row["site"]]

@@ -25,7 +25,6 @@ class CarveConfig:
     top_fraction: float = 0.1
     tokens: int = 8192
     iterations: int = 5
-    seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "carve")

@@ -64,7 +64,6 @@ class ClusterConfig:
     stability: bool = True  # cluster two disjoint halves and report their agreement
     n_clusters: int = 8
     eps: float = 0.5
-    seed: int = 0
     max_clusters: int | None = None
     dense_below_stability: float | None = None
     merge_below_stability: float | None = None
@@ -95,7 +94,7 @@ class ClusterConfig:
 class SelectConfig:
     """Per-cluster neuron ranking; keep neurons until their cumulative share reaches `p`.
     "random" (the paper's ablation baseline) keeps as many neurons as "variance" would, drawn
-    at random (`seed`)."""
+    at random (`ExtractConfig.seed`)."""
 
     criterion: str = "variance"
     p: float = 0.8
@@ -119,7 +118,6 @@ class SelectConfig:
     # share `p` of the score; a layer without clusters then gets one expert (every layer MoE,
     # all experts one size: what a Mixtral export runs without padding).
     width: float | None = None
-    seed: int = 0
 
     @classmethod
     def paper(cls, p: float = 0.8, criterion: str = "variance") -> SelectConfig:
@@ -167,7 +165,6 @@ class RouterConfig:
     fit_c: tuple[float, ...] = (0.01, 0.1, 1.0)
     fit_same_macs: bool = True
     fit_tokens: int = 50_000
-    seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "router")
@@ -231,6 +228,11 @@ class ExtractConfig:
     # Share of the recorded tokens (whole blocks of 256) the fitted router and the refit hold
     # out to choose their strengths and report their error.
     held_out: float = 0.2
+    # The run's one seed: every random draw of the extraction comes from it (each stage seeds
+    # its own generator with it, the random centres with it plus the layer): clustering's
+    # PCA, subsamples and stability halves, the random baselines' clusters, neurons and
+    # centres, the router fit's token sample, carving, layer-local distillation.
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "extract")
@@ -271,15 +273,23 @@ class ExtractConfig:
     def from_dict(cls, d: dict[str, Any]) -> ExtractConfig:
         return cls(
             record=RecordConfig(**d.get("record", {})),
-            cluster=ClusterConfig(**d.get("cluster", {})),
-            select=SelectConfig(**d.get("select", {})),
-            router=RouterConfig(**d.get("router", {})),
+            cluster=ClusterConfig(**_unseeded(d.get("cluster"))),
+            select=SelectConfig(**_unseeded(d.get("select"))),
+            router=RouterConfig(**_unseeded(d.get("router"))),
             budget=BudgetConfig(**d.get("budget", {})),
-            carve=CarveConfig(**d["carve"]) if d.get("carve") else None,
-            local=LocalDistillConfig(**d["local"]) if d.get("local") else None,
+            carve=CarveConfig(**_unseeded(d["carve"])) if d.get("carve") else None,
+            local=LocalDistillConfig(**_unseeded(d["local"])) if d.get("local") else None,
             layers=tuple(d["layers"]) if d.get("layers") is not None else None,
             work_dir=d.get("work_dir"),
             progress=d.get("progress", True),
             max_memory_gib=d.get("max_memory_gib"),
             held_out=d.get("held_out", 0.2),
+            # before one run seed, each stage had its own `seed` field (all set alike)
+            seed=d.get("seed", d.get("cluster", {}).get("seed", 0)),
         )
+
+
+def _unseeded(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's saved settings without the `seed` that checkpoints saved before the run had
+    one seed (`ExtractConfig.seed`)."""
+    return {k: v for k, v in (settings or {}).items() if k != "seed"}

@@ -21,7 +21,6 @@ class LocalDistillConfig:
     steps: int = 100
     lr: float = 1e-4
     batch_tokens: int = 512
-    seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "local")

@@ -133,7 +133,7 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "--p is then unused")
     p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
                    help="which MACs --target-macs counts: the whole model's or the MLPs'")
-    p.add_argument("--seed", type=count(0), default=c.seed,
+    p.add_argument("--seed", type=count(0), default=base.seed,
                    help="seeds every random draw of the extraction: clustering, random "
                    "selection and routing baselines, the router fit, carving, local distillation")
 
@@ -162,25 +162,23 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              cluster=r(base.cluster, algorithm=args.algorithm,
                        min_cluster_fraction=args.min_cluster_fraction,
                        min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
-                       stability=not args.no_stability, seed=args.seed,
+                       stability=not args.no_stability,
                        max_clusters=args.max_experts or None,
                        dense_below_stability=args.dense_below_stability,
                        merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
-                      seed=args.seed,
                       compensate_mean=not args.no_compensate and args.export_ready is None,
                       refit_down=args.refit, width=args.export_ready,
                       refit_offsets=args.export_ready is None),
-             router=r(base.router, metric=args.metric, centres=args.router, seed=args.seed,
+             router=r(base.router, metric=args.metric, centres=args.router,
                       top_k=1 if args.method == "moefication" else args.top_k or 1),
-             local=LocalDistillConfig(steps=args.local_steps, seed=args.seed)
+             local=LocalDistillConfig(steps=args.local_steps)
              if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
-             work_dir=args.work_dir,
+             work_dir=args.work_dir, seed=args.seed,
              max_memory_gib=args.max_memory,
              carve=CarveConfig(active=args.active, experts=args.groups,
-                               top_k=args.top_k or CarveConfig.top_k,
-                               seed=args.seed)
+                               top_k=args.top_k or CarveConfig.top_k)
              if args.method in ("cmoe", "moefication") else None).with_method(args.method)
 
 

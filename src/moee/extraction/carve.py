@@ -23,11 +23,11 @@ import numpy as np
 from moee.config import CarveConfig
 
 
-def activation_profile(hidden: np.ndarray, config: CarveConfig) -> np.ndarray:
+def activation_profile(hidden: np.ndarray, config: CarveConfig, seed: int = 0) -> np.ndarray:
     """(T, H) bool: a neuron is activated on a token when it is among the token's
     `top_fraction` largest |values| (CMoE's K_a), over a seeded subsample of tokens."""
     n = len(hidden)
-    rows = np.sort(np.random.default_rng(config.seed).choice(n, min(n, config.tokens), False))
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, config.tokens), False))
     h = np.abs(np.asarray(hidden[rows], dtype=np.float32))
     ka = max(1, round(config.top_fraction * h.shape[1]))
     top = np.argpartition(-h, ka - 1, axis=1)[:, :ka]
@@ -61,33 +61,33 @@ def balanced_groups(features: np.ndarray, k: int, iterations: int, seed: int
     return [np.flatnonzero(assign == g) for g in range(k)], centroids
 
 
-def carve_layer(hidden: np.ndarray, width: int, config: CarveConfig
+def carve_layer(hidden: np.ndarray, width: int, config: CarveConfig, seed: int = 0
                 ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """(experts as dense neuron ids, each expert's representative neuron, shared neurons):
     every expert is the shared neurons plus its routed group; together they keep every neuron,
     and a token computes `config.active` of them."""
-    active = activation_profile(hidden, config)
+    active = activation_profile(hidden, config, seed)
     rate = active.mean(0)
     k = config.experts
     shared_n = int(np.clip(round(width * (config.active - 1 / k) / (1 - 1 / k)), 0, width - k))
     order = np.argsort(-rate, kind="stable")
     shared, rest = np.sort(order[:shared_n]), order[shared_n:]
     features = active[:, rest].T.astype(np.float32)  # (R, T): each neuron's pattern
-    groups, centroids = balanced_groups(features, k, config.iterations, config.seed)
+    groups, centroids = balanced_groups(features, k, config.iterations, seed)
     reps = np.array([rest[g[np.argmin(((features[g] - c) ** 2).sum(1))]]
                      for g, c in zip(groups, centroids, strict=True)])
     experts = [np.sort(np.concatenate([shared, rest[g]])) for g in groups]
     return experts, reps, shared_n
 
 
-def moefication_layer(rows: np.ndarray, config: CarveConfig
+def moefication_layer(rows: np.ndarray, config: CarveConfig, seed: int = 0
                       ) -> tuple[list[np.ndarray], np.ndarray]:
     """(experts as dense neuron ids, (subsets, d) router centres) from the neurons' input
     weight rows (H, d): `config.experts` balanced groups of rows, every `config.top_k`-subset
     of them one expert scored by the sum of its groups' mean rows (metric "dot")."""
     unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     groups, _ = balanced_groups(unit.astype(np.float32), config.experts, config.iterations,
-                                config.seed)
+                                seed)
     centres = np.stack([rows[g].mean(0) for g in groups])  # the similarity router
     subsets = list(itertools.combinations(range(config.experts), config.top_k))
     experts = [np.sort(np.concatenate([groups[g] for g in s])) for s in subsets]

@@ -32,7 +32,7 @@ def min_cluster_size(config: ClusterConfig, n_tokens: int) -> int:
     return max(2, round(config.min_cluster_fraction * n_tokens))
 
 
-def make_clusterer(config: ClusterConfig, n_tokens: int):
+def make_clusterer(config: ClusterConfig, n_tokens: int, seed: int = 0):
     """A fresh estimator with `fit(X)` -> `labels_` for `n_tokens` points."""
     size = min_cluster_size(config, n_tokens)
     if config.algorithm == "hdbscan":
@@ -48,11 +48,11 @@ def make_clusterer(config: ClusterConfig, n_tokens: int):
     if config.algorithm == "optics":
         return OPTICS(min_samples=config.min_samples or size, min_cluster_size=size)
     if config.algorithm == "kmeans":
-        return KMeans(n_clusters=config.n_clusters, n_init=3, random_state=config.seed)
+        return KMeans(n_clusters=config.n_clusters, n_init=3, random_state=seed)
     return Birch(n_clusters=config.n_clusters)
 
 
-def fit_reduction(features: np.ndarray, config: ClusterConfig):
+def fit_reduction(features: np.ndarray, config: ClusterConfig, seed: int = 0):
     """(reduced float32 features, a function reducing more rows the same way): PCA to
     `reduce_dims`; density clustering in hundreds of dims is slow and fast_hdbscan needs
     <= ~30 dims for its exact path."""
@@ -62,14 +62,14 @@ def fit_reduction(features: np.ndarray, config: ClusterConfig):
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components=config.reduce_dims, svd_solver="randomized",
-              random_state=config.seed)
+              random_state=seed)
     z = pca.fit_transform(x).astype(np.float32)
     return z, lambda rows: pca.transform(np.asarray(rows, dtype=np.float32)).astype(np.float32)
 
 
-def _fit_labels(z: np.ndarray, config: ClusterConfig) -> np.ndarray:
+def _fit_labels(z: np.ndarray, config: ClusterConfig, seed: int) -> np.ndarray:
     """Fit and return labels renumbered 0..k-1 (noise stays -1)."""
-    raw = np.asarray(make_clusterer(config, len(z)).fit(z).labels_, dtype=np.int64)
+    raw = np.asarray(make_clusterer(config, len(z), seed).fit(z).labels_, dtype=np.int64)
     ids = np.unique(raw[raw >= 0])
     out = np.full_like(raw, -1)
     out[raw >= 0] = np.searchsorted(ids, raw[raw >= 0])
@@ -103,12 +103,12 @@ def _nearest_centroid(z: np.ndarray, labels: np.ndarray, points: np.ndarray) -> 
     return np.asarray(ids)[dist.argmin(1)]
 
 
-def stability_score(z: np.ndarray, config: ClusterConfig) -> float:
+def stability_score(z: np.ndarray, config: ClusterConfig, seed: int = 0) -> float:
     """Cluster two disjoint random halves A and B; label B's points by A's nearest centroid;
     adjusted Rand index against B's own labels over B's non-noise points (1 = identical)."""
-    perm = np.random.default_rng(config.seed).permutation(len(z))
+    perm = np.random.default_rng(seed).permutation(len(z))
     a, b = z[perm[: len(z) // 2]], z[perm[len(z) // 2 :]]
-    la, lb = _fit_labels(a, config), _fit_labels(b, config)
+    la, lb = _fit_labels(a, config, seed), _fit_labels(b, config, seed)
     ka, kb = (la >= 0).any(), (lb >= 0).any()
     if not ka or not kb:
         return 1.0 if ka == kb else 0.0
@@ -118,7 +118,7 @@ def stability_score(z: np.ndarray, config: ClusterConfig) -> float:
     return float(adjusted_rand_score(lb[keep], _nearest_centroid(a, la, b[keep])))
 
 
-def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
+def cluster_layer(hidden: np.ndarray, config: ClusterConfig, seed: int = 0) -> LayerClustering:
     """Cluster one layer's (N, H) hidden activations (noise = -1). Beyond `max_tokens`, a
     random subsample is clustered and the other tokens are assigned to its clusters."""
     t0 = time.perf_counter()
@@ -133,22 +133,22 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig) -> LayerClustering:
             f"{n} tokens cannot be clustered in {config.reduce_dims} PCA dimensions; record "
             f"more tokens (record.n_tokens; thousands are typical) or lower cluster.reduce_dims.")
     if config.algorithm == "random":  # the ablation baseline: no structure at all
-        labels = np.random.default_rng(config.seed).integers(0, config.n_clusters, n)
+        labels = np.random.default_rng(seed).integers(0, config.n_clusters, n)
         k = len(np.unique(labels))
         labels = np.searchsorted(np.unique(labels), labels).astype(np.int64)
         return LayerClustering(labels, k, 0.0, None, time.perf_counter() - t0)
     rows = np.arange(n)
     if config.max_tokens is not None and n > config.max_tokens:
-        rows = np.sort(np.random.default_rng(config.seed).choice(n, config.max_tokens, False))
-    z, transform = fit_reduction(hidden[rows], config)
+        rows = np.sort(np.random.default_rng(seed).choice(n, config.max_tokens, False))
+    z, transform = fit_reduction(hidden[rows], config, seed)
     labels = np.full(n, -1, dtype=np.int64)
-    labels[rows] = _fit_labels(z, config)
+    labels[rows] = _fit_labels(z, config, seed)
     if config.max_clusters is not None:
         labels[rows] = merge_clusters(z, labels[rows], config.max_clusters)
     k = int(labels.max()) + 1 if (labels >= 0).any() else 0
     if len(rows) < n and k > 0:
         _assign_rest(hidden, labels, rows, z, transform)
-    stability = stability_score(z, config) if config.stability and len(z) >= 4 else None
+    stability = stability_score(z, config, seed) if config.stability and len(z) >= 4 else None
     return LayerClustering(labels, k, float((labels < 0).mean()), stability,
                            time.perf_counter() - t0)
 

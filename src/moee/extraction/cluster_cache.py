@@ -16,10 +16,12 @@ from moee.util.atomic import save_npy, write_json
 from moee.util.cache_key import digest, settings_dict
 
 
-def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int) -> str:
+def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int,
+                   seed: int = 0) -> str:
     """Digest of what a layer's clustering depends on: the recorded activations (their model,
-    data and record settings), the clustering settings and the layer."""
-    body = {"store": store_origin, "cluster": settings_dict(config), "layer": layer}
+    data and record settings), the clustering settings, the run's seed and the layer."""
+    body = {"store": store_origin, "cluster": settings_dict(config), "seed": seed,
+            "layer": layer}
     return digest(body)
 
 

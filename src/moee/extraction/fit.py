@@ -60,11 +60,12 @@ class LayerFit:
                 norms = None
                 if select.criterion == "output_variance":
                     norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
-                plan = self._routed_plan(select_experts(self.stats, p, select, norms), select)
+                experts = select_experts(self.stats, p, select, norms, self.config.seed)
+                plan = self._routed_plan(experts, select)
             c = self.config
             if select.refit_down or c.router.centres == "fitted":
                 plan = reproduce_output(plan, self.site, self.store, self.index, select,
-                                        c.router, c.held_out)
+                                        c.router, c.held_out, c.seed)
             self._plans[p] = plan
         return self._plans[p]
 
@@ -124,13 +125,13 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     hidden = store.hidden(i)
     # The cache holds clusterings before any remedy: the remedies reuse them.
     plain = replace(config.cluster, dense_below_stability=None, merge_below_stability=None)
-    key = clustering_key(store.origin, plain, i)
+    key = clustering_key(store.origin, plain, i, config.seed)
     clustering = load_clustering(work, i, key, store.n_tokens)
     reused = clustering is not None
     if clustering is None:  # room for its labels (int64 per token) and manifest, checked first
         ensure_room(work, store.n_tokens * 8 + 4096, f"the clustering of layer {i} in {work}",
                     "free space or choose another work_dir (layers done so far are kept)")
-        clustering = cluster_layer(hidden, config.cluster)
+        clustering = cluster_layer(hidden, config.cluster, config.seed)
         save_clustering(work, i, key, clustering)
     clustering = unstable_remedy(clustering, config.cluster)
     if clustering.n_clusters == 0 and config.select.width is not None:
@@ -143,7 +144,7 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
         return fit, reused
     stats = cluster_stats(hidden, store.inputs(i), clustering.labels, clustering.n_clusters)
     if config.router.centres == "random":
-        rng = np.random.default_rng(config.router.seed + i)
+        rng = np.random.default_rng(config.seed + i)
         stats = replace(stats, input_mean=rng.standard_normal(stats.input_mean.shape))
     # Where the router sends every calibration token: the load report, the MAC estimate, and
     # the token sets of "routed" selection.
@@ -176,9 +177,10 @@ def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig)
     first = (w.gate if w.gate is not None else w.up).detach().float().cpu().numpy()
     shared = 0
     if config.carve.style == "moefication":
-        experts, centres = moefication_layer(first, config.carve)
+        experts, centres = moefication_layer(first, config.carve, config.seed)
     else:
-        experts, reps, shared = carve_layer(store.hidden(i), w.hidden_size, config.carve)
+        experts, reps, shared = carve_layer(store.hidden(i), w.hidden_size, config.carve,
+                                            config.seed)
         centres = first[reps]
     plan = LayerPlan(site.name, experts, centres, "dot", None)
     routed = route_tokens(store.inputs(i), centres, "dot")

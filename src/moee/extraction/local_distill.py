@@ -32,10 +32,10 @@ def _error(layer: MoEMLP, dense: MLPSite, x: torch.Tensor) -> float:
 
 
 def distill_layer(layer: MoEMLP, dense: MLPSite, inputs: np.ndarray, held_out: np.ndarray,
-                  config: LocalDistillConfig) -> dict:
+                  config: LocalDistillConfig, seed: int = 0) -> dict:
     """Train `layer` toward `dense`'s output on the recorded `inputs` (N, d); returns the
     held-out relative error before and after (the layer is restored when it did not fall)."""
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     inputs = np.asarray(inputs)  # one layer's recorded inputs: megabytes
     fit_rows, test_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     dtype = layer.fc1.weight.dtype
@@ -64,7 +64,7 @@ def distill_layer(layer: MoEMLP, dense: MLPSite, inputs: np.ndarray, held_out: n
 
 def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store: ActivationStore,
                    held_out: float, config: LocalDistillConfig, work: Path,
-                   progress: bool = True) -> dict[str, dict]:
+                   progress: bool = True, seed: int = 0) -> dict[str, dict]:
     """`distill_layer` for every MoE layer (by store index), resumable from `work`/local."""
     folder = work / "local"
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,8 @@ def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store:
     reports = {}
     for i, layer in tqdm(layers.items(), desc="layer-local distillation", disable=not progress,
                          leave=False):
-        key = digest({"origin": store.origin, "config": config.__dict__, "held_out": held_out,
+        key = digest({"origin": store.origin, "config": config.__dict__, "seed": seed,
+                      "held_out": held_out,
                       "start": [float(v.double().sum()) for v in layer.state_dict().values()]})
         saved = folder / f"layer_{i}.{key[:16]}.safetensors"
         if saved.is_file():
@@ -85,7 +86,8 @@ def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store:
         layer.train()
         with torch.enable_grad():
             reports[layer.site] = distill_layer(layer, dense_sites[i], store.inputs(i),
-                                                held_out_rows(store.n_tokens, held_out), config)
+                                                held_out_rows(store.n_tokens, held_out), config,
+                                                seed)
         layer.train(was_training)
         state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         save_file(state, str(saved) + ".partial")

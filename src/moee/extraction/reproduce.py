@@ -34,10 +34,11 @@ def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
 
 
 def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, layer: int,
-                     select: SelectConfig, router: RouterConfig, held_out: float) -> LayerPlan:
+                     select: SelectConfig, router: RouterConfig, held_out: float,
+                     seed: int = 0) -> LayerPlan:
     """`plan` with a fitted router (`router.centres == "fitted"`) and a refit down projection
     (`select.refit_down`) where each does better on held-out tokens; its `load` and `report`
-    filled either way."""
+    filled either way. `seed`: the run's, for the router fit's token sample."""
     hidden, inputs = store.hidden(layer), store.inputs(layer)
     down = site.weights().down.detach().float().cpu().numpy()  # (d_out, H)
     k = len(plan.experts)
@@ -50,7 +51,7 @@ def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, lay
         errors = expert_errors(hidden, down, plan.experts, offsets)
         sizes = np.array([len(e) for e in plan.experts]) if router.fit_same_macs else None
         fitted = fit_router(inputs, errors, held, routed, output_energy(hidden, down),
-                            router.fit_c, router.fit_tokens, router.seed, sizes)
+                            router.fit_c, router.fit_tokens, seed, sizes)
         if fitted is not None:
             report["router"] = fitted.report
         if fitted is not None and fitted.rows is not None:

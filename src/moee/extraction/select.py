@@ -60,12 +60,13 @@ def select_neurons(scores: np.ndarray, p: float) -> np.ndarray:
 
 
 def select_experts(stats: ClusterStats, p: float, config: SelectConfig,
-                   down_norms: np.ndarray | None = None) -> list[np.ndarray]:
+                   down_norms: np.ndarray | None = None, seed: int = 0) -> list[np.ndarray]:
     """One neuron index set per cluster, ranked by within-cluster variance or |mean| (the top
     share `p` of the score, or `config.width` of the neurons), or as many as variance would
     keep drawn at random; "output_variance" ranks by the variance each neuron puts into the
     MLP output, var(h_j)·|W2[:, j]|² (`down_norms` (H,) = |W2[:, j]|²). `p` is an argument,
-    not `config.p`: the MAC-budget mode chooses one per layer."""
+    not `config.p`: the MAC-budget mode chooses one per layer. `seed`: the run's, for the
+    random draw."""
     scores = stats.hidden_var if config.criterion != "magnitude" else np.abs(stats.hidden_mean)
     if config.criterion == "output_variance":
         if down_norms is None:
@@ -77,7 +78,7 @@ def select_experts(stats: ClusterStats, p: float, config: SelectConfig,
         m = max(1, round(config.width * scores.shape[1]))
         experts = [np.sort(np.argsort(-s, kind="stable")[:m]) for s in scores]
     if config.criterion == "random":
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(seed)
         width = scores.shape[1]
         experts = [np.sort(rng.choice(width, len(e), replace=False)) for e in experts]
     return experts
