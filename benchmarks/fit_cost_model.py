@@ -25,9 +25,22 @@ repeated samples timed round-robin; the constants are read by src/moee/engine/co
   256, and the mean cost over raw widths 225..256 padded to multiples of 8, 16 and 32; 16 is
   kept unless 8 or 32 is clearly (>3%) faster.
 
-amx_reference_width and amx_min_tokens_per_expert are kept as they are. Takes about 15 s on
-2 idle cores (--quick: about 6 s). Constants fitted on one machine can be wrong for another:
-refit where you serve.
+- in_out_min_tokens / in_out_max_tokens: "masked"'s two union matmuls (768 -> 2304 -> 768)
+  with (in, out) weight copies against nn.Linear's (out, in) storage, n = 1 .. 1024; the
+  longest run of n where the copies are clearly (>3%) faster (cost_model_bands.py).
+- blocked_min_tokens / blocked_max_tokens: an expert's two matmuls (768 -> 384 -> 768) on
+  oneDNN-blocked copies against the loop's plain copies, the same way; blocked_min_elements:
+  the smallest W1_e (width x 768, widths 64 .. 768) from which blocked is clearly faster at
+  the band's middle (oneDNN builds only).
+- With AMX: amx_reference_width (768, the width the bf16 half speed is measured at) and
+  amx_min_tokens_per_expert: the fewest tokens per expert from which a loop over 8 experts of
+  384 beats "masked" over their 2304-neuron union in bf16.
+
+Every constant is refit where the machine allows it (the AMX ones only with AMX; the note
+column says why one is kept), and `--write` records the machine, threads, torch, commit, date
+and the refit constants in the JSON's `fitted_on`. Takes about a minute on 2 idle cores
+(--quick: fewer repeats). Constants fitted on one machine can be wrong for another: refit
+where you serve.
 """
 
 from __future__ import annotations
@@ -41,6 +54,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cost_model_bands import (  # TOKENS: 1 .. 1024; CLEARLY: faster by 3% to count
+    CLEARLY,
+    TOKENS,
+    fit_blocked,
+    fit_in_out_band,
+    fit_loop_min_tokens,
+)
 from save_result import cpu_model, git
 from torch import nn
 
@@ -48,13 +68,11 @@ from moee.engine.activation import inplace_activation
 from moee.engine.cost_model import CostModel
 
 COST_JSON = Path(__file__).resolve().parents[1] / "src" / "moee" / "engine" / "cost_model.json"
-TOKENS = [2**i for i in range(11)]  # 1 .. 1024
 LARGE_BATCH = 4096
 GELU_SIZES = [2**i for i in range(16, 25)]  # 2^16 .. 2^24 elements
 GELU_CHUNKS = 8
 WIDTHS = list(range(225, 257))  # one full period of the widest multiple tried (32)
 MULTIPLES = (8, 16, 32)
-CLEARLY = 0.03  # a multiple other than 16 must be this much faster to replace it
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int,
@@ -214,6 +232,76 @@ def fit_width_multiple(current: int, repeats: int) -> int:
     return current
 
 
+def fit_all(current: CostModel, repeats: int, amx: bool
+            ) -> tuple[dict[str, object], dict[str, str]]:
+    """(fitted constants, a note per constant) from every measurement this machine allows."""
+    fitted: dict[str, object] = {}
+    notes: dict[str, str] = {}
+    print("GEMM 768 -> 384 (addmm):")
+    for dtype, key in ((torch.float32, "half_speed_tokens_fp32"),
+                       (torch.bfloat16, "half_speed_tokens_amx" if amx
+                        else "half_speed_tokens_low_precision")):
+        n_half, speed = fit_half_speed(dtype, 768, repeats)
+        print_speeds(str(dtype).removeprefix("torch."), speed, n_half)
+        fitted[key] = n_half or TOKENS[-1]
+        if n_half is None:
+            notes[key] = f"never reached half speed up to {TOKENS[-1]} tokens: capped"
+    if amx:
+        fitted.update(fit_amx(repeats, fitted["half_speed_tokens_amx"], notes))
+    else:
+        for key in ("half_speed_tokens_amx", "amx_width_exponent", "amx_reference_width",
+                    "amx_min_tokens_per_expert"):
+            notes[key] = "kept: no AMX here"
+    flat = fitted["flat_activation_max_elements"] = fit_flat_activation(repeats)
+    if flat == GELU_SIZES[-1]:
+        notes["flat_activation_max_elements"] = "flat never slower: largest size tried"
+    elif flat == GELU_SIZES[0]:
+        notes["flat_activation_max_elements"] = "flat slower already: smallest size tried"
+    print("expert width multiple (fp32):")
+    multiple = fitted["expert_width_multiple"] = fit_width_multiple(
+        current.expert_width_multiple, repeats)
+    notes["expert_width_multiple"] = ("kept: no other multiple clearly faster"
+                                      if multiple == current.expert_width_multiple else
+                                      f"{multiple} clearly faster")
+    fitted.update(fit_layout_bands(repeats, notes))
+    return fitted, notes
+
+
+def fit_amx(repeats: int, n_half: int, notes: dict[str, str]) -> dict[str, object]:
+    """The AMX rules: the half-speed width exponent (from input widths 192 and 768, the latter
+    the reference width) and the tokens per expert from which the loop beats "masked"."""
+    fitted: dict[str, object] = {"amx_reference_width": 768}
+    n_small, speed = fit_half_speed(torch.bfloat16, 192, repeats)
+    print_speeds("bfloat16, input width 192", speed, n_small)
+    if n_small:
+        fitted["amx_width_exponent"] = round(math.log(n_small / n_half) / math.log(768 / 192), 2)
+    min_tokens = fit_loop_min_tokens(median_seconds, repeats, torch.bfloat16)
+    if min_tokens is None:
+        notes["amx_min_tokens_per_expert"] = "kept: the loop never beat masked"
+    else:
+        fitted["amx_min_tokens_per_expert"] = min_tokens
+    return fitted
+
+
+def fit_layout_bands(repeats: int, notes: dict[str, str]) -> dict[str, object]:
+    """Where "masked" reads (in, out) union copies and the loop oneDNN-blocked ones (fp32)."""
+    fitted: dict[str, object] = {}
+    print("weight layouts (fp32):")
+    band = fit_in_out_band(median_seconds, repeats)
+    if band is None:  # never clearly faster: an empty band
+        fitted.update(in_out_min_tokens=TOKENS[-1] + 1, in_out_max_tokens=TOKENS[-1])
+        notes["in_out_min_tokens"] = "(in, out) never clearly faster: empty band"
+    else:
+        fitted.update(in_out_min_tokens=band[0], in_out_max_tokens=band[1])
+    blocked = fit_blocked(median_seconds, repeats)
+    if blocked is None:
+        for key in ("blocked_min_tokens", "blocked_max_tokens", "blocked_min_elements"):
+            notes[key] = "kept: no oneDNN linear, or blocked never clearly faster"
+    else:
+        fitted.update(blocked)
+    return fitted
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (rougher)")
@@ -236,40 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     if busy is not None and busy > 0.2:
         print(f"warning: the CPUs are {busy:.0%} busy before we start: other processes compete "
               "for the cores and skew the timings; refit on an idle machine")
-    fitted: dict[str, object] = {}
-    notes: dict[str, str] = {}
     t0 = time.perf_counter()
     with torch.inference_mode():
-        print("GEMM 768 -> 384 (addmm):")
-        for dtype, key in ((torch.float32, "half_speed_tokens_fp32"),
-                           (torch.bfloat16, "half_speed_tokens_amx" if amx
-                            else "half_speed_tokens_low_precision")):
-            n_half, speed = fit_half_speed(dtype, 768, repeats)
-            print_speeds(str(dtype).removeprefix("torch."), speed, n_half)
-            fitted[key] = n_half or TOKENS[-1]
-            if n_half is None:
-                notes[key] = f"never reached half speed up to {TOKENS[-1]} tokens: capped"
-        if amx:
-            n_small, speed = fit_half_speed(torch.bfloat16, 192, repeats)
-            print_speeds("bfloat16, input width 192", speed, n_small)
-            if n_small:
-                ratio = n_small / fitted["half_speed_tokens_amx"]
-                fitted["amx_width_exponent"] = round(math.log(ratio) / math.log(768 / 192), 2)
-            notes["amx_min_tokens_per_expert"] = "kept (not refitted)"
-        else:
-            notes["half_speed_tokens_amx"] = "kept: no AMX here"
-            notes["amx_width_exponent"] = "kept: no AMX here"
-        flat = fitted["flat_activation_max_elements"] = fit_flat_activation(repeats)
-        if flat == GELU_SIZES[-1]:
-            notes["flat_activation_max_elements"] = "flat never slower: largest size tried"
-        elif flat == GELU_SIZES[0]:
-            notes["flat_activation_max_elements"] = "flat slower already: smallest size tried"
-        print("expert width multiple (fp32):")
-        multiple = fitted["expert_width_multiple"] = fit_width_multiple(
-            current.expert_width_multiple, repeats)
-        notes["expert_width_multiple"] = ("kept: no other multiple clearly faster"
-                                          if multiple == current.expert_width_multiple else
-                                          f"{multiple} clearly faster")
+        fitted, notes = fit_all(current, repeats, amx)
     print(f"\nmeasured in {time.perf_counter() - t0:.0f} s\n")
     merged = {**stored, **fitted}
     CostModel.from_json(json.dumps(merged))  # every field still there and accepted
