@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gzip
 import struct
 
@@ -147,3 +148,12 @@ def tiny_llm(tmp_path):
                      ).save_pretrained(folder)
     (tmp_path / "zen.txt").write_text(text)
     return folder, tmp_path / "zen.txt"
+
+
+def pretend_free_disk(monkeypatch, free: int) -> None:
+    """Make moee's free-space checks see `free` bytes free on every disk."""
+    import moee.util.disk_space
+
+    usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(moee.util.disk_space.shutil, "disk_usage",
+                        lambda _: usage(10**12, 0, free))

@@ -1,20 +1,13 @@
 """Free disk is checked before each stage writes: the error names the path and the sizes, comes
 before the work, and leaves what was already computed in place."""
 
-from collections import namedtuple
-
 import pytest
 import torch
+from conftest import pretend_free_disk
 
 import moee
 import moee.util.disk_space
 from moee.util.disk_space import ensure_room, nearest_existing
-
-Usage = namedtuple("Usage", "total used free")
-
-
-def _free(monkeypatch, free: int) -> None:
-    monkeypatch.setattr(moee.util.disk_space.shutil, "disk_usage", lambda _: Usage(10**12, 0, free))
 
 
 def _config(tmp_path):
@@ -28,7 +21,7 @@ def _config(tmp_path):
 def test_room_is_measured_where_the_path_will_be(tmp_path, monkeypatch):
     assert nearest_existing(tmp_path / "a" / "b") == tmp_path
     ensure_room(tmp_path / "a", 10, "ten bytes", "never")  # this disk has ten bytes
-    _free(monkeypatch, 2**20)
+    pretend_free_disk(monkeypatch, 2**20)
     with pytest.raises(moee.ResourceError, match=r"the thing needs 2\.0 MiB but .* has 1\.0 MiB"):
         ensure_room(tmp_path / "a", 2**21, "the thing", "free space")
 
@@ -40,7 +33,7 @@ def test_a_full_disk_stops_clustering_and_keeps_the_recorded_activations(vit, im
     moee.extract(vit, batches, config)  # records and clusters
     for f in (tmp_path / "work").glob("layer_*"):  # the clusterings, not the store
         f.unlink()
-    _free(monkeypatch, 1000)
+    pretend_free_disk(monkeypatch, 1000)
     with pytest.raises(moee.ResourceError, match="the clustering of layer 0 in .*work"):
         moee.extract(vit, batches, config)
     monkeypatch.undo()
@@ -53,7 +46,7 @@ def test_a_full_disk_stops_saving_and_distilling_before_they_write(vit, images, 
     batches = [images[i : i + 40] for i in range(0, 240, 40)]
     moe_model, _ = moee.extract(vit, batches, _config(tmp_path))
     before = {k: v.clone() for k, v in moe_model.state_dict().items()}
-    _free(monkeypatch, 1000)
+    pretend_free_disk(monkeypatch, 1000)
     with pytest.raises(moee.ResourceError, match="the checkpoint .*ckpt needs"):
         moe_model.save_pretrained(tmp_path / "ckpt")
     assert not any((tmp_path / "ckpt").glob("*.safetensors*"))
@@ -74,7 +67,7 @@ def test_a_full_disk_stops_layer_local_distillation_and_export(tiny_llm, tmp_pat
                  "--tokens", "120", "--seq-len", "16", "--algorithm", "kmeans",
                  "--no-stability", "--reduce-dims", "8", "--export-ready", "0.5",
                  "--work-dir", str(tmp_path / "work")]) == 0
-    _free(monkeypatch, 1000)
+    pretend_free_disk(monkeypatch, 1000)
     capsys.readouterr()
     assert main(["export", str(out), "--to", "mixtral", "--out", str(tmp_path / "mx")]) == 2
     err = capsys.readouterr().err

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from conftest import pretend_free_disk
 
 import moee
 from moee.adapters import find_mlp_sites
@@ -190,13 +191,7 @@ def test_refusals_leave_nothing_written(small_source, tmp_path):
 
 
 def test_a_full_disk_stops_the_gguf_before_it_writes(small_source, tmp_path, monkeypatch):
-    import collections
-
-    import moee.util.disk_space
-
-    usage = collections.namedtuple("Usage", "total used free")
-    monkeypatch.setattr(moee.util.disk_space.shutil, "disk_usage",
-                        lambda _: usage(10**12, 0, 1000))
+    pretend_free_disk(monkeypatch, 1000)
     export = to_mixtral(tiny_llama(64), torch.float32)
     with pytest.raises(moee.ResourceError, match="the GGUF file .*m.gguf needs"):
         G.write_gguf(export, tmp_path / "m.gguf", small_source)

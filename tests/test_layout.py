@@ -1,5 +1,6 @@
 """The package's shape: what importing moee loads, and modules small enough to read."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,12 @@ def test_benchmarks_readme_lists_every_script():
     listed = (bench / "README.md").read_text()
     scripts = [p for p in bench.rglob("*") if p.suffix in (".py", ".sh")]
     assert scripts and [p.name for p in scripts if f"`{p.name}`" not in listed] == []
+
+
+def test_no_function_over_60_lines():
+    long = {f"{p.name}:{node.name}": node.end_lineno - node.lineno + 1
+            for src in SOURCES for p in src.rglob("*.py")
+            for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > 60}
+    assert long == {}

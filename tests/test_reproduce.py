@@ -127,6 +127,35 @@ def test_reproducing_stages_are_exact_at_p_1(vit, images, tmp_path):
     assert all("refit" in r["reproduction"] for r in report.layers)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_refit_reuses_the_fits_routing_and_gives_the_same_model(vit, images, tmp_path,
+                                                                   monkeypatch, top_k):
+    """The refit takes each token's expert from the fit (routed once per layer) instead of
+    routing every recorded token again for each plan; the model is the one it gives when it
+    routes them itself."""
+    import moee.extraction.fit as fit
+    import moee.extraction.reproduce as reproduce
+
+    config = moee.ExtractConfig(**{**small_config(tmp_path).__dict__,
+                                   "router": moee.RouterConfig(top_k=top_k)})
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    with_routing, _ = moee.extract(vit, batches, config)
+    calls = []
+    original = reproduce.route_tokens
+    monkeypatch.setattr(reproduce, "route_tokens",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    again, _ = moee.extract(vit, batches, config)
+    assert calls == []  # the refit routed nothing itself
+    real = fit.reproduce_output
+    monkeypatch.setattr(fit, "reproduce_output", lambda *a: real(*a[:-1], None))  # route anew
+    routed_anew, _ = moee.extract(vit, batches, config)
+    assert calls  # now it did
+    with torch.no_grad():
+        for model in (again, routed_anew):
+            torch.testing.assert_close(model(images[:16]).logits,
+                                       with_routing(images[:16]).logits, rtol=0, atol=0)
+
+
 def test_static_method_is_one_expert_for_every_token(vit, images, tmp_path):
     config = small_config(tmp_path).with_method("static")
     batches = [images[i : i + 40] for i in range(0, 240, 40)]

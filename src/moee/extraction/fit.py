@@ -35,12 +35,13 @@ class LayerFit:
     row: dict[str, Any]  # report fields that do not depend on p
     stats: ClusterStats | None = None  # the statistics experts are selected from
     load: np.ndarray | None = None  # (k,) share of calibration tokens routed to each expert
+    routed: np.ndarray | None = None  # (T,) each calibration token's expert (for the refit)
     metric: str = "cosine"
     carved: LayerPlan | None = None  # CMoE-style experts: the plan whatever p
     store: ActivationStore | None = None  # for the stages that refit to the dense output
     config: ExtractConfig = field(default_factory=ExtractConfig)
     _plans: dict = field(default_factory=dict, repr=False)  # by p: each built once
-    _top_k: tuple[TopKRouter, np.ndarray] | None = field(default=None, repr=False)
+    _top_k: tuple[TopKRouter, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def width(self) -> int:
@@ -55,44 +56,47 @@ class LayerFit:
             return None
         if p not in self._plans:
             select = self.config.select
-            plan = self.carved
+            plan, routed = self.carved, self.routed
             if plan is None:
                 norms = None
                 if select.criterion == "output_variance":
                     norms = (self.site.weights().down.detach().double() ** 2).sum(0).cpu().numpy()
                 experts = select_experts(self.stats, p, select, norms, self.config.seed)
-                plan = self._routed_plan(experts, select)
+                plan, routed = self._routed_plan(experts, select)
             c = self.config
             if select.refit_down or c.router.centres == "fitted":
                 plan = reproduce_output(plan, self.site, self.store, self.index, select,
-                                        c.router, c.held_out, c.seed)
+                                        c.router, c.held_out, c.seed, routed)
             self._plans[p] = plan
         return self._plans[p]
 
-    def _routed_plan(self, experts: list[np.ndarray], select: SelectConfig) -> LayerPlan:
-        """The plan of the selected experts under the router: top-1 over the experts, or, with
-        `router.top_k` > 1, over the unions of every k of them (`moee.extraction.top_k`)."""
+    def _routed_plan(self, experts: list[np.ndarray], select: SelectConfig
+                     ) -> tuple[LayerPlan, np.ndarray]:
+        """(the plan of the selected experts under the router, each calibration token's expert
+        under it): top-1 over the experts, or, with `router.top_k` > 1, over the unions of
+        every k of them (`moee.extraction.top_k`)."""
         stats, k = self.stats, self.config.router.top_k
         centres, metric, hidden_mean = stats.input_mean, self.metric, stats.hidden_mean
-        load = self.load
+        load, routed = self.load, self.routed
         if k > 1 and len(experts) > 1:
-            router, load = self._top_k_router(k)
+            router, load, routed = self._top_k_router(k)
             experts = router.union_experts(experts)
             centres, metric, hidden_mean = router.rows, "dot", router.hidden_mean
         bias = (left_out_mean_output(self.site, experts, hidden_mean)
                 if select.compensate_mean else None)
         return LayerPlan(self.site.name, experts, np.asarray(centres, np.float32), metric, bias,
-                         load=load)
+                         load=load), routed
 
-    def _top_k_router(self, k: int) -> tuple[TopKRouter, np.ndarray]:
-        """The layer's top-k router and the share of calibration tokens it sends to each
-        subset, built and routed once for every p."""
+    def _top_k_router(self, k: int) -> tuple[TopKRouter, np.ndarray, np.ndarray]:
+        """The layer's top-k router, the share of calibration tokens it sends to each subset
+        and each token's subset, built and routed once for every p."""
         if self._top_k is None:
             s = self.stats
             router = top_k_router(s.input_mean, self.metric, s.hidden_mean, s.counts, k,
                                   self.site.name)
             routed = route_tokens(self.store.inputs(self.index), router.rows, "dot")
-            self._top_k = router, np.bincount(routed, minlength=len(router.subsets)) / len(routed)
+            load = np.bincount(routed, minlength=len(router.subsets)) / len(routed)
+            self._top_k = router, load, routed
         return self._top_k
 
     def load_of(self, plan: LayerPlan) -> np.ndarray:
@@ -150,6 +154,7 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     # the token sets of "routed" selection.
     routed = route_tokens(store.inputs(i), stats.input_mean, config.router.metric)
     fit.load = np.bincount(routed, minlength=clustering.n_clusters) / len(routed)
+    fit.routed = routed
     if config.select.tokens == "routed":
         routed_stats = cluster_stats(hidden, store.inputs(i), routed, clustering.n_clusters)
         # Centres stay the cluster means: the router is the paper's either way.
@@ -187,8 +192,8 @@ def _carve(store: ActivationStore, site: MLPSite, i: int, config: ExtractConfig)
     row = layer_row(site.name, w.hidden_size, len(experts), time.perf_counter() - t0,
                     shared_neurons=shared)
     load = np.bincount(routed, minlength=len(experts)) / len(routed)
-    return LayerFit(i, site, row, load=load, metric="dot", carved=plan, store=store,
-                    config=config)
+    return LayerFit(i, site, row, load=load, routed=routed, metric="dot", carved=plan,
+                    store=store, config=config)
 
 
 def fit_layers(store: ActivationStore, sites: list[MLPSite], chosen: list[int],

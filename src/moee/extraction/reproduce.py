@@ -35,17 +35,19 @@ def route_tokens(inputs: np.ndarray, centres: np.ndarray, metric: str,
 
 def reproduce_output(plan: LayerPlan, site: MLPSite, store: ActivationStore, layer: int,
                      select: SelectConfig, router: RouterConfig, held_out: float,
-                     seed: int = 0) -> LayerPlan:
+                     seed: int = 0, routed: np.ndarray | None = None) -> LayerPlan:
     """`plan` with a fitted router (`router.centres == "fitted"`) and a refit down projection
     (`select.refit_down`) where each does better on held-out tokens; its `load` and `report`
-    filled either way. `seed`: the run's, for the router fit's token sample."""
+    filled either way. `seed`: the run's, for the router fit's token sample; `routed`: each
+    recorded token's expert under `plan`'s router, when the caller has it (else routed here)."""
     hidden, inputs = store.hidden(layer), store.inputs(layer)
     down = site.weights().down.detach().float().cpu().numpy()  # (d_out, H)
     k = len(plan.experts)
     offsets = (np.zeros((k, down.shape[0]), np.float32) if plan.expert_bias is None
                else plan.expert_bias)
     held = held_out_rows(len(hidden), held_out)
-    routed = route_tokens(inputs, plan.centres, plan.metric)
+    if routed is None:
+        routed = route_tokens(inputs, plan.centres, plan.metric)
     report: dict = {}
     if router.centres == "fitted" and k > 1:
         errors = expert_errors(hidden, down, plan.experts, offsets)
