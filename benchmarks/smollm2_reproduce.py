@@ -172,6 +172,10 @@ def main() -> None:
                     help="add the activation-threshold baseline at each p (matched MACs)")
     ap.add_argument("--save", action="store_true",
                     help="save each variant's MoE checkpoint to --out/moe-VARIANT-pP")
+    ap.add_argument("--gather", action="store_true",
+                    help="run the MoE models with expert weights gathered from the union at each "
+                    "call instead of pre-sliced copies: top-k over many experts has C(E, k) "
+                    "union experts, whose copies would not fit in memory (same outputs)")
     ap.add_argument("--out", default="runs/smollm2-reproduce")
     args = ap.parse_args()
     out = Path(args.out)
@@ -215,6 +219,8 @@ def main() -> None:
             moe_model, report = moee.extract(dense, calib,
                                              variant_config(base, variant, p, local, args.width))
             seconds = time.perf_counter() - t1
+            if args.gather:
+                moe_model.configure(presliced=False)
             row = {"variant": variant, "p": p, "extract_seconds": seconds,
                    **({"width": args.width} if "export" in variant or "width" in variant
                       else {}),
