@@ -453,7 +453,8 @@ def smollm2_reproduce_section(result: dict[str, Any]) -> str:
             m, d = r["eval"][n], dense[n]
             cells += [f"{m['perplexity']:.2f} ({m['perplexity'] / d['perplexity'] - 1:+.0%})",
                       f"{m['mlp_macs'] / d['mlp_macs'] - 1:+.1%}"]
-        rows.append([r["variant"], r["p"]] + cells)
+        width = f" (width {r['width']:g})" if r.get("width") is not None else ""
+        rows.append([r["variant"] + width, r["p"]] + cells)
     header = ["variant", "p"] + sum([[f"{n} perplexity", f"{n} MLP MACs Δ"] for n in names], [])
     return (f"SmolLM2-135M-Instruct (fp32), calibrated on {result['calibration_tokens']} tokens "
             f"of {result['calibration_text']}, at most {result['max_experts']} experts a layer, "
