@@ -49,7 +49,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     demo_defaults = DemoConfig()
     demo = sub.add_parser("demo", help="extract, fine-tune and compare the embedded default")
     add_extract_args(demo, demo_extract_config())
-    add_kd_args(demo)
+    add_kd_args(demo, demo_defaults.kd_batch_size)
     demo.add_argument("--model", default="default",
                       help="'default' or a transformers image classifier taking 28x28 grey "
                       "images (dir or hub id)")

@@ -182,7 +182,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              if args.method in ("cmoe", "moefication") else None).with_method(args.method)
 
 
-def add_kd_args(p: argparse.ArgumentParser) -> None:
+def add_kd_args(p: argparse.ArgumentParser, batch_size: int = KD_BATCH_SIZE) -> None:
+    """The distillation options; `batch_size`: the --kd-batch-size default (the demo passes
+    its own config's)."""
     d = DistillConfig()
     p.add_argument("--kd-epochs", type=positive, default=d.epochs, help="KD epochs (fractions ok)")
     p.add_argument("--kd-lr", type=positive, default=d.lr)
@@ -191,7 +193,7 @@ def add_kd_args(p: argparse.ArgumentParser) -> None:
                         "sentence encoders")
     p.add_argument("--kd-no-dropout", action="store_true",
                    help="train the student without dropout (a deterministic loss)")
-    p.add_argument("--kd-batch-size", type=count(1), default=KD_BATCH_SIZE)
+    p.add_argument("--kd-batch-size", type=count(1), default=batch_size)
     p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
 
 
