@@ -10,5 +10,6 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 [ -d .venv ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements-cpu.txt   # torch==2.13.0, the CPU build
-# The library with its test tools, and moee-lab (the demo, study, bench and analyze commands).
-.venv/bin/pip install -q -e ".[dev]" -e ./lab
+# The library with its test tools and the ONNX export's engines (ONNX Runtime, OpenVINO), and
+# moee-lab (the demo, study, bench and analyze commands).
+.venv/bin/pip install -q -e ".[dev,onnx]" -e ./lab

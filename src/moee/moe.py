@@ -31,6 +31,7 @@ from moee.engine import (
     run_one_expert,
     slice_expert,
 )
+from moee.engine.traced import is_exporting, run_traced, traced_route
 
 _RUN = {"experts": run_experts, "masked": run_masked, "grouped": run_grouped}
 
@@ -78,11 +79,24 @@ class MoEMLP(nn.Module):
         self.track_load = False
         self.load_counts: torch.Tensor | None = None  # tokens routed per expert while tracking
         self._cache: InferenceWeights | None = None
+        self._spans = self._read_spans()
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the derived inference cache behind (rebuilt on first use):
         it is megabytes of expert copies, and belongs to the original's tensors."""
         return {**self.__dict__, "_cache": None}
+
+    def _read_spans(self) -> list[tuple[int, int]]:
+        """(start, size) of each expert's index set, as Python ints: an exporter's tracer
+        sees the buffers as symbolic tensors, and needs the sizes to slice them."""
+        if self.expert_offsets.is_meta:
+            return []
+        offsets = self.expert_offsets.tolist()
+        return [(a, b - a) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._spans = self._read_spans()
 
     # ---- structure and settings ----------------------------------------------------------
 
@@ -165,6 +179,7 @@ class MoEMLP(nn.Module):
             return compiled_cache(self._cache)
         key = self._cache_key()
         if self._cache is None or self._cache.key != key:
+            self._spans = self._read_spans()
             indices = [self.expert_index(e) for e in range(self.num_experts)]
             self._cache = build_inference_weights(
                 key, self.fc1, self.fc2, self.gate, self.activation, indices, self.router_centres,
@@ -189,21 +204,52 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)  # (N, d)
-        if self.training:
+        if is_exporting():
+            y = self._forward_traced(tokens)
+        elif self.training:
             y = self._forward_train(tokens)
         else:
             with torch.no_grad():
                 y = self._forward_inference(tokens)
         return y.reshape(*lead, y.shape[-1])
 
+    def _forward_union(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pruned union run densely, no routing (a different function: the speed
+        fallback)."""
+        if self.gate is not None:
+            return self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
+        act = (self.activation if torch.compiler.is_compiling() or is_exporting()
+               else self.inference_weights().activation_)
+        return self.fc2(act(self.fc1(tokens)))
+
+    def _forward_traced(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What an exporter traces: routing inside the graph (`moee.engine.traced`), in the
+        form the layer's execution names ("masked"; "union" runs the union as eager does;
+        otherwise per-expert gather and scatter). Training and eval trace the same function."""
+        config, spans = self.execution_config, self._spans
+        if config.execution == "union":
+            return self._forward_union(tokens)
+        if not spans:
+            raise RuntimeError(f"{self.site or 'MoEMLP'}: its expert index sets are not loaded "
+                               "(meta tensors): load the weights before exporting")
+        w1, b1 = first_weights(self.fc1, self.gate)
+        out_bias = self.expert_bias.to(tokens.dtype)
+        if self.fc2.bias is not None:
+            out_bias = out_bias + self.fc2.bias
+        expert = None
+        if len(spans) > 1:
+            router = router_weights(self.router_centres.to(routing_dtype(tokens.dtype)),
+                                    self.metric)
+            expert = traced_route(tokens, router)
+        form = "masked" if config.execution == "masked" else "gather"
+        return run_traced(tokens, expert, w1, b1, self.fc2.weight, out_bias,
+                          self.expert_indices, spans, self.activation, self.gate is not None,
+                          form)
+
     def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
         config = self.execution_config
-        if config.execution == "union":  # the pruned union run densely, no routing
-            if self.gate is not None:
-                return self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
-            act = (self.activation if torch.compiler.is_compiling()
-                   else self.inference_weights().activation_)
-            return self.fc2(act(self.fc1(tokens)))
+        if config.execution == "union":
+            return self._forward_union(tokens)
         w = self.inference_weights()
         expert = route(tokens, w.router)  # (N,)
         self._track(expert)

@@ -184,8 +184,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from moee.export import export
 
     moe_model = moee.load(args.checkpoint, verify=not args.no_verify)
-    source = recorded_source(args.checkpoint, args.tokenizer)
     out = Path(args.out)
+    if args.to == "onnx":
+        return _export_onnx(moe_model, out, args)
+    if args.quantize or args.graph:
+        raise ConfigError(f"--quantize and --graph apply to --to onnx, not --to {args.to}")
+    source = recorded_source(args.checkpoint, args.tokenizer)
     if args.to == "gguf":
         metadata = args.gguf_metadata or (source if source.endswith(".gguf") else None)
         if metadata is None:
@@ -202,4 +206,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         how = "transformers.MixtralForCausalLM.from_pretrained, vLLM"
     print(f"moee: {result.padding_summary()}")
     print(f"Exported to {out} (load with {how})")
+    return 0
+
+
+def _export_onnx(moe_model, out: Path, args: argparse.Namespace) -> int:
+    """`moee export --to onnx`: the file, its check against moee, then int8 if asked."""
+    from moee.export.onnx import export_onnx
+    from moee.export.onnx_int8 import quantize_int8
+
+    if args.graph:
+        moe_model.configure(execution="masked" if args.graph == "masked" else "experts")
+    nbytes = sum(t.numel() * t.element_size()
+                 for t in [*moe_model.parameters(), *moe_model.buffers()])
+    print(f"moee: writing about {nbytes / 2**20:,.1f} MiB to {out}")
+    result = export_onnx(moe_model, out)
+    checked = ("unchecked (no onnxruntime)" if result.max_error is None
+               else f"max |ONNX Runtime - moee| {result.max_error:.2g} at batch 1 and 3")
+    print(f"moee: {result.moe_layers} MoE layers, routing inside the graph; inputs "
+          f"{result.inputs}, outputs {result.outputs}; {checked}")
+    if args.quantize == "int8":
+        routers = quantize_int8(out, out)
+        print(f"moee: int8 weights (ONNX Runtime dynamic quantization), {len(routers)} routers "
+              f"kept in fp32; {out.stat().st_size / 2**20:,.1f} MiB")
+    print(f"Exported to {out} (load with onnxruntime.InferenceSession or "
+          "openvino.Core().compile_model)")
     return 0

@@ -93,11 +93,21 @@ def _calibrate(sub: argparse._SubParsersAction) -> None:
 def _export(sub: argparse._SubParsersAction) -> None:
     """`moee export`: a checkpoint in another engine's format."""
     xp = sub.add_parser("export", help="write a MoE checkpoint in another engine's format "
-                        "(Mixtral: transformers, vLLM, llama.cpp's converter)")
+                        "(ONNX: ONNX Runtime, OpenVINO; Mixtral: transformers, vLLM, "
+                        "llama.cpp's converter)")
     add_checkpoint_arg(xp)
-    xp.add_argument("--to", default="mixtral", choices=["mixtral", "gguf"],
-                    help="mixtral: a MixtralForCausalLM directory; gguf: a llama.cpp file")
-    xp.add_argument("--out", required=True, help="the directory (mixtral) or file (gguf)")
+    xp.add_argument("--to", default="mixtral", choices=["onnx", "mixtral", "gguf"],
+                    help="onnx: one file with the routing inside the graph (ONNX Runtime, "
+                    "OpenVINO); mixtral: a MixtralForCausalLM directory; gguf: a llama.cpp file")
+    xp.add_argument("--out", required=True,
+                    help="the file (onnx, gguf) or directory (mixtral)")
+    xp.add_argument("--quantize", choices=["int8"], default=None,
+                    help="onnx: int8 weights (ONNX Runtime dynamic quantization; routers stay "
+                    "fp32)")
+    xp.add_argument("--graph", choices=["gather", "masked"], default=None,
+                    help="onnx: how MoE layers run in the graph: gather (each expert's tokens "
+                    "through its own neurons) or masked (every kept neuron, others zeroed); "
+                    "default: each layer's calibrated execution")
     xp.add_argument("--tokenizer", default=None, help="the model whose tokenizer to ship "
                     "(default: the model the checkpoint was extracted from)")
     xp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
