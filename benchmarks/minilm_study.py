@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, metavar="MLP_MACS",
                     help="also the per-token activation-threshold baseline at this fraction of "
                          "the dense MLP MACs (no KD)")
+    ap.add_argument("--save", action="store_true",
+                    help="save each model as a checkpoint in --out (for onnx_engines.py)")
     ap.add_argument("--out", default="runs/minilm")
     args = ap.parse_args()
     out = Path(args.out)
@@ -139,6 +141,8 @@ def main() -> None:
         after = (embedding_fidelity(e_dense, embed(moe_model, held_out)) if args.kd
                  else row["before_kd"])
         row.update(kd_seconds=time.perf_counter() - t1, kd_steps=len(losses), after_kd=after)
+        if args.save:
+            row["checkpoint"] = str(moe_model.save_pretrained(out / f"{args.method}-{p}"))
         rows.append(row)
         b, a = row["before_kd"], row["after_kd"]
         print(f"p={p}: MLP MACs {row['mlp_macs_change']:+.1%}, model MACs "

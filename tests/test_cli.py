@@ -141,6 +141,28 @@ def test_calibrate_force_sets_every_layer(work, finetuned):
     assert all(m.execution_config.execution == "union" for m in layers)
 
 
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8", "--graph", "masked"]])
+def test_export_to_onnx_runs_in_onnxruntime(work, finetuned, capsys, extra):
+    ort = pytest.importorskip("onnxruntime")
+    out = work["root"] / f"m{len(extra)}.onnx"
+    assert main(["export", str(finetuned), "--to", "onnx", "--out", str(out), *extra]) == 0
+    printed = capsys.readouterr().out
+    assert "MiB to" in printed and "routing inside the graph" in printed
+    assert ("routers kept in fp32" in printed) == bool(extra)
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = moee.load(finetuned)(x).logits.numpy()
+    got = ort.InferenceSession(str(out)).run(None, {"pixel_values": x.numpy()})[0]
+    # fp32: moee's function; int8: its weights rounded (logits close, not equal)
+    assert abs(got - ref).max() <= (1e-4 if not extra else 0.1 * abs(ref).max())
+
+
+def test_export_options_of_another_format_are_refused(work, finetuned):
+    assert main(["export", str(finetuned), "--to", "mixtral", "--quantize", "int8",
+                 "--out", str(work["root"] / "mx")]) == 2
+    assert not (work["root"] / "mx").exists()
+
+
 def test_train_base_one_epoch(work, capsys):
     out = work["root"] / "B"
     assert main(["train-base", "--epochs", "1", "--data-dir", str(work["data"]),
