@@ -68,6 +68,10 @@ def test_cli_max_experts_defaults_demo_to_8_and_extract_to_the_paper():
     assert cluster("demo", "--max-experts", "0").max_clusters is None
     assert cluster("extract", "--out", "x").max_clusters is None
     assert cluster("extract", "--out", "x", "--max-experts", "4").max_clusters == 4
+    # --export-ready stores every expert at full width: capped unless asked otherwise
+    assert cluster("extract", "--out", "x", "--export-ready", "0.7").max_clusters == 8
+    assert cluster("extract", "--out", "x", "--export-ready", "0.7",
+                   "--max-experts", "0").max_clusters is None
     remedies = cluster("demo", "--dense-below-stability", "0.1", "--merge-below-stability", ".5")
     assert (remedies.dense_below_stability, remedies.merge_below_stability) == (0.1, 0.5)
     assert cluster("demo").dense_below_stability is None

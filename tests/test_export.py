@@ -89,9 +89,15 @@ def test_mixtral_export_gives_moees_logits_and_tokens_without_moee(kind, tmp_pat
 
 def test_export_keeps_the_experts_width_when_every_layer_is_moe(tmp_path):
     model = with_experts(tiny("llama", 2), [((16, 16), "cosine"), ((16, 16, 16), "cosine")])
-    result = export(model, tmp_path / "m")
+    told = []
+    result = export(model, tmp_path / "m", announce=lambda line: told.append(
+        (line, (tmp_path / "m").exists())))
     assert result.width == 16 and result.config.num_local_experts == 3
     assert "adds 0.0% MLP MACs" in result.padding_summary()
+    # the size is told before anything is written, and it is what the weights file takes
+    (line, existed), = told
+    weights = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert not existed and f"{weights / 2**20:,.1f} MiB" in line
     mixtral = tf.MixtralForCausalLM.from_pretrained(tmp_path / "m").eval()
     ids, mask = batch()
     with torch.no_grad():

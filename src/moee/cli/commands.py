@@ -197,16 +197,21 @@ def cmd_export(args: argparse.Namespace) -> int:
                               "is copied), or export --to mixtral and convert that directory "
                               "with llama.cpp's convert_hf_to_gguf.py")
         result = export(moe_model, out, to="gguf", gguf_metadata=metadata,
-                        gguf_type=args.gguf_type)
+                        gguf_type=args.gguf_type, announce=_announce)
         how = "llama.cpp (llama-cli -m FILE, or any llama.cpp binding)"
     else:
         tokenizer = None if source == "default" else _tokenizer_of(source)
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        result = export(moe_model, out, to="mixtral", tokenizer=tokenizer, dtype=dtype)
+        result = export(moe_model, out, to="mixtral", tokenizer=tokenizer, dtype=dtype,
+                        announce=_announce)
         how = "transformers.MixtralForCausalLM.from_pretrained, vLLM"
     print(f"moee: {result.padding_summary()}")
     print(f"Exported to {out} (load with {how})")
     return 0
+
+
+def _announce(line: str) -> None:
+    print(f"moee: {line}", flush=True)
 
 
 def _export_onnx(moe_model, out: Path, args: argparse.Namespace) -> int:
@@ -218,7 +223,7 @@ def _export_onnx(moe_model, out: Path, args: argparse.Namespace) -> int:
         moe_model.configure(execution="masked" if args.graph == "masked" else "experts")
     nbytes = sum(t.numel() * t.element_size()
                  for t in [*moe_model.parameters(), *moe_model.buffers()])
-    print(f"moee: writing about {nbytes / 2**20:,.1f} MiB to {out}")
+    _announce(f"writing about {nbytes / 2**20:,.1f} MiB to {out}")
     result = export_onnx(moe_model, out)
     checked = ("unchecked (no onnxruntime)" if result.max_error is None
                else f"max |ONNX Runtime - moee| {result.max_error:.2g} at batch 1 and 3")

@@ -20,6 +20,7 @@ from moee.config import (
 
 DEFAULT_BATCH = 64  # images (or text rows) a batch when timing and calibrating
 KD_BATCH_SIZE = 128  # examples a distillation step
+EXPORT_READY_MAX_EXPERTS = 8  # experts a layer with --export-ready unless --max-experts says
 
 
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
@@ -90,9 +91,11 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--algorithm", default=c.algorithm, choices=CLUSTER_ALGORITHMS)
     p.add_argument("--min-cluster-fraction", type=float, default=c.min_cluster_fraction)
     p.add_argument("--min-samples", type=count(1), default=c.min_samples)
-    p.add_argument("--max-experts", type=count(0), default=c.max_clusters or 0,
+    p.add_argument("--max-experts", type=count(0), default=None,
                    help="merge the closest clusters until at most this many experts remain "
-                   "per layer (not in the paper; default %(default)s, 0 = off)")
+                   f"per layer (not in the paper; 0 = off; default {c.max_clusters or 0}, "
+                   f"{EXPORT_READY_MAX_EXPERTS} with --export-ready: every expert of an "
+                   "export is stored at full width)")
     p.add_argument("--dense-below-stability", type=float, default=c.dense_below_stability,
                    metavar="S", help="keep a layer dense when its cluster stability is below S")
     p.add_argument("--merge-below-stability", type=float, default=c.merge_below_stability,
@@ -155,6 +158,14 @@ def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None
                    "MLP's output on the recorded inputs (default 0 = off)")
 
 
+def _max_experts(args: argparse.Namespace, base: int | None) -> int | None:
+    """--max-experts, else the base's cap, else a cap with --export-ready (an uncapped
+    SmolLM2-135M export measured 8 GB in f32 against the dense 0.5 GB); 0 = no cap."""
+    if args.max_experts is not None:
+        return args.max_experts or None
+    return base or (EXPORT_READY_MAX_EXPERTS if args.export_ready is not None else None)
+
+
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
     base = args.extract_base
     r = dataclasses.replace
@@ -163,7 +174,7 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                        min_cluster_fraction=args.min_cluster_fraction,
                        min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
                        stability=not args.no_stability,
-                       max_clusters=args.max_experts or None,
+                       max_clusters=_max_experts(args, base.cluster.max_clusters),
                        dense_below_stability=args.dense_below_stability,
                        merge_below_stability=args.merge_below_stability),
              select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,

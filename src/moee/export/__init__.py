@@ -5,6 +5,7 @@ llama.cpp GGUF file (`moee.export.gguf`, needs the `gguf` package)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ FORMATS = ("mixtral", "gguf")
 
 def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
            dtype: torch.dtype | None = None, gguf_metadata: str | Path | None = None,
-           gguf_type: str = "f32") -> MixtralExport:
+           gguf_type: str = "f32", announce: Callable[[str], None] | None = None
+           ) -> MixtralExport:
     """Write `moe_model` (a `MoEModel` or the model inside it) to `path` as `to`.
 
     "mixtral": a directory with config.json, model.safetensors, the generation config and
@@ -28,8 +30,9 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
     (default: the model's). "gguf": one file for llama.cpp, 2-D weights as `gguf_type` ("f32",
     "f16" or "q8_0"), the vocabulary and chat template copied from `gguf_metadata`, a GGUF of
     the source model. Either is written beside and renamed into place, so a failed export
-    leaves nothing half-written. Returns what was exported (`padding_summary()` says what
-    padding costs)."""
+    leaves nothing half-written; `announce` (e.g. `print`) is told the size before the write.
+    Returns what was exported (`padding_summary()` says what padding costs). ONNX has its own
+    function, `moee.export.onnx.export_onnx`."""
     if to not in FORMATS:
         raise ConfigError(f"export: format must be one of {FORMATS}, got {to!r}")
     model = moe_model.model if isinstance(moe_model, MoEModel) else moe_model
@@ -41,13 +44,15 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
         from moee.export.gguf import write_gguf
 
         result = to_mixtral(model, torch.float32)
-        write_gguf(result, out, gguf_metadata, gguf_type)
+        write_gguf(result, out, gguf_metadata, gguf_type, announce=announce)
         return result
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export: {out} exists and is not a directory")
     result = to_mixtral(model, dtype)
-    ensure_room(out.parent, tensor_bytes(result.tensors.values()), f"the export {out}",
-                "free space or export elsewhere")
+    nbytes = tensor_bytes(result.tensors.values())
+    if announce is not None:
+        announce(f"writing {nbytes / 2**20:,.1f} MiB of tensors to {out}")
+    ensure_room(out.parent, nbytes, f"the export {out}", "free space or export elsewhere")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

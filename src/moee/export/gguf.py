@@ -230,7 +230,7 @@ def _check_writable(config, file_type: str) -> tuple[float, str, dict]:
 
 def write_gguf(export: MixtralExport, out_file: str | Path,
                metadata_from: str | Path | gguf.GGUFReader, file_type: str = "f32",
-               name: str | None = None) -> Path:
+               name: str | None = None, announce: Callable[[str], None] | None = None) -> Path:
     """Write `export` (from `to_mixtral`) to `out_file` as a llama.cpp GGUF: architecture
     `llama`, `expert_count` experts of `feed_forward_length` (the expert width) neurons,
     `expert_used_count` 1.
@@ -246,16 +246,18 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     to the other expert, so a quantised MoE can drift further from f32 than its dense model
     does. `name`: general.name (default: the source's). Mistral's sliding window, if any, is not
     written (llama.cpp's `llama` has none), as in the converter. The file is written beside and
-    renamed into place, after its tensors' bytes are checked against the free space. Returns
-    `out_file`."""
+    renamed into place, after its tensors' bytes are checked against the free space (and told to
+    `announce`, when given, before anything is written). Returns `out_file`."""
     config = export.config
     theta, rope_type, params = _check_writable(config, file_type)
     weights, ftype = FILE_TYPES[file_type]
     out = Path(out_file)
     partial = out.with_name(out.name + ".partial")
     planned = _plan(export, weights)
-    ensure_room(out.parent, sum(_nbytes(p.shape, p.qtype)[2] for p in planned),
-                f"the GGUF file {out}", "free space or export elsewhere")
+    nbytes = sum(_nbytes(p.shape, p.qtype)[2] for p in planned)
+    if announce is not None:
+        announce(f"writing {nbytes / 2**20:,.1f} MiB of tensors to {out}")
+    ensure_room(out.parent, nbytes, f"the GGUF file {out}", "free space or export elsewhere")
     source = (metadata_from if isinstance(metadata_from, gguf.GGUFReader)
               else gguf.GGUFReader(str(metadata_from)))
     writer = gguf.GGUFWriter(str(partial), ARCH_NAME)
