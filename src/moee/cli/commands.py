@@ -221,10 +221,7 @@ def _export_onnx(moe_model, out: Path, args: argparse.Namespace) -> int:
 
     if args.graph:
         moe_model.configure(execution="masked" if args.graph == "masked" else "experts")
-    nbytes = sum(t.numel() * t.element_size()
-                 for t in [*moe_model.parameters(), *moe_model.buffers()])
-    _announce(f"writing about {nbytes / 2**20:,.1f} MiB to {out}")
-    result = export_onnx(moe_model, out)
+    result = export_onnx(moe_model, out, announce=_announce)
     checked = ("unchecked (no onnxruntime)" if result.max_error is None
                else f"max |ONNX Runtime - moee| {result.max_error:.2g} at batch 1 and 3")
     print(f"moee: {result.moe_layers} MoE layers, routing inside the graph; inputs "

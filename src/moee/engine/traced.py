@@ -5,8 +5,7 @@ graph would bake one batch's routing into the file. This one keeps every decisio
 graph with operators ONNX Runtime and OpenVINO both run: a MatMul + ArgMax router, then per
 expert NonZero -> Gather -> two MatMuls -> ScatterND ("gather"), or every kept neuron with the
 other experts' neurons zeroed ("masked"). Expert weights are `index_select`s of the union
-weights by constant indices: the file stores the union once, and engines fold the slices into
-constants when they load it.
+weights by constant indices, which the exporter folds into each expert's own weights.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch import nn
 from moee.errors import ConfigError, MoeeError
 from moee.moe import moe_layers
 from moee.moe_model import MoEModel
-from moee.util.disk_space import ensure_room, tensor_bytes
+from moee.util.disk_space import ensure_room
 
 TOLERANCE = 1e-4  # largest |exported - moee| accepted in fp32, on outputs of order 1-10
 OUTPUT_KEYS = ("logits", "last_hidden_state", "pooler_output", "image_embeds", "text_embeds")
@@ -104,9 +105,13 @@ def _dynamic_shapes(inputs: dict[str, torch.Tensor]) -> tuple[dict[int, object],
                  for name in inputs)
 
 
-def _trace(model: nn.Module, inputs: dict[str, torch.Tensor], keys: list[str], path: Path,
-           opset: int) -> None:
-    """torch.onnx.export (dynamo) into `path`, its progress chatter kept off the console."""
+def _trace(model: nn.Module, inputs: dict[str, torch.Tensor], keys: list[str], opset: int):
+    """torch.onnx.export (dynamo), its progress chatter kept off the console: the program."""
+    try:
+        import onnxscript.optimizer
+    except ImportError as e:
+        raise ConfigError("export to ONNX needs onnx and onnxscript (and onnxruntime to check "
+                          "the file): pip install 'moee[onnx]'") from e
     wrapped = _Outputs(model, list(inputs), keys).eval()
     chatter = io.StringIO()
     registry = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -123,7 +128,18 @@ def _trace(model: nn.Module, inputs: dict[str, torch.Tensor], keys: list[str], p
                               f"{type(model).__name__}: {str(e).splitlines()[0]}") from e
         finally:
             registry.setLevel(level)
-    program.save(str(path), external_data=False)
+    # Fold the expert slices (index_select of a weight by constant indices) into weights of
+    # their own: engines then load plain MatMuls, and int8 quantization, which needs constant
+    # weights, reaches the experts. The exporter's own pass leaves tensors this large alone.
+    onnxscript.optimizer.optimize(program.model, input_size_limit=2**31,
+                                  output_size_limit=2**31)
+    return program
+
+
+def _stored_bytes(program) -> int:
+    """Bytes of the program's weights as the file will store them."""
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+               if v.const_value is not None)
 
 
 def run_onnxruntime(path: str | Path, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -158,12 +174,15 @@ def check_exported(model: nn.Module, path: Path, keys: list[str],
 
 
 def export_onnx(moe_model: nn.Module, path: str | Path, inputs: dict[str, torch.Tensor] | None
-                = None, opset: int = 18, check: bool = True) -> OnnxExport:
+                = None, opset: int = 18, check: bool = True,
+                announce: Callable[[str], None] | None = None) -> OnnxExport:
     """Write `moe_model` (a `MoEModel`, the model inside it, or a dense model) to `path`.
 
-    `inputs`: example keyword tensors (default: from the model's config). The file is written
-    beside and renamed into place; with `check` (and onnxruntime installed) it is first run
-    against the model at batch 1 and 3 and refused (ExportError) beyond `TOLERANCE`."""
+    `inputs`: example keyword tensors (default: from the model's config). Each expert's weights
+    are stored on their own (overlapping experts share neurons in moee, not in the file).
+    `announce` (e.g. `print`) is told the size before the write. The file is written beside
+    and renamed into place; with `check` (and onnxruntime installed) it is first run against
+    the model at batch 1 and 3 and refused (ExportError) beyond `TOLERANCE`."""
     model = moe_model.model if isinstance(moe_model, MoEModel) else moe_model
     out = Path(path)
     if out.is_dir():
@@ -172,14 +191,17 @@ def export_onnx(moe_model: nn.Module, path: str | Path, inputs: dict[str, torch.
         raise ConfigError("export to ONNX: the model is in training mode; call .eval() first")
     inputs = inputs if inputs is not None else example_inputs(model)
     keys = output_keys(model, inputs)
-    nbytes = tensor_bytes([*model.parameters(), *model.buffers()])
+    program = _trace(model, inputs, keys, opset)
+    nbytes = _stored_bytes(program)
     if nbytes >= 2**31:
         raise ExportError(f"export to ONNX: {nbytes / 2**30:.1f} GiB of weights is beyond one "
                           "ONNX file's 2 GiB limit")
+    if announce is not None:
+        announce(f"writing {nbytes / 2**20:,.1f} MiB of weights to {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ensure_room(out.parent, 2 * nbytes, f"the ONNX export {out}", "free space or export elsewhere")
+    ensure_room(out.parent, nbytes, f"the ONNX export {out}", "free space or export elsewhere")
     partial = out.with_name(out.name + ".partial")
-    _trace(model, inputs, keys, partial, opset)
+    program.save(str(partial), external_data=False)
     result = OnnxExport(out, list(inputs), keys, partial.stat().st_size,
                         moe_layers=len(moe_layers(model)))
     if check:
