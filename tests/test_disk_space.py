@@ -66,6 +66,7 @@ def test_a_full_disk_stops_layer_local_distillation_and_export(tiny_llm, tmp_pat
     assert main(["extract", "--model", str(folder), "--out", str(out), "--data", str(text),
                  "--tokens", "120", "--seq-len", "16", "--algorithm", "kmeans",
                  "--no-stability", "--reduce-dims", "8", "--export-ready", "0.5",
+                 "--max-experts", "0",  # the clustering the second extract reuses
                  "--work-dir", str(tmp_path / "work")]) == 0
     pretend_free_disk(monkeypatch, 1000)
     capsys.readouterr()

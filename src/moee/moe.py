@@ -32,6 +32,7 @@ from moee.engine import (
     slice_expert,
 )
 from moee.engine.traced import is_exporting, run_traced, traced_route
+from moee.moe_reference import reference_forward
 
 _RUN = {"experts": run_experts, "masked": run_masked, "grouped": run_grouped}
 
@@ -223,9 +224,8 @@ class MoEMLP(nn.Module):
         return self.fc2(act(self.fc1(tokens)))
 
     def _forward_traced(self, tokens: torch.Tensor) -> torch.Tensor:
-        """What an exporter traces: routing inside the graph (`moee.engine.traced`), in the
-        form the layer's execution names ("masked"; "union" runs the union as eager does;
-        otherwise per-expert gather and scatter). Training and eval trace the same function."""
+        """What an exporter traces: the routing inside the graph (`moee.engine.traced`), in
+        the form the layer's execution names ("masked", "union", else per-expert gather)."""
         config, spans = self.execution_config, self._spans
         if config.execution == "union":
             return self._forward_union(tokens)
@@ -234,17 +234,12 @@ class MoEMLP(nn.Module):
                                "(meta tensors): load the weights before exporting")
         w1, b1 = first_weights(self.fc1, self.gate)
         out_bias = self.expert_bias.to(tokens.dtype)
-        if self.fc2.bias is not None:
-            out_bias = out_bias + self.fc2.bias
-        expert = None
-        if len(spans) > 1:
-            router = router_weights(self.router_centres.to(routing_dtype(tokens.dtype)),
-                                    self.metric)
-            expert = traced_route(tokens, router)
-        form = "masked" if config.execution == "masked" else "gather"
+        out_bias = out_bias + self.fc2.bias if self.fc2.bias is not None else out_bias
+        router = router_weights(self.router_centres.to(routing_dtype(tokens.dtype)), self.metric)
+        expert = traced_route(tokens, router) if len(spans) > 1 else None
         return run_traced(tokens, expert, w1, b1, self.fc2.weight, out_bias,
                           self.expert_indices, spans, self.activation, self.gate is not None,
-                          form)
+                          "masked" if config.execution == "masked" else "gather")
 
     def _forward_inference(self, tokens: torch.Tensor) -> torch.Tensor:
         config = self.execution_config
@@ -286,33 +281,9 @@ class MoEMLP(nn.Module):
         y = y + self.expert_bias.to(y.dtype)[expert]
         return y + self.fc2.bias if self.fc2.bias is not None else y
 
-    @torch.no_grad()
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Slow, obviously-right per-token forward: the oracle the tests compare against."""
-        lead, d = x.shape[:-1], x.shape[-1]
-        b1 = self.fc1.bias
-        out = []
-        for t in x.reshape(-1, d):
-            r = t.to(routing_dtype(t.dtype))
-            centres = self.router_centres.to(r.dtype)
-            if self.metric == "cosine":
-                sim = F.cosine_similarity(r[None], centres, dim=-1)
-            elif self.metric == "dot":
-                sim = centres @ r
-            else:
-                sim = -((r[None] - centres) ** 2).sum(-1)
-            e = int(sim.argmax())
-            idx = self.expert_index(e)
-            up = self.fc1.weight[idx] @ t + (b1[idx] if b1 is not None else 0)
-            if self.gate is None:
-                h = self.activation(up)
-            else:  # act(gate) * up
-                gb = self.gate.bias
-                h = self.activation(self.gate.weight[idx] @ t + (gb[idx] if gb is not None else 0))
-                h = h * up
-            y = self.fc2.weight[:, idx] @ h + self.expert_bias[e].to(t.dtype)
-            out.append(y + self.fc2.bias if self.fc2.bias is not None else y)
-        return torch.stack(out).reshape(*lead, -1)
+        return reference_forward(self, x)
 
     def extra_repr(self) -> str:
         return (f"site={self.site!r}, gated={self.gate is not None}, experts={self.num_experts}, "
