@@ -572,12 +572,13 @@ def onnx_engines_section(result: dict[str, Any]) -> str:
             "verses of 128 tokens")
     models = ", ".join(f"{k} = `{v}`" for k, v in result["models"].items())
     return (f"Models: {models}. Quality: {what}. Latency: median ms of a batch, "
-            f"{result['threads']} threads, each engine and file in its own process, median "
-            "over rounds; in brackets the speed over dense in the same engine and over dense "
-            "PyTorch eager.\n\n" + result["table"])
+            f"{result['threads']} threads, each engine and file in its own process, the best "
+            "of the alternated rounds; in brackets the speed over dense in the same engine and "
+            "over dense PyTorch eager.\n\n" + result["table"])
 
 
-SECTIONS = {"demo": demo_section, "onnx-engines": onnx_engines_section, "bench": bench_section, "smollm2": smollm2_section,
+SECTIONS = {"demo": demo_section, "onnx-engines": onnx_engines_section,
+            "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
             "minilm": minilm_section,
             "smollm2-reproduce": smollm2_reproduce_section,

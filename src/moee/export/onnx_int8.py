@@ -4,6 +4,7 @@ rounding of one matmul."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -55,12 +56,18 @@ def quantize_int8(source: str | Path, target: str | Path) -> list[str]:
     target = Path(target)
     named = target.with_name(target.name + ".named.onnx")
     partial = target.with_name(target.name + ".partial")
+    root = logging.getLogger()
+    level = root.level
+    # The quantizer logs advice on the root logger (pre-processing; the integer index tensors
+    # it leaves alone, printed as whole protobufs): nothing a user can act on here.
+    root.setLevel(logging.ERROR)
     try:
         onnx.save(model, str(named))
         quantize_dynamic(str(named), str(partial), weight_type=QuantType.QInt8,
                          nodes_to_exclude=routers)
         os.replace(partial, target)
     finally:
+        root.setLevel(level)
         named.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
     return routers
