@@ -74,12 +74,16 @@ def run_traced(tokens: torch.Tensor, expert: torch.Tensor | None, w1: torch.Tens
             masks[e].index_fill_(0, indices[start : start + size], 1.0)
         h = _hidden(tokens, w1, b1, activation, gated) * masks.index_select(0, expert)
         return F.linear(h, w2) + out_bias.index_select(0, expert)
-    y = tokens.new_zeros(tokens.shape[0], w2.shape[0])
+    picks, outs = [], []
     for e, (start, size) in enumerate(spans):
         index = indices[start : start + size]
         rows = _rows(index, union, gated)
         picked = torch.nonzero(expert == e).squeeze(1)
         h = _hidden(tokens.index_select(0, picked), w1.index_select(0, rows),
                     None if b1 is None else b1.index_select(0, rows), activation, gated)
-        y = y.index_copy(0, picked, F.linear(h, w2.index_select(1, index), out_bias[e]))
-    return y
+        picks.append(picked)
+        outs.append(F.linear(h, w2.index_select(1, index), out_bias[e]))
+    # One scatter of every expert's rows: a scatter per expert would copy the whole output
+    # once per expert (the exported op is not in place).
+    y = tokens.new_zeros(tokens.shape[0], w2.shape[0])
+    return y.index_copy(0, torch.cat(picks), torch.cat(outs))
