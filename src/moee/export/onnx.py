@@ -15,7 +15,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,6 @@ class OnnxExport:
     nbytes: int
     max_error: float | None = None  # |ONNX Runtime - moee| on the check inputs (None: unchecked)
     moe_layers: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = 16,
@@ -77,21 +76,22 @@ class _Outputs(nn.Module):
         self.model, self.names, self.keys = model, names, keys
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(**dict(zip(self.names, inputs, strict=True)), return_dict=True,
-                         **({"use_cache": False} if _is_generative(self.model) else {}))
+        out = _call(self.model, dict(zip(self.names, inputs, strict=True)))
         return tuple(out[k] for k in self.keys)
 
 
-def _is_generative(model: nn.Module) -> bool:
+def _call(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    """The model's output for keyword inputs, as a dict; a generative model without its KV
+    cache (the file computes every position's logits from the whole sequence)."""
     can = getattr(model, "can_generate", None)
-    return bool(can()) if callable(can) else False
+    cache = {"use_cache": False} if callable(can) and can() else {}
+    return model(**inputs, return_dict=True, **cache)
 
 
 def output_keys(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
     """The tensor outputs the file will have, in the order a transformers output lists them."""
     with torch.no_grad():
-        result = model(**inputs, return_dict=True,
-                       **({"use_cache": False} if _is_generative(model) else {}))
+        result = _call(model, inputs)
     keys = [k for k in result if k in OUTPUT_KEYS and torch.is_tensor(result[k])]
     if not keys:
         raise ExportError(f"export to ONNX: {type(model).__name__} returns none of {OUTPUT_KEYS}")
