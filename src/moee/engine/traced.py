@@ -44,9 +44,14 @@ def _hidden(tokens: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
     return activation(g) * u
 
 
-def _rows(index: torch.Tensor, union: int, gated: bool) -> torch.Tensor:
-    """An expert's rows of the first matrix (gated: its gate rows then its up rows)."""
-    return torch.cat([index, index + union]) if gated else index
+def _expert(tokens: torch.Tensor, index: torch.Tensor, w1: torch.Tensor,
+            b1: torch.Tensor | None, w2: torch.Tensor, bias: torch.Tensor,
+            activation: nn.Module, gated: bool) -> torch.Tensor:
+    """`tokens` through the neurons `index` (positions in the union) and the output `bias`."""
+    rows = torch.cat([index, index + w2.shape[1]]) if gated else index  # gate rows, up rows
+    h = _hidden(tokens, w1.index_select(0, rows),
+                None if b1 is None else b1.index_select(0, rows), activation, gated)
+    return F.linear(h, w2.index_select(1, index), bias)
 
 
 def run_traced(tokens: torch.Tensor, expert: torch.Tensor | None, w1: torch.Tensor,
@@ -63,11 +68,8 @@ def run_traced(tokens: torch.Tensor, expert: torch.Tensor | None, w1: torch.Tens
     union = w2.shape[1]
     if expert is None or len(spans) == 1:
         start, size = spans[0]
-        index = indices[start : start + size]
-        h = _hidden(tokens, w1.index_select(0, _rows(index, union, gated)),
-                    None if b1 is None else b1.index_select(0, _rows(index, union, gated)),
-                    activation, gated)
-        return F.linear(h, w2.index_select(1, index), out_bias[0])
+        return _expert(tokens, indices[start : start + size], w1, b1, w2, out_bias[0],
+                       activation, gated)
     if form == "masked":
         masks = torch.zeros(len(spans), union, dtype=tokens.dtype, device=tokens.device)
         for e, (start, size) in enumerate(spans):
@@ -76,13 +78,10 @@ def run_traced(tokens: torch.Tensor, expert: torch.Tensor | None, w1: torch.Tens
         return F.linear(h, w2) + out_bias.index_select(0, expert)
     picks, outs = [], []
     for e, (start, size) in enumerate(spans):
-        index = indices[start : start + size]
-        rows = _rows(index, union, gated)
         picked = torch.nonzero(expert == e).squeeze(1)
-        h = _hidden(tokens.index_select(0, picked), w1.index_select(0, rows),
-                    None if b1 is None else b1.index_select(0, rows), activation, gated)
         picks.append(picked)
-        outs.append(F.linear(h, w2.index_select(1, index), out_bias[e]))
+        outs.append(_expert(tokens.index_select(0, picked), indices[start : start + size], w1,
+                            b1, w2, out_bias[e], activation, gated))
     # One scatter of every expert's rows: a scatter per expert would copy the whole output
     # once per expert (the exported op is not in place).
     y = tokens.new_zeros(tokens.shape[0], w2.shape[0])
