@@ -76,7 +76,7 @@ def test_demo_writes_results_and_both_checkpoints(work, capsys):
                  "--latency-batch", "8"])
     assert code == 0
     results = json.loads((out / "demo_results.json").read_text())
-    assert {"dense", "moe", "moe_calibrated"} <= set(results)
+    assert {"dense", "moe", "moe_calibrated", "moe_calibrated_approximate"} <= set(results)
     _macs_ok(results)
     assert results["kd"]["steps"] == 1  # 0.1 epoch of one 128-image batch
     assert results["dense"]["latency_batch"] == 8
@@ -87,7 +87,9 @@ def test_demo_writes_results_and_both_checkpoints(work, capsys):
     chosen = [row["execution"] for row in results["moe_calibrated"]["layers"]]
     saved = [m.execution_config.execution
              for m in moee.load(out / "moe-calibrated").moe_layers().values()]
-    assert len(chosen) == 2 and saved == chosen and set(chosen) <= set(EXECUTIONS)
+    assert len(chosen) == 2 and saved == chosen and set(chosen) <= set(EXECUTIONS) - {"union"}
+    # the saved calibration is exact: the same top-1 as the routed model
+    assert results["moe_calibrated"]["top1"] == results["moe"]["top1"]
     assert "exec MACs" in capsys.readouterr().out
 
 
@@ -131,6 +133,22 @@ def test_calibrate_times_layers_on_fashion_mnist(work, finetuned):
         # Measured, not the cost model's default (None): at most the batch's 4 x 5 tokens.
         assert m.execution_config.small_batch_tokens is not None
         assert 0 <= m.execution_config.small_batch_tokens <= 20
+
+
+def test_calibrate_allows_the_union_only_when_asked(work, finetuned, monkeypatch, capsys):
+    from test_speed import fake_timer
+
+    import moee.engine.calibrate
+
+    times = {"masked": 1.0, "loop": 0.5, "experts": 1.0, "union": 0.1}  # the union "fastest"
+    monkeypatch.setattr(moee.engine.calibrate, "time_interleaved", fake_timer(times.get))
+    for extra, union in (([], False), (["--allow-approximate"], True)):
+        out = work["root"] / f"Z{len(extra)}a"
+        assert main(["calibrate", str(finetuned), "--batch", "4", "--out", str(out),
+                     "--data-dir", str(work["data"]), *extra]) == 0
+        layers = moee.load(out).moe_layers().values()
+        assert all((m.execution_config.execution == "union") == union for m in layers)
+        assert ("argmax agreement" in capsys.readouterr().out) == union
 
 
 def test_calibrate_force_sets_every_layer(work, finetuned):

@@ -124,12 +124,26 @@ def test_calibration_picks_the_faster_path_from_fixed_timings(monkeypatch):
         name: next(sweep) for name in fns})
     assert threshold == 32 and [r["tokens"] for r in rows] == [16, 32, 64]
     model = tiny_moe_model()
-    for union_s, expected in ((0.5, "union"), (2.0, "experts")):
+    # the union (another function) only when allowed, however fast it is
+    for union_s, allowed, expected in ((0.5, True, "union"), (0.5, False, "experts"),
+                                       (2.0, True, "experts")):
         times = {"masked": 1.0, "loop": 0.5, "experts": 1.0, "union": union_s}
         monkeypatch.setattr(moee.engine.calibrate, "time_interleaved", fake_timer(times.get))
-        rows = moee.calibrate(model, torch.randn(2, 1, 8, 8))
+        rows = moee.calibrate(model, torch.randn(2, 1, 8, 8), allow_approximate=allowed)
         assert {r["execution"] for r in rows} == {expected}
         assert all(r["small_batch_tokens"] == 0 for r in rows)  # the loop won at once
+
+
+def test_calibration_by_default_never_changes_outputs():
+    model = tiny_moe_model()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x).logits
+    moee.calibrate(model, x, repeats=2)
+    with torch.no_grad():
+        after = model(x).logits
+    assert all(m.execution_config.execution != "union" for m in model.moe_layers().values())
+    assert (after - before).abs().max() <= 1e-5
 
 
 def test_calibration_skips_an_execution_the_device_cannot_run(monkeypatch):

@@ -232,8 +232,12 @@ def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[in
 
 
 def calibrate(moe_model: MoEModel, example: Batch, repeats: int = 20, margin: float = 0.02,
-              routed: tuple[str, ...] | None = None) -> list[dict]:
+              routed: tuple[str, ...] | None = None,
+              allow_approximate: bool = False) -> list[dict]:
     """Time each MoE layer's executions on `example` (one batch at the size you will serve)
-    and keep the fastest on the layer; `save_pretrained` then writes the choice. Returns one
-    row of timings per layer (see `moee.engine.calibrate.calibrate_layers`)."""
-    return calibrate_layers(moe_model, moe_model.moe_layers(), example, repeats, margin, routed)
+    and keep the fastest on the layer; `save_pretrained` then writes the choice. The outputs
+    stay the model's own; `allow_approximate` also lets a layer run its pruned union without
+    routing where that is faster (it changes the outputs). Returns one row of timings per
+    layer (see `moee.engine.calibrate.calibrate_layers`)."""
+    return calibrate_layers(moe_model, moe_model.moe_layers(), example, repeats, margin, routed,
+                            allow_approximate)

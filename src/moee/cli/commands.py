@@ -143,6 +143,14 @@ def _calibration_batch(args: argparse.Namespace, moe_model):
     return embedded_default().calibration_batch(args, moe_model)
 
 
+def _first_output(model, batch) -> torch.Tensor:
+    """The model's main output (logits or hidden states) on one batch."""
+    from moee.util.batches import call_model, output_tensor
+
+    with torch.inference_mode():
+        return output_tensor(call_model(model, batch)).float()
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from moee.api import calibrate
     from moee.moe_model import MoEModel
@@ -153,12 +161,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"every MoE layer set to execution={args.force!r}")
     else:
         images = _calibration_batch(args, moe_model)
-        rows = calibrate(moe_model, images)
+        before = _first_output(moe_model, images)
+        rows = calibrate(moe_model, images, allow_approximate=args.allow_approximate)
         print(f"{'layer':<22}{'tokens':>7}{'experts ms':>12}{'union ms':>10}{'kept':>9}"
               f"{'masked up to':>14}")
         for r in rows:
             print(f"{r['site']:<22}{r['tokens']:>7}{r['experts_ms']:>12.3f}{r['union_ms']:>10.3f}"
                   f"{r['execution']:>9}{r['small_batch_tokens']:>11} tok")
+        if any(r["execution"] == "union" for r in rows):
+            after = _first_output(moe_model, images)
+            agree = (after.argmax(-1) == before.argmax(-1)).float().mean()
+            print(f"moee: union layers change the outputs on the calibration batch: argmax "
+                  f"agreement {agree:.2%}, max |change| {(after - before).abs().max():.3g}")
     print(f"Saved to {moe_model.save_pretrained(args.out)}")
     return 0
 

@@ -85,6 +85,9 @@ def _calibrate(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--batch", type=count(1), default=DEFAULT_BATCH,
                      help="images per batch you will serve")
     cal.add_argument("--force", choices=EXECUTIONS, help="set every layer to this instead")
+    cal.add_argument("--allow-approximate", action="store_true",
+                     help="also let a layer run its pruned union without routing where that is "
+                     "faster: a different function (what it changes on the batch is printed)")
     cal.add_argument("--out", required=True)
     add_data_args(cal, text=True)
     cal.set_defaults(func=cmd_calibrate)

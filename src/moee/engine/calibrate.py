@@ -4,8 +4,9 @@ Routing has a fixed cost per call. Two measured choices per MoE layer keep it fr
 model slower:
   1. `small_batch_tokens`: up to which token count the exact "masked" path beats the expert
      loop. Same function either way.
-  2. routed ("experts", "grouped") vs "union": whether routed experts beat running the pruned
-     union densely (the fallback: a different, un-routed function that keeps the size cut).
+  2. among the routed executions ("experts", "grouped"), all the same function, the fastest;
+     "union" (the pruned union run densely without routing: a different function, which
+     changes the outputs) is timed too, and chosen only with `allow_approximate`.
 Works on any module with `execution_config` and `configured(**settings)` (a `MoEMLP`).
 """
 
@@ -60,11 +61,13 @@ def _unsupported(layer: nn.Module, x: torch.Tensor, execution: str) -> str | Non
 @torch.inference_mode()
 def calibrate_layers(model: nn.Module, layers: Mapping[str, nn.Module], example: Batch,
                      repeats: int = 20, margin: float = 0.02,
-                     routed: tuple[str, ...] | None = None) -> list[dict]:
+                     routed: tuple[str, ...] | None = None,
+                     allow_approximate: bool = False) -> list[dict]:
     """Run `example` (one batch at the size you will serve) once through `model` to capture
     each layer's input, then per layer (1) measure `small_batch_tokens`, (2) time the `routed`
     executions (default "experts", plus "grouped" on CUDA) and "union", and keep the fastest
-    routed one unless the union beats it by more than `margin`. A routed execution a layer
+    routed one, or with `allow_approximate` the union when it beats that by more than
+    `margin`: the only choice that changes the layer's outputs. A routed execution a layer
     cannot run (e.g. "grouped" on a dtype the device's kernel lacks) is skipped and its error
     reported. Sets both on the layers and returns one row of timings per layer."""
     captured: dict[str, torch.Tensor] = {}
@@ -76,12 +79,12 @@ def calibrate_layers(model: nn.Module, layers: Mapping[str, nn.Module], example:
         finally:
             for h in hooks:
                 h.remove()
-        return [_calibrate_layer(name, layer, captured[name], repeats, margin, routed)
-                for name, layer in layers.items()]
+        return [_calibrate_layer(name, layer, captured[name], repeats, margin, routed,
+                                 allow_approximate) for name, layer in layers.items()]
 
 
 def _calibrate_layer(name: str, layer: nn.Module, x: torch.Tensor, repeats: int, margin: float,
-                     routed: tuple[str, ...] | None) -> dict:
+                     routed: tuple[str, ...] | None, allow_approximate: bool) -> dict:
     """One layer's threshold sweep and execution choice (set on the layer), as a row."""
     tokens = x.reshape(-1, x.shape[-1])
     threshold, sweep = masked_threshold(layer, tokens, max(3, repeats // 2), margin)
@@ -92,7 +95,7 @@ def _calibrate_layer(name: str, layer: nn.Module, x: torch.Tensor, repeats: int,
     modes = {m: {"execution": m, "small_batch_tokens": threshold} for m in candidates}
     t = _timed(layer, x, {**modes, "union": {"execution": "union"}}, repeats)
     best = min(candidates, key=t.__getitem__)
-    if t["union"] * (1 + margin) < t[best]:
+    if allow_approximate and t["union"] * (1 + margin) < t[best]:
         best = "union"
     layer.configure(execution=best, small_batch_tokens=threshold)
     return {"site": name, "tokens": len(tokens), "execution": best,
