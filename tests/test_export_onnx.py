@@ -67,9 +67,10 @@ def llama():
 MODELS = {"vit": vit, "deit": deit, "bert": bert, "llama": llama}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """Each tiny MoE model and its ONNX file (exported once for the module)."""
+    """Each tiny MoE model and its ONNX file, exported once for the session (CI's global
+    random order would tear a module's fixture down and build it again many times)."""
     folder = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, make in MODELS.items():
