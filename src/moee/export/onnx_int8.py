@@ -54,7 +54,6 @@ def quantize_int8(source: str | Path, target: str | Path) -> list[str]:
     _named(model)
     routers = router_nodes(model)
     target = Path(target)
-    named = target.with_name(target.name + ".named.onnx")
     partial = target.with_name(target.name + ".partial")
     root = logging.getLogger()
     level = root.level
@@ -62,12 +61,10 @@ def quantize_int8(source: str | Path, target: str | Path) -> list[str]:
     # it leaves alone, printed as whole protobufs): nothing a user can act on here.
     root.setLevel(logging.ERROR)
     try:
-        onnx.save(model, str(named))
-        quantize_dynamic(str(named), str(partial), weight_type=QuantType.QInt8,
+        quantize_dynamic(model, str(partial), weight_type=QuantType.QInt8,
                          nodes_to_exclude=routers)
         os.replace(partial, target)
     finally:
         root.setLevel(level)
-        named.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
     return routers
