@@ -9,7 +9,7 @@ import torch
 import moee
 from moee.evaluate import count_macs, dense_mlp_macs
 from moee.extraction import budget
-from moee.extraction.budget import Option, _hull, allocate
+from moee.extraction.budget import Option, _hull, allocate, by_macs
 
 
 def _table():
@@ -50,7 +50,7 @@ def test_an_unreachable_budget_is_a_clear_error():
 def test_the_hull_skips_options_dominated_by_a_cheaper_one():
     options = [Option(None, 100, 0.0), Option(0.9, 90, 0.5), Option(0.8, 80, 0.2),
                Option(0.99, 120, 0.0)]  # dearer than dense: never worth it
-    assert [o.p for o in _hull(options)] == [None, 0.8]
+    assert [o.p for o in _hull(options, by_macs)] == [None, 0.8]
 
 
 def test_budget_config_is_validated():

@@ -19,9 +19,11 @@ from moee.adapters import BUILTIN_ADAPTERS, adapter_of, find_mlp_sites
 from moee.config import ExtractConfig
 from moee.engine.calibrate import calibrate_layers
 from moee.errors import ConfigError, NoClustersError
+from moee.export.runtimes import Runtime
 from moee.extraction.budget import allocate_budget
 from moee.extraction.build import LayerPlan, apply_plans, check_full_width
-from moee.extraction.fit import LayerFit, fit_layers
+from moee.extraction.fit import LayerFit, fit_layer, fit_layers
+from moee.extraction.latency_budget import allocate_latency
 from moee.extraction.local_distill import distill_layers
 from moee.extraction.record import (
     ActivationStore,
@@ -59,7 +61,7 @@ class ExtractionReport:
         lines = [head]
         for r in self.layers:
             stab = "-" if r["stability"] is None else f"{r['stability']:.2f}"
-            if r["experts"] == 0:
+            if r["experts"] == 0 or "expert_sizes" not in r:  # no cluster, or kept dense
                 sizes, top, act = "dense", "-", str(r["hidden"])
             else:
                 s = r["expert_sizes"]
@@ -68,11 +70,21 @@ class ExtractionReport:
             p = "dense" if r.get("p") is None else f"{r['p']:g}"
             lines.append(f"{r['site']:<22}{p:>6}{r['experts']:>8}{r['noise_fraction']:>7.0%}{stab:>7}"
                          f"{r['kept_neurons']:>6}{sizes:>22}{top:>9}{act:>8}{r['seconds']:>6.1f}")
-        if self.budget:
+        if self.budget.get("target_latency") is not None:
+            lines.append(_latency_line(self.budget))
+        elif self.budget:
             lines.append(f"MAC budget {self.budget['target_macs']:g} of dense "
                          f"({self.budget['scope']}): {self.budget['predicted_fraction']:.3f} "
                          "predicted on the probe batches")
         return "\n".join(lines)
+
+
+def _latency_line(budget: dict[str, Any]) -> str:
+    methods = [c["method"] for c in budget["choice"]]
+    mix = ", ".join(f"{methods.count(m)} {m}" for m in ("dense", "static", "moee")
+                    if m in methods)
+    return (f"latency budget {budget['target_latency']:g} of dense in {budget['engine']} at "
+            f"batch {budget['batch']}: measured {budget['measured_fraction']:.3f} ({mix})")
 
 
 def _record_or_reuse(model, sites, data, config: ExtractConfig, work: Path, store_dir: Path
@@ -137,7 +149,7 @@ def extract(
     if bad:
         raise ConfigError(f"layers: {bad} out of range: the model has {len(sites)} MLP blocks")
     probe: list = []
-    if config.budget.target_macs is not None:  # the leading batches, also recorded
+    if config.budget.active:  # the leading batches, also recorded
         it = iter(data)
         probe = list(itertools.islice(it, config.budget.probe_batches))
         data = itertools.chain(probe, it)
@@ -159,6 +171,9 @@ def _plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter, prob
     p, target_macs = config.select.p, config.budget.target_macs
     ps: list[float | None] = [p] * len(fits)
     summary: dict[str, Any] = {}
+    if config.budget.target_latency is not None:
+        return _latency_plans(model, sites, fits, student, adapter, probe, store, config,
+                              work)
     if target_macs is not None:
         allocation = allocate_budget(model, sites, student,
                                      find_mlp_sites(student, adapter, validate=False), fits,
@@ -175,6 +190,25 @@ def _plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter, prob
             plans.append(plan)
         rows.append(fit.report_row(plan, layer_p if plan is not None else None))
     return plans, rows, summary
+
+
+def _latency_plans(model, sites, fits: list[LayerFit], student: nn.Module, adapter,
+                   probe: list, store: ActivationStore, config: ExtractConfig, work: Path
+                   ) -> tuple[list[LayerPlan], list[dict], dict[str, Any]]:
+    """(plans, report rows, budget summary) of the latency budget: per layer dense, static or
+    routed, timed in `config.budget.engine` (`moee.extraction.latency_budget`)."""
+    static = [fit_layer(store, sites[f.index], f.index, config.with_method("static"), work)[0]
+              for f in fits]
+    allocation = allocate_latency(
+        model, student, find_mlp_sites(student, adapter, validate=False),
+        lambda m: find_mlp_sites(m, adapter, validate=False), fits, static, probe, config,
+        Runtime(config.budget.engine))
+    plans, rows = [], []
+    for c in allocation.choice:
+        if c.plan is not None:
+            plans.append(c.plan)
+        rows.append(dict(c.fit.report_row(c.plan, c.option.p), method=c.option.method))
+    return plans, rows, allocation.summary
 
 
 def _extract(model, data, config: ExtractConfig, adapter, sites, chosen: list[int],

@@ -16,6 +16,7 @@ CLUSTER_ALGORITHMS = ("hdbscan", "dbscan", "optics", "kmeans", "birch", "random"
 SELECT_CRITERIA = ("variance", "magnitude", "random", "output_variance")
 ROUTER_CENTRES = ("input_mean", "random", "fitted")
 METHODS = ("moee", "random", "cmoe", "moefication", "static")
+LATENCY_ENGINES = ("torch", "onnxruntime", "openvino")  # where a latency budget is timed
 __all__ = ["CLUSTER_ALGORITHMS", "DISTILL_LOSSES", "METHODS", "ROUTER_CENTRES", "ROUTER_METRICS",
            "SELECT_CRITERIA", "BudgetConfig", "CarveConfig", "ClusterConfig", "ConfigError",
            "DistillConfig", "ExtractConfig", "LocalDistillConfig", "RecordConfig",
@@ -188,13 +189,21 @@ class BudgetConfig:
     divergence; `select.p` is then unused. `scope`: "model" counts whole-model MACs, "mlp"
     only the MLP blocks'. Sensitivity is measured on the first `probe_batches` calibration
     batches: the distillation loss (KL on logits, MSE on hidden states) between the dense
-    model and the model with that one layer converted."""
+    model and the model with that one layer converted.
+
+    Latency-budget mode: with `target_latency` set (a fraction of the dense model's latency in
+    `engine` at `batch` rows), each layer stays dense, is pruned statically (one expert) or
+    becomes routed experts, at a p of `p_grid`, chosen from the same sensitivity and from
+    every candidate's latency measured in that engine on this machine."""
 
     target_macs: float | None = None
     scope: str = "model"
     p_grid: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4,
                                  0.3)
     probe_batches: int = 2
+    target_latency: float | None = None
+    engine: str = "torch"  # where the latency budget is measured: LATENCY_ENGINES
+    batch: int = 64  # rows of the batch the latency budget is measured at
 
     def __post_init__(self) -> None:
         check_types(self, "budget")
@@ -206,6 +215,18 @@ class BudgetConfig:
                f"must be values in (0, 1], got {self.p_grid}")
         check(self.probe_batches >= 1, "budget.probe_batches",
                f"must be >= 1, got {self.probe_batches}")
+        check(self.target_latency is None or 0 < self.target_latency < 1,
+              "budget.target_latency", f"must be in (0, 1) or None, got {self.target_latency}")
+        check(self.target_latency is None or self.target_macs is None, "budget.target_latency",
+              "a MAC budget or a latency budget, not both")
+        check(self.engine in LATENCY_ENGINES, "budget.engine",
+              f"must be one of {LATENCY_ENGINES}, got {self.engine!r}")
+        check(self.batch >= 1, "budget.batch", f"must be >= 1, got {self.batch}")
+
+    @property
+    def active(self) -> bool:
+        """Whether a MAC or latency budget chooses each layer's p."""
+        return self.target_macs is not None or self.target_latency is not None
 
 
 @dataclass(frozen=True)
@@ -239,9 +260,9 @@ class ExtractConfig:
         check(self.max_memory_gib is None or self.max_memory_gib > 0, "extract.max_memory_gib",
                f"must be > 0 or None, got {self.max_memory_gib}")
         check(0 < self.held_out < 1, "extract.held_out", f"must be in (0, 1), got {self.held_out}")
-        check(self.carve is None or self.budget.target_macs is None, "extract.carve",
+        check(self.carve is None or not self.budget.active, "extract.carve",
                "carved experts have no p for the MAC budget to choose: set carve.active")
-        check(self.select.width is None or self.budget.target_macs is None, "extract.select.width",
+        check(self.select.width is None or not self.budget.active, "extract.select.width",
               "experts of one width have no p for the MAC budget to choose: set one or the other")
 
     def as_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import dataclasses
 from moee.config import (
     CLUSTER_ALGORITHMS,
     DISTILL_LOSSES,
+    LATENCY_ENGINES,
     METHODS,
     ROUTER_CENTRES,
     ROUTER_METRICS,
@@ -136,6 +137,16 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    "--p is then unused")
     p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
                    help="which MACs --target-macs counts: the whole model's or the MLPs'")
+    p.add_argument("--target-latency", type=float, default=base.budget.target_latency,
+                   metavar="FRACTION", help="latency-budget mode: per layer dense, static or "
+                   "routed, at the p that reaches this fraction of the dense model's latency "
+                   "measured in --engine at --batch rows on this machine; --p is then unused")
+    p.add_argument("--engine", default=base.budget.engine, choices=LATENCY_ENGINES,
+                   help="where --target-latency is measured: the engine you serve with "
+                   "(onnxruntime, openvino: pip install 'moee[onnx]')")
+    p.add_argument("--batch", type=count(1), default=base.budget.batch,
+                   help="rows of the batch --target-latency is measured at (default "
+                   "%(default)s)")
     p.add_argument("--seed", type=count(0), default=base.seed,
                    help="seeds every random draw of the extraction: clustering, random "
                    "selection and routing baselines, the router fit, carving, local distillation")
@@ -185,7 +196,9 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
                       top_k=1 if args.method == "moefication" else args.top_k or 1),
              local=LocalDistillConfig(steps=args.local_steps)
              if args.local_steps else None,
-             budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope),
+             budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope,
+                      target_latency=args.target_latency, engine=args.engine,
+                      batch=args.batch),
              work_dir=args.work_dir, seed=args.seed,
              max_memory_gib=args.max_memory,
              carve=CarveConfig(active=args.active, experts=args.groups,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,11 +39,19 @@ from moee.util.modes import eval_mode
 
 @dataclass
 class Option:
-    """One way to run a layer: `p` None = dense. `macs` over the probe batches' tokens."""
+    """One way to run a layer: `p` None = dense. `macs` over the probe batches' tokens;
+    `method` "moee" (routed experts) or "static" (one expert: pruning); `seconds` the layer's
+    measured latency where a latency budget timed it."""
 
     p: float | None
     macs: float
     divergence: float
+    method: str = "moee"
+    seconds: float | None = None
+
+
+def by_macs(option: Option) -> float:
+    return option.macs
 
 
 @dataclass
@@ -78,7 +86,7 @@ def _tokens_per_layer(model: nn.Module, sites: Sequence[MLPSite], probe: list[Ba
     return counts
 
 
-def _option_macs(fit: LayerFit, plan: LayerPlan | None, tokens: int) -> float:
+def option_macs(fit: LayerFit, plan: LayerPlan | None, tokens: int) -> float:
     w = fit.site.weights()
     per_token = fit.active_neurons(plan) * w.params_per_neuron
     if plan is not None:
@@ -86,9 +94,37 @@ def _option_macs(fit: LayerFit, plan: LayerPlan | None, tokens: int) -> float:
     return per_token * tokens
 
 
-def _same_experts(a: LayerPlan, b: LayerPlan | None) -> bool:
+def same_experts(a: LayerPlan, b: LayerPlan | None) -> bool:
     return b is not None and len(a.experts) == len(b.experts) and all(
         np.array_equal(x, y) for x, y in zip(a.experts, b.experts, strict=True))
+
+
+@torch.inference_mode()
+def dense_references(dense: nn.Module, probe: list[Batch]) -> tuple[list[torch.Tensor], str]:
+    """The dense model's outputs on the probe batches and the distillation loss they call for."""
+    references, kind = [], "kl"
+    with eval_mode(dense):
+        for batch in probe:
+            out = call_model(dense, batch)
+            kind = loss_kind(out, DistillConfig())
+            references.append(output_tensor(out).detach().clone())
+    return references, kind
+
+
+@torch.inference_mode()
+def divergence(student: nn.Module, site: MLPSite, plan: LayerPlan, probe: list[Batch],
+               references: list[torch.Tensor], kind: str) -> float:
+    """Install `plan` at `site` of `student` (eval mode) and return the mean distillation loss
+    of `student` against the dense references over the probe batches."""
+    site.install(build_moe_mlp(site, plan).eval())
+    return sum(float(output_loss(output_tensor(call_model(student, b)), ref, b, kind))
+               for b, ref in zip(probe, references, strict=True)) / len(probe)
+
+
+def whole_plan(fit: LayerFit) -> LayerPlan:
+    """Every neuron in one expert: the layer's dense-equivalent MoE."""
+    return LayerPlan(fit.site.name, [np.arange(fit.width)],
+                     fit.stats.input_mean[:1].astype(np.float32), fit.metric)
 
 
 @torch.inference_mode()
@@ -98,97 +134,89 @@ def measure_options(dense: nn.Module, student: nn.Module, student_sites: dict[st
     """Per fitted layer, each option's MACs and loss against `dense` with only that layer
     converted in `student` (a copy of `dense`; its converted layers are left dense-equivalent,
     all neurons in one expert)."""
-    references = []
-    with eval_mode(dense):
-        for batch in probe:
-            out = call_model(dense, batch)
-            kind = loss_kind(out, DistillConfig())
-            references.append(output_tensor(out).detach().clone())
+    references, kind = dense_references(dense, probe)
     grid = sorted(set(config.budget.p_grid), reverse=True)
     table = []
     bar = tqdm(total=len(fits) * len(grid), desc="layer sensitivity", leave=False,
                disable=not config.progress)
     with eval_mode(student):
         for fit, n in zip(fits, tokens, strict=True):
-            options = [Option(None, _option_macs(fit, None, n), 0.0)]
+            options = [Option(None, option_macs(fit, None, n), 0.0)]
             site, previous = student_sites[fit.site.name], None
             for p in grid if fit.stats is not None else ():
                 plan = fit.plan(p)
-                if _same_experts(plan, previous):
+                if same_experts(plan, previous):
                     options.append(replace(options[-1], p=p))
                 else:
-                    site.install(build_moe_mlp(site, plan).eval())
-                    loss = sum(float(output_loss(output_tensor(call_model(student, b)), ref, b,
-                                                 kind))
-                               for b, ref in zip(probe, references, strict=True)) / len(probe)
-                    options.append(Option(p, _option_macs(fit, plan, n), loss))
+                    loss = divergence(student, site, plan, probe, references, kind)
+                    options.append(Option(p, option_macs(fit, plan, n), loss))
                 previous = plan
                 bar.update(1)
             if fit.stats is None:  # no cluster: only the dense option
                 bar.update(len(grid))
             else:  # back to dense-equivalent: all neurons, one expert
-                whole = LayerPlan(fit.site.name, [np.arange(fit.width)],
-                                  fit.stats.input_mean[:1].astype(np.float32), fit.metric)
-                site.install(build_moe_mlp(site, whole).eval())
+                site.install(build_moe_mlp(site, whole_plan(fit)).eval())
             table.append(options)
     bar.close()
     return table
 
 
-def _hull(options: list[Option]) -> list[Option]:
-    """The lower convex hull of (MACs, loss) from the dense option down to the cheapest: the
+def _hull(options: list[Option], cost: Callable[[Option], float]) -> list[Option]:
+    """The lower convex hull of (cost, loss) from the dense option down to the cheapest: the
     options worth stepping through, in order."""
     path = [options[0]]
-    rest = sorted(options[1:], key=lambda o: (-o.macs, o.divergence))
+    rest = sorted(options[1:], key=lambda o: (-cost(o), o.divergence))
     while True:
         cur = path[-1]
-        cheaper = [o for o in rest if o.macs < cur.macs]
+        cheaper = [o for o in rest if cost(o) < cost(cur)]
         if not cheaper:
             return path
         path.append(min(cheaper, key=lambda o: ((o.divergence - cur.divergence)
-                                                / (cur.macs - o.macs), o.macs)))
+                                                / (cost(cur) - cost(o)), cost(o))))
 
 
-def allocate(table: list[list[Option]], fixed_macs: float, dense_macs: float,
-             target: float) -> tuple[list[Option], float]:
-    """(one option per layer, predicted MAC fraction) meeting `target` * `dense_macs`, where
-    `fixed_macs` is what the unconverted part of the model costs."""
-    budget = target * dense_macs
-    hulls = [_hull(options) for options in table]
+def allocate(table: list[list[Option]], fixed: float, dense: float, target: float,
+             cost: Callable[[Option], float] = by_macs, what: str = "budget.target_macs"
+             ) -> tuple[list[Option], float]:
+    """(one option per layer, predicted cost fraction) meeting `target` * `dense`, where
+    `fixed` is what the unconverted part of the model costs; `cost` reads an option's cost
+    (MACs by default, or measured seconds)."""
+    budget = target * dense
+    hulls = [_hull(options, cost) for options in table]
     at = [0] * len(table)
-    total = fixed_macs + sum(h[0].macs for h in hulls)
+    total = fixed + sum(cost(h[0]) for h in hulls)
 
     def step(i: int):
         a, b = hulls[i][at[i]], hulls[i][at[i] + 1]
-        return ((b.divergence - a.divergence) / (a.macs - b.macs), i)
+        return ((b.divergence - a.divergence) / (cost(a) - cost(b)), i)
 
     heap = [step(i) for i, h in enumerate(hulls) if len(h) > 1]
     heapq.heapify(heap)
     while total > budget and heap:
         _, i = heapq.heappop(heap)
-        total -= hulls[i][at[i]].macs - hulls[i][at[i] + 1].macs
+        total -= cost(hulls[i][at[i]]) - cost(hulls[i][at[i] + 1])
         at[i] += 1
         if at[i] + 1 < len(hulls[i]):
             heapq.heappush(heap, step(i))
     if total > budget:
         raise ConfigError(
-            f"budget.target_macs={target}: the cheapest choice of the grid costs "
-            f"{total / dense_macs:.3f} of dense; add lower p values to budget.p_grid or "
+            f"{what}={target}: the cheapest choice of the grid costs "
+            f"{total / dense:.3f} of dense; add lower p values to budget.p_grid or "
             "convert more layers")
     choice = [h[k] for h, k in zip(hulls, at, strict=True)]
     # The last step may undershoot: spend the slack on the upgrades that cut the loss most
     # (or, at equal loss, use the most of it). Each move raises the total: it terminates.
     while True:
-        moves = [(c.divergence - o.divergence, o.macs - c.macs, i, o) for i, (c, options)
+        moves = [(c.divergence - o.divergence, cost(o) - cost(c), i, o) for i, (c, options)
                  in enumerate(zip(choice, table, strict=True)) for o in options
-                 if o.divergence <= c.divergence and o.macs > c.macs
-                 and total - c.macs + o.macs <= budget]
+                 if o.divergence <= c.divergence and cost(o) > cost(c)
+                 and total - cost(c) + cost(o) <= budget]
         if not moves:
             break
         *_, i, o = max(moves, key=lambda m: m[:2])
-        total += o.macs - choice[i].macs
+        total += cost(o) - cost(choice[i])
         choice[i] = o
-    return choice, total / dense_macs
+    return choice, total / dense
 
 
 def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batch],

@@ -1,0 +1,231 @@
+"""Latency-budget mode: per layer dense, statically pruned (one expert) or routed experts, each
+at a p of the grid, chosen by measured latency in the engine the model will be served with.
+
+Every candidate of a layer is timed on that layer's real input at the serving batch, in that
+engine, and its sensitivity measured as in the MAC budget (the distillation loss with only
+that layer converted). The MAC budget's allocation then runs on seconds: the rest of the
+model costs the dense model's measured time less its MLPs'. The chosen model is built and
+timed beside dense; when it misses the target by more than `TOLERANCE` the target is tightened
+by the miss and the choice made again (at most `ROUNDS` times). Static and routed candidates
+compete on the same footing, so the result is never worse (by the measured sensitivity) than
+static pruning alone at the same measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moee.adapters import MLPSite, entry_input
+from moee.config import ExtractConfig
+from moee.errors import ConfigError
+from moee.extraction.budget import (
+    Option,
+    allocate,
+    dense_references,
+    divergence,
+    same_experts,
+    whole_plan,
+)
+from moee.extraction.build import LayerPlan, apply_plans, build_moe_mlp
+from moee.extraction.fit import LayerFit
+from moee.util.batches import Batch, call_model
+from moee.util.modes import eval_mode
+
+TOLERANCE = 0.05  # a measured fraction this far over the target sends the choice round again
+ROUNDS = 3
+
+
+class LatencyTimer(Protocol):
+    """What the budget times with (`moee.export.runtimes.Runtime`)."""
+
+    engine: str
+
+    def time_layers(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]: ...
+
+    def time_models(self, models: dict[str, nn.Module], batch: Batch) -> dict[str, float]: ...
+
+
+@dataclass
+class Candidate:
+    option: Option
+    plan: LayerPlan | None  # None: the layer stays dense
+    fit: LayerFit
+
+
+@dataclass
+class LatencyAllocation:
+    """The chosen candidate per fitted layer and what the choice measured."""
+
+    choice: list[Candidate]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def timing_batch(probe: list[Batch], rows: int) -> Batch:
+    """`rows` rows cut from the probe batches (repeated when they hold fewer)."""
+    def cat(parts):
+        first = parts[0]
+        if torch.is_tensor(first):
+            whole = torch.cat(parts)
+            reps = -(-rows // whole.shape[0])
+            return whole.repeat(reps, *([1] * (whole.dim() - 1)))[:rows]
+        if isinstance(first, dict):
+            return {k: cat([p[k] for p in parts]) for k in first}
+        if isinstance(first, (tuple, list)):
+            return type(first)(cat([p[i] for p in parts]) for i in range(len(first)))
+        return first
+    return cat(list(probe))
+
+
+@torch.inference_mode()
+def layer_inputs(model: nn.Module, sites: list[MLPSite], batch: Batch) -> list[torch.Tensor]:
+    """Each site's MLP input when `model` runs `batch`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def keep(_m, args, kwargs):
+            seen[i] = entry_input(args, kwargs).detach().clone()
+        return keep
+
+    handles = [s.entry.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, s in enumerate(sites)]
+    try:
+        with eval_mode(model):
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(sites))]
+
+
+def _candidates(fit: LayerFit, static: LayerFit, grid: list[float]
+                ) -> list[tuple[str, float, LayerPlan]]:
+    """(method, p, plan) of each distinct routed and static plan of the layer."""
+    out: list[tuple[str, float, LayerPlan]] = []
+    for method, f in (("moee", fit), ("static", static)):
+        previous = None
+        for p in grid if f.stats is not None else ():
+            plan = f.plan(p)
+            if plan is not None and not same_experts(plan, previous):
+                out.append((method, p, plan))
+            previous = plan
+    return out
+
+
+@torch.inference_mode()
+def measure_candidates(dense: nn.Module, student: nn.Module, student_sites: dict[str, MLPSite],
+                       fits: list[LayerFit], static: list[LayerFit], probe: list[Batch],
+                       inputs: list[torch.Tensor], timer: LatencyTimer, config: ExtractConfig
+                       ) -> list[list[Candidate]]:
+    """Per fitted layer: dense and each routed and static candidate, with its loss against
+    `dense` (only that layer converted in `student`) and its measured seconds on the layer's
+    input."""
+    references, kind = dense_references(dense, probe)
+    grid = sorted(set(config.budget.p_grid), reverse=True)
+    table = []
+    with eval_mode(student):
+        for fit, fixed, x in tqdm(list(zip(fits, static, inputs, strict=True)),
+                                  desc=f"layer sensitivity + latency ({timer.engine})",
+                                  leave=False, disable=not config.progress):
+            site = student_sites[fit.site.name]
+            reference = fit if fit.stats is not None else fixed
+            if reference.stats is None:
+                table.append([Candidate(Option(None, 0.0, 0.0, "dense"), None, fit)])
+                continue
+            found = [Candidate(Option(None, 0.0, 0.0, "dense"), None, fit)]
+            modules = {0: build_moe_mlp(site, whole_plan(reference)).eval()}
+            for method, p, plan in _candidates(fit, fixed, grid):
+                loss = divergence(student, site, plan, probe, references, kind)
+                found.append(Candidate(Option(p, 0.0, loss, method), plan,
+                                       fit if method == "moee" else fixed))
+                modules[len(modules)] = build_moe_mlp(site, plan).eval()
+            site.install(modules[0])  # back to dense-equivalent for the next layers
+            seconds = timer.time_layers({str(k): m for k, m in modules.items()}, x)
+            for k, c in enumerate(found):
+                c.option.seconds = seconds[str(k)]
+            table.append(found)
+    return table
+
+
+def by_seconds(option: Option) -> float:
+    return float(option.seconds)
+
+
+def best_allocation(options: list[list[Option]], fixed: float, dense: float, target: float
+                    ) -> tuple[list[Option], float]:
+    """The allocation by seconds with the least summed loss among: every candidate, static
+    and dense only, routed and dense only. The greedy walk over convex hulls is not exact on
+    a discrete grid; trying the single-method menus too makes the mix never worse (by the
+    measured loss) than static pruning or routing alone at the same predicted latency."""
+    found, error = [], None
+    for menu in (None, ("dense", "static"), ("dense", "moee")):
+        table = [[o for o in row if menu is None or o.method in menu] for row in options]
+        try:
+            found.append(allocate(table, fixed, dense, target, by_seconds,
+                                  "budget.target_latency"))
+        except ConfigError as e:
+            error = error or e
+    if not found:
+        raise error
+    return min(found, key=lambda f: (sum(o.divergence for o in f[0]), f[1]))
+
+
+def _built(dense: nn.Module, sites_of, choice: list[Candidate]) -> nn.Module:
+    """A copy of `dense` with the chosen plans installed."""
+    model = copy.deepcopy(dense).eval()
+    apply_plans(sites_of(model), [c.plan for c in choice if c.plan is not None])
+    return model.eval()
+
+
+def allocate_latency(dense: nn.Module, student: nn.Module, student_sites: list[MLPSite],
+                     sites_of, fits: list[LayerFit], static: list[LayerFit], probe: list[Batch],
+                     config: ExtractConfig, timer: LatencyTimer) -> LatencyAllocation:
+    """Measure every layer's candidates (dense, static and routed at each p of the grid) in
+    `timer`'s engine at `config.budget.batch` rows and choose one per layer meeting
+    `config.budget.target_latency` of the dense model's measured latency; `sites_of(model)`
+    finds a copy's MLP sites. The chosen model is timed beside dense and the target tightened
+    by the miss when it is more than `TOLERANCE` over (at most `ROUNDS` choices)."""
+    if not probe:
+        raise ConfigError("the latency budget needs calibration batches to measure on")
+    b = config.budget
+    batch = timing_batch(probe, b.batch)
+    inputs = layer_inputs(dense, [f.site for f in fits], batch)
+    table = measure_candidates(dense, student, {s.name: s for s in student_sites}, fits, static,
+                               probe, inputs, timer, config)
+    dense_seconds = timer.time_models({"dense": dense}, batch)["dense"]
+    fitted = sum(row[0].option.seconds for row in table)
+    options = [[c.option for c in row] for row in table]
+    target, rounds, best = b.target_latency, [], None
+    for _ in range(ROUNDS):
+        try:
+            chosen, predicted = best_allocation(options, max(dense_seconds - fitted, 0.0),
+                                                dense_seconds, target)
+        except ConfigError:
+            if best is None:
+                raise
+            break  # tightened past the cheapest choice: keep the closest so far
+        choice = [next(c for c in row if c.option is o) for row, o in zip(table, chosen,
+                                                                          strict=True)]
+        times = timer.time_models({"dense": dense, "model": _built(dense, sites_of, choice)},
+                                  batch)
+        measured = times["model"] / times["dense"]
+        rounds.append({"target": target, "predicted_fraction": predicted,
+                       "measured_fraction": measured, "dense_seconds": times["dense"],
+                       "model_seconds": times["model"]})
+        if best is None or measured < best[1]:
+            best = (choice, measured)
+        if measured <= b.target_latency * (1 + TOLERANCE):
+            best = (choice, measured)
+            break
+        target *= b.target_latency / measured
+    choice, measured = best
+    summary = {"target_latency": b.target_latency, "engine": timer.engine, "batch": b.batch,
+               "measured_fraction": measured, "rounds": rounds,
+               "choice": [{"site": c.fit.site.name, "method": c.option.method, "p": c.option.p}
+                          for c in choice]}
+    return LatencyAllocation(choice, summary)
