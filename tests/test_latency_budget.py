@@ -143,3 +143,26 @@ def test_an_unknown_engine_is_refused():
 
     with pytest.raises(moee.ConfigError, match="engine"):
         Runtime("tensorrt")
+
+
+class InSituTimer(WeightTimer):
+    """A model whose layers cost twice inside it what they cost alone: the naive sum misses,
+    the refitted line does not."""
+
+    def time_models(self, models, batch):
+        alone = super().time_models(models, batch)
+        return {k: 2 * v - 1000.0 for k, v in alone.items()}
+
+
+def test_the_choice_is_made_again_on_the_line_the_measured_models_give(vit, images, tmp_path,
+                                                                      monkeypatch):
+    from moee import api
+
+    monkeypatch.setattr(api, "Runtime", lambda engine: InSituTimer())
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    _, report = moee.extract(vit, batches, _config(tmp_path, 0.8))
+    rounds = report.budget["rounds"]
+    assert rounds[0]["measured_fraction"] < rounds[0]["predicted_fraction"] - 0.05
+    assert len(rounds) >= 2
+    assert rounds[1]["predicted_fraction"] == pytest.approx(rounds[1]["measured_fraction"])
+    assert report.budget["measured_fraction"] == rounds[-1]["measured_fraction"]

@@ -4,11 +4,13 @@ at a p of the grid, chosen by measured latency in the engine the model will be s
 Every candidate of a layer is timed on that layer's real input at the serving batch, in that
 engine, and its sensitivity measured as in the MAC budget (the distillation loss with only
 that layer converted). The MAC budget's allocation then runs on seconds: the rest of the
-model costs the dense model's measured time less its MLPs'. The chosen model is built and
-timed beside dense; when it misses the target by more than `TOLERANCE` the target is tightened
-by the miss and the choice made again (at most `ROUNDS` times). Static and routed candidates
-compete on the same footing, so the result is never worse (by the measured sensitivity) than
-static pruning alone at the same measured latency.
+model costs the dense model's measured time less its MLPs'. A layer timed alone does not
+cost what it costs inside the model (caches, threads, an engine's fusions), so the chosen
+model is built and timed beside dense, and the line from summed layer seconds to the model's
+measured fraction is refitted on every model measured so far before choosing again, until
+one lands within `TOLERANCE` of the target (at most `ROUNDS` choices). Static and routed
+candidates compete on the same footing (and alone: `best_allocation`), so the result is never
+worse, by the measured sensitivity, than static pruning alone at the same predicted latency.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from moee.extraction.fit import LayerFit
 from moee.util.batches import Batch, call_model
 from moee.util.modes import eval_mode
 
-TOLERANCE = 0.05  # a measured fraction this far over the target sends the choice round again
-ROUNDS = 3
+TOLERANCE = 0.05  # a measured fraction this far from the target sends the choice round again
+ROUNDS = 4
 
 
 class LatencyTimer(Protocol):
@@ -182,14 +184,38 @@ def _built(dense: nn.Module, sites_of, choice: list[Candidate]) -> nn.Module:
     return model.eval()
 
 
+def _line(points: list[tuple[float, float]], naive: tuple[float, float]) -> tuple[float, float]:
+    """(a, b) of measured fraction = a + b * summed layer seconds, least squares over the
+    measured (seconds, fraction) points; `naive` until two distinct points give a rising
+    line."""
+    xs = torch.tensor([x for x, _ in points], dtype=torch.float64)
+    ys = torch.tensor([y for _, y in points], dtype=torch.float64)
+    if len(points) < 2 or float(xs.max() - xs.min()) <= 0:
+        return naive
+    b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
+    return (float(ys.mean()) - b * float(xs.mean()), b) if b > 0 else naive
+
+
+def _choose(table: list[list[Candidate]], line: tuple[float, float], target: float
+            ) -> tuple[list[Candidate], float, float]:
+    """(the choice, its summed layer seconds, its predicted fraction) under `line`."""
+    a, b = line
+    options = [[c.option for c in row] for row in table]
+    chosen, predicted = best_allocation(options, a / b, 1 / b, target)
+    choice = [next(c for c in row if c.option is o) for row, o in zip(table, chosen,
+                                                                      strict=True)]
+    return choice, sum(by_seconds(c.option) for c in choice), predicted
+
+
 def allocate_latency(dense: nn.Module, student: nn.Module, student_sites: list[MLPSite],
                      sites_of, fits: list[LayerFit], static: list[LayerFit], probe: list[Batch],
                      config: ExtractConfig, timer: LatencyTimer) -> LatencyAllocation:
     """Measure every layer's candidates (dense, static and routed at each p of the grid) in
     `timer`'s engine at `config.budget.batch` rows and choose one per layer meeting
     `config.budget.target_latency` of the dense model's measured latency; `sites_of(model)`
-    finds a copy's MLP sites. The chosen model is timed beside dense and the target tightened
-    by the miss when it is more than `TOLERANCE` over (at most `ROUNDS` choices)."""
+    finds a copy's MLP sites. Each chosen model is timed beside dense and the choice made
+    again on the refitted seconds-to-fraction line while it misses by more than
+    `TOLERANCE` (at most `ROUNDS` choices); the closest feasible choice is kept."""
     if not probe:
         raise ConfigError("the latency budget needs calibration batches to measure on")
     b = config.budget
@@ -198,34 +224,39 @@ def allocate_latency(dense: nn.Module, student: nn.Module, student_sites: list[M
     table = measure_candidates(dense, student, {s.name: s for s in student_sites}, fits, static,
                                probe, inputs, timer, config)
     dense_seconds = timer.time_models({"dense": dense}, batch)["dense"]
-    fitted = sum(row[0].option.seconds for row in table)
-    options = [[c.option for c in row] for row in table]
-    target, rounds, best = b.target_latency, [], None
+    fitted = sum(by_seconds(row[0].option) for row in table)
+    naive = (max(dense_seconds - fitted, 0.0) / dense_seconds, 1 / dense_seconds)
+    points, rounds, tried = [(fitted, 1.0)], [], []
     for _ in range(ROUNDS):
         try:
-            chosen, predicted = best_allocation(options, max(dense_seconds - fitted, 0.0),
-                                                dense_seconds, target)
+            choice, summed, predicted = _choose(table, _line(points, naive), b.target_latency)
         except ConfigError:
-            if best is None:
+            if not tried:
                 raise
-            break  # tightened past the cheapest choice: keep the closest so far
-        choice = [next(c for c in row if c.option is o) for row, o in zip(table, chosen,
-                                                                          strict=True)]
+            break  # the refitted line puts the target past the cheapest choice
         times = timer.time_models({"dense": dense, "model": _built(dense, sites_of, choice)},
                                   batch)
         measured = times["model"] / times["dense"]
-        rounds.append({"target": target, "predicted_fraction": predicted,
-                       "measured_fraction": measured, "dense_seconds": times["dense"],
-                       "model_seconds": times["model"]})
-        if best is None or measured < best[1]:
-            best = (choice, measured)
-        if measured <= b.target_latency * (1 + TOLERANCE):
-            best = (choice, measured)
+        points.append((summed, measured))
+        rounds.append({"predicted_fraction": predicted, "measured_fraction": measured,
+                       "dense_seconds": times["dense"], "model_seconds": times["model"]})
+        tried.append((choice, measured))
+        if abs(measured - b.target_latency) <= TOLERANCE * b.target_latency:
             break
-        target *= b.target_latency / measured
-    choice, measured = best
+    choice, measured = _closest(tried, b.target_latency)
     summary = {"target_latency": b.target_latency, "engine": timer.engine, "batch": b.batch,
                "measured_fraction": measured, "rounds": rounds,
                "choice": [{"site": c.fit.site.name, "method": c.option.method, "p": c.option.p}
                           for c in choice]}
     return LatencyAllocation(choice, summary)
+
+
+def _closest(tried: list[tuple[list[Candidate], float]], target: float
+             ) -> tuple[list[Candidate], float]:
+    """The last choice within `TOLERANCE` of the target; else the slowest one not over it
+    (it keeps the most); else the fastest."""
+    within = [t for t in tried if abs(t[1] - target) <= TOLERANCE * target]
+    if within:
+        return within[-1]
+    under = [t for t in tried if t[1] <= target * (1 + TOLERANCE)]
+    return max(under, key=lambda t: t[1]) if under else min(tried, key=lambda t: t[1])
