@@ -577,7 +577,16 @@ def onnx_engines_section(result: dict[str, Any]) -> str:
             "over dense PyTorch eager.\n\n" + result["table"])
 
 
-SECTIONS = {"demo": demo_section, "onnx-engines": onnx_engines_section,
+def race_seeds_section(result: dict[str, Any]) -> str:
+    """benchmarks/race_seeds.py: routed experts against static pruning at equal MACs, seeds."""
+    return (f"Embedded default, {result['kd_epochs']:g} epoch of distillation per point, top-1 on "
+            f"the 10,000 test images, seeds {', '.join(map(str, result['seeds']))} (each draws "
+            "the calibration images, every random draw of the extraction and the distillation "
+            "order); spread = half the range over seeds; MACs = the model's routed MACs per "
+            "image.\n\n" + result["table"])
+
+
+SECTIONS = {"demo": demo_section, "race-seeds": race_seeds_section, "onnx-engines": onnx_engines_section,
             "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
             "minilm": minilm_section,

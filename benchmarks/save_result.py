@@ -35,7 +35,8 @@ KINDS = {"demo": ("dense", "moe", "moe_calibrated"), "bench": ("machine", "block
          "study": ("dense", "rows", "kd_epochs"), "gpu-decode": ("gpu", "generate"),
          "smollm2-export": ("transformers", "greedy_equal_prefix"),
          "table2-seeds": ("dense_top1", "summary", "seeds"),
-         "onnx-engines": ("task", "rows", "table")}
+         "onnx-engines": ("task", "rows", "table"),
+         "race-seeds": ("points", "pairs", "table"), "latency-budget": ("rows", "table")}
 GPU_KINDS = {"bench": "machine", "gpu-decode": "gpu"}  # kind -> field naming where it ran
 CPU_MACHINE = re.compile(r", (\d+) threads$")  # moee bench's "machine" on CPU
 

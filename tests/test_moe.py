@@ -618,3 +618,14 @@ def test_grouped_dispatch_narrow_sort_key_gives_the_int64_stable_order(k):
     assert row[order].tolist() == list(range(500))  # row[t]: token t's place in expert order
     assert ends.tolist() == torch.bincount(expert, minlength=k).cumsum(0).tolist()
     assert torch.iinfo(sort_key_dtype(k)).max >= k - 1
+
+
+def test_the_union_of_one_expert_is_that_expert_with_its_offset():
+    g = torch.Generator().manual_seed(8)
+    moe = make_moe([torch.randperm(H, generator=g).tolist()], torch.randn(1, D, generator=g))
+    moe.expert_bias.normal_(generator=g)  # static pruning's left-out-neuron offset
+    x = torch.randn(3, 5, D, generator=g)
+    with torch.no_grad():
+        ref = moe.forward_reference(x)
+        moe.configure(execution="union")
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)

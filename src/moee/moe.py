@@ -216,12 +216,15 @@ class MoEMLP(nn.Module):
 
     def _forward_union(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pruned union run densely, no routing (a different function: the speed
-        fallback)."""
+        fallback; when one expert holds the whole union it is that expert, offset included)."""
         if self.gate is not None:
-            return self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
-        act = (self.activation if torch.compiler.is_compiling() or is_exporting()
-               else self.inference_weights().activation_)
-        return self.fc2(act(self.fc1(tokens)))
+            out = self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
+        else:
+            act = (self.activation if torch.compiler.is_compiling() or is_exporting()
+                   else self.inference_weights().activation_)
+            out = self.fc2(act(self.fc1(tokens)))
+        whole = len(self._spans) == 1 and self._spans[0][1] == self.fc2.in_features
+        return out + self.expert_bias[0].to(out.dtype) if whole else out
 
     def _forward_traced(self, tokens: torch.Tensor) -> torch.Tensor:
         """What an exporter traces: the routing inside the graph (`moee.engine.traced`), in

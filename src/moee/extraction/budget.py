@@ -227,7 +227,8 @@ def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batc
     body = {"store": origin, "cluster": settings_dict(config.cluster), "layers": layers,
             "select": settings_dict(replace(config.select, p=1.0)),
             "router": settings_dict(config.router),
-            "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest()}
+            "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest(),
+            "seed": config.seed, "held_out": config.held_out}
     return digest(body)
 
 

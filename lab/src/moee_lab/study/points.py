@@ -43,6 +43,28 @@ def _remedies(base: ExtractConfig) -> list[StudyPoint]:
         ("+ at most 2 experts a layer", r(base, cluster=r(c, max_clusters=2))))]
 
 
+RACE_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.8)  # fractions of dense MACs routed and static race at
+DEMO_MACS = 0.55  # about the MAC fraction of the demo's routed model (p 0.8, up to 8 experts)
+
+
+def race_points(base: ExtractConfig, targets: tuple[float, ...] = RACE_TARGETS
+                ) -> list[StudyPoint]:
+    """Routed experts against static pruning (one expert, the same statistics and refit) at
+    the same MAC budgets, and the demo's routed model against static pruning at its MACs."""
+    r = replace
+    points = [StudyPoint("race", "routed, the demo (p 0.8)", "routed", base),
+              StudyPoint("race", f"static, MAC budget {DEMO_MACS:.0%} (the demo's MACs)",
+                         "static", r(base, budget=BudgetConfig(target_macs=DEMO_MACS))
+                         .with_method("static"))]
+    for t in targets:
+        budget = BudgetConfig(target_macs=t)
+        points.append(StudyPoint("race", f"routed, MAC budget {t:.0%}", "routed",
+                                 r(base, budget=budget)))
+        points.append(StudyPoint("race", f"static, MAC budget {t:.0%}", "static",
+                                 r(base, budget=budget).with_method("static")))
+    return points
+
+
 def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
     """The points of the quick or the full study, from the settings `base` (its `select.p` is
     the ablation's p)."""
@@ -67,6 +89,7 @@ def study_points(base: ExtractConfig, quick: bool = False) -> list[StudyPoint]:
     points += _remedies(r(base, select=r(base.select, p=0.7)))
     if quick:
         return points
+    points += race_points(base)
     for algorithm in ("kmeans", "birch"):
         config = r(base, cluster=r(base.cluster, algorithm=algorithm))
         points.append(StudyPoint("variants", f"{algorithm} clusters", "variants", config))

@@ -45,8 +45,9 @@ class StudyConfig:
     download: bool = False
 
 
-def _key(point: StudyPoint, kd_epochs: float, test_images: int) -> str:
-    body = {"config": settings_dict(replace(point.config, work_dir=None, progress=False)),
+def _key(point: StudyPoint, kd_epochs: float, test_images: int, seed: int) -> str:
+    config = replace(point.config, work_dir=None, progress=False, seed=seed)
+    body = {"config": settings_dict(config),
             "kd_epochs": kd_epochs, "test_images": test_images}
     return digest(body)[:16]
 
@@ -60,9 +61,11 @@ def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
 
 
 def _extract(config: ExtractConfig, dense, train_x, seed: int, work: Path):
-    """Extract on the study's calibration images; points of one calibration size share a
-    work dir (one recording, one clustering per clustering setting)."""
-    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False)
+    """Extract on the study's calibration images with the study's seed (every random draw of
+    the extraction); points of one calibration size share a work dir (one recording, one
+    clustering per clustering setting and seed)."""
+    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False,
+                 seed=seed)
     return extract(dense, calibration_batches(train_x, seed), ex)
 
 
@@ -119,7 +122,7 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
         out / "matched.json", config.only)
     rows, reused = [], 0
     for point in tqdm(points, desc="study points"):
-        key = _key(point, kd_epochs, limit)
+        key = _key(point, kd_epochs, limit, config.seed)
         path = out / "points" / f"{key}.json"
         names = {"group": point.group, "name": point.name, "series": point.series}
         if path.is_file():  # the same extraction may appear in two groups under two names
