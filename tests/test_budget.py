@@ -93,3 +93,17 @@ def test_budget_mode_end_to_end_predicts_the_counted_macs(vit, images, tmp_path,
     assert again.budget["predicted_fraction"] <= target - 0.1
     with torch.no_grad():
         assert moe_model(images[:4]).logits.shape == (4, 3)
+
+
+def test_another_seed_measures_the_options_again(vit, images, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    moee.extract(vit, batches, _config(tmp_path, 0.8, "mlp"))
+    calls, real = [], budget.measure_options
+    monkeypatch.setattr(budget, "measure_options",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    moee.extract(vit, batches, _config(tmp_path, 0.8, "mlp"))
+    assert not calls  # the same seed reuses them
+    moee.extract(vit, batches, replace(_config(tmp_path, 0.8, "mlp"), seed=1))
+    assert calls == [1]
