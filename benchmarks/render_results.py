@@ -586,7 +586,8 @@ def race_seeds_section(result: dict[str, Any]) -> str:
             "image.\n\n" + result["table"])
 
 
-SECTIONS = {"demo": demo_section, "race-seeds": race_seeds_section, "onnx-engines": onnx_engines_section,
+SECTIONS = {"demo": demo_section, "race-seeds": race_seeds_section,
+            "onnx-engines": onnx_engines_section,
             "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
             "minilm": minilm_section,

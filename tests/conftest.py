@@ -150,6 +150,22 @@ def tiny_llm(tmp_path):
     return folder, tmp_path / "zen.txt"
 
 
+def llm_moe_checkpoint(folder, out):
+    """The tiny LLaMA saved in `folder` (tiny_llm) with every MLP split into 2 random experts of
+    12 of its 48 neurons, saved as a moee checkpoint in `out`, without extracting."""
+    from transformers import LlamaForCausalLM
+
+    import moee
+    from moee.extraction.build import LayerPlan, apply_plans
+
+    dense = LlamaForCausalLM.from_pretrained(folder).eval()
+    sites = moee.find_mlp_sites(dense)
+    rng = np.random.default_rng(0)
+    apply_plans(sites, [LayerPlan(s.name, [rng.choice(48, 12, replace=False) for _ in range(2)],
+                                  rng.normal(size=(2, 16))) for s in sites])
+    return moee.MoEModel(dense).save_pretrained(out)
+
+
 def pretend_free_disk(monkeypatch, free: int) -> None:
     """Make moee's free-space checks see `free` bytes free on every disk."""
     import moee.util.disk_space

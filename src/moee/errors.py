@@ -48,4 +48,10 @@ class BadBatchError(MoeeError, TypeError):
 
 
 class NonFiniteError(MoeeError, ValueError):
-    """NaN or Inf in the data or in a layer's activations (or beyond the store's range)."""
+    """NaN or Inf in the data, in a layer's activations (or beyond the store's range), in a
+    training loss or gradient, or in weights about to be saved."""
+
+
+class OutputError(ConfigError):
+    """An output path that would destroy something the command did not make: an input, an
+    existing folder or file of another kind (unless overwriting is asked for), or ''."""

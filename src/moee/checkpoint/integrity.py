@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,17 @@ def verify_digests(config: dict[str, Any], config_path: Path, weights: Path) -> 
         raise CheckpointError(
             f"{weights} does not match the digest recorded when it was saved: the file is "
             "corrupt or was modified; copy it again from its source")
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """The first floating-point tensor holding NaN or Inf: (its name, how many such values,
+    its size); None when every value is finite."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return name, bad, tensor.numel()
+    return None
 
 
 def check_expert_ids(name: str, experts: Any, hidden_size: int) -> list[list[int]]:

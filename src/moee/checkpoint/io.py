@@ -27,11 +27,12 @@ from moee.checkpoint.integrity import (
     add_digests,
     check_expert_ids,
     check_loaded_layer,
+    non_finite,
     verify_digests,
 )
 from moee.checkpoint.remote_code import write_remote_code
 from moee.engine import ExecutionConfig
-from moee.errors import CheckpointError, ConfigError
+from moee.errors import CheckpointError, ConfigError, NonFiniteError
 from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe import MoEMLP
 from moee.util.disk_space import ensure_room, tensor_bytes
@@ -56,8 +57,13 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
                      adapter: str | None, extract_config: dict[str, Any]) -> Path:
     """Save `model` (with its MoE `layers` installed); the JSON is read off the modules."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = non_finite(state)
+    if bad is not None:  # a diverged model would load without complaint and compute NaN
+        name, count, size = bad
+        raise NonFiniteError(f"save_pretrained: the tensor {name} holds NaN or Inf ({count} of "
+                             f"{size} values): the model diverged; nothing was written to {out}")
+    out.mkdir(parents=True, exist_ok=True)
     # Tied/shared tensors would make safetensors refuse; clone so each name owns its storage.
     seen: dict[int, str] = {}
     for k, v in state.items():
@@ -215,6 +221,11 @@ def read_checkpoint(directory: str | Path, base_model: nn.Module | None = None,
     # code paths (other rounding) for unaligned weights, so a reload would differ in the last
     # bits from the saved model. Misaligned tensors get an aligned copy of their own.
     tensors = {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in tensors.items()}
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{weights}: the tensor {bad[0]} holds NaN or Inf ({bad[1]} of "
+                              f"{bad[2]} values): this checkpoint was saved from a diverged "
+                              "model and cannot be used; save or fine-tune it again")
     skeleton = base_model is None
     model = _rebuild_base(config["base_model"]) if skeleton else base_model
     sites = {s.name: s for s in find_mlp_sites(model, config.get("adapter"), validate=False)}

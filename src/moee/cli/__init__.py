@@ -12,9 +12,10 @@ import errno
 import sys
 
 from moee.cli.options import extract_config
+from moee.cli.outputs import check_outputs
 from moee.cli.parser import make_parser
 from moee.cli.plugins import LAB_COMMANDS, LAB_HINT, commands_installed
-from moee.cli.sources import check_data, check_writable
+from moee.cli.sources import check_data
 from moee.errors import MoeeError
 
 __all__ = ["build_parser", "extract_config", "main"]
@@ -57,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     _join_torchrun()
     try:
         check_data(args)  # a missing file or folder is reported before any model loads
-        out_file = getattr(args, "to", None) == "gguf"  # a file, not a folder
-        check_writable("out", None if out_file else getattr(args, "out", None))
-        check_writable("work-dir", getattr(args, "work_dir", None))
+        check_outputs(args)  # and an --out that cannot or must not be written
         return args.func(args)
     except MoeeError as e:
         print(f"moee {args.command}: error: {e}", file=sys.stderr)

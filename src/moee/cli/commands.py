@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from moee.cli.options import distill_config, extract_config
+from moee.cli.outputs import SOURCE_FILE, STATE_DIR
 from moee.cli.plugins import embedded_default
 from moee.cli.sources import (
     calibration_data,
@@ -20,9 +20,8 @@ from moee.cli.sources import (
     user_batches,
 )
 from moee.errors import ConfigError
+from moee.util.atomic import replacing_dir
 from moee.util.distributed import rank_and_world
-
-SOURCE_FILE = "moee_source.json"  # extract and finetune record the dense model's name in it
 
 
 def record_source(checkpoint: Path, model: str) -> None:
@@ -57,10 +56,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
         return 0
     print(f"Extracted in {report.seconds:.0f} s from {report.n_tokens} tokens:\n{report.table()}")
-    out = moe_model.save_pretrained(args.out)
-    (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
-    record_source(out, args.model)
-    print(f"Saved MoE checkpoint to {out}")
+    with replacing_dir(args.out) as out:  # an earlier checkpoint there stays whole until then
+        moe_model.save_pretrained(out)
+        (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+        record_source(out, args.model)
+    print(f"Saved MoE checkpoint to {args.out}")
     return 0
 
 
@@ -73,17 +73,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_dense(source)
     check_seq_len(args, teacher)
     check_pair(student, teacher, "teacher")
-    # The run's state lives beside the output until the checkpoint is saved: rerunning the
-    # same command after an interruption resumes it.
-    state = Path(args.out) / "distill_state"
+    # The run's state lives in the output folder until the checkpoint replaces it: rerunning
+    # the same command after an interruption resumes it.
     losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args),
-                     state_dir=state, save_every=args.save_every)
+                     state_dir=Path(args.out) / STATE_DIR, save_every=args.save_every)
     if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
         return 0
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"Saved fine-tuned MoE checkpoint to {student.cpu().save_pretrained(args.out)}")
-    record_source(Path(args.out), source)
-    shutil.rmtree(state, ignore_errors=True)
+    with replacing_dir(args.out) as out:  # the state goes with the folder it replaces
+        student.cpu().save_pretrained(out)
+        record_source(out, source)
+    print(f"Saved fine-tuned MoE checkpoint to {args.out}")
     return 0
 
 
@@ -173,7 +173,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             agree = (after.argmax(-1) == before.argmax(-1)).float().mean()
             print(f"moee: union layers change the outputs on the calibration batch: argmax "
                   f"agreement {agree:.2%}, max |change| {(after - before).abs().max():.3g}")
-    print(f"Saved to {moe_model.save_pretrained(args.out)}")
+    with replacing_dir(args.out) as out:
+        moe_model.save_pretrained(out)
+    print(f"Saved to {args.out}")
     return 0
 
 

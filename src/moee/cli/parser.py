@@ -20,6 +20,7 @@ from moee.cli.options import (
     add_kd_args,
     count,
 )
+from moee.cli.outputs import add_out_args
 from moee.cli.plugins import add_plugin_commands
 from moee.config import DistillConfig, ExtractConfig
 from moee.engine import EXECUTIONS
@@ -42,7 +43,7 @@ def _extract(sub: argparse._SubParsersAction) -> None:
     """`moee extract`: a dense model to a MoE checkpoint."""
     ex = sub.add_parser("extract", help="turn a dense model into a MoE checkpoint")
     ex.add_argument("--model", default="default", help=MODEL_HELP)
-    ex.add_argument("--out", required=True)
+    add_out_args(ex, "checkpoint")
     add_extract_args(ex, ExtractConfig())
     add_data_args(ex, text=True)
     ex.set_defaults(func=cmd_extract, extract_base=ExtractConfig())
@@ -54,7 +55,8 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_arg(ft)
     ft.add_argument("--teacher", default=None, help=MODEL_HELP + "; default: the model the "
                     "checkpoint was extracted from, as `moee extract` recorded it")
-    ft.add_argument("--out", required=True)
+    add_out_args(ft, "checkpoint", help="the fine-tuned checkpoint; the run's resume state "
+                 "is kept in it until the checkpoint is saved")
     ft.add_argument("--seed", type=count(0), default=DistillConfig().seed)
     ft.add_argument("--save-every", type=count(1), default=50,
                     help="save the run's state every N steps; rerun to resume (default 50)")
@@ -88,7 +90,7 @@ def _calibrate(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--allow-approximate", action="store_true",
                      help="also let a layer run its pruned union without routing where that is "
                      "faster: a different function (what it changes on the batch is printed)")
-    cal.add_argument("--out", required=True)
+    add_out_args(cal, "checkpoint")
     add_data_args(cal, text=True)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -102,8 +104,7 @@ def _export(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--to", default="mixtral", choices=["onnx", "mixtral", "gguf"],
                     help="onnx: one file with the routing inside the graph (ONNX Runtime, "
                     "OpenVINO); mixtral: a MixtralForCausalLM directory; gguf: a llama.cpp file")
-    xp.add_argument("--out", required=True,
-                    help="the file (onnx, gguf) or directory (mixtral)")
+    add_out_args(xp, "export", help="the file (onnx, gguf) or directory (mixtral)")
     xp.add_argument("--quantize", choices=["int8"], default=None,
                     help="onnx: int8 weights (ONNX Runtime dynamic quantization; routers stay "
                     "fp32)")

@@ -139,22 +139,3 @@ def check_pair(moe_model, dense, role: str) -> None:
         print(f"moee: warning: the {role} differs from the model the checkpoint came from in "
               f"{', '.join(differ)}")
 
-
-def check_writable(option: str, path: str | None) -> None:
-    """Refuse, before any work, an output path that cannot be written: an existing file, or
-    a folder (or its nearest existing parent) this process may not write into. Nothing is
-    created here."""
-    if path is None:
-        return
-    import os
-
-    target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ConfigError(f"{option}: {target} exists and is not a directory")
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{option}: {existing} is a file, so {target} cannot be created")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}: cannot write into {existing} (permission denied)")

@@ -4,7 +4,6 @@ llama.cpp GGUF file (`moee.export.gguf`, needs the `gguf` package)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 from moee.errors import ConfigError
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.moe_model import MoEModel
+from moee.util.atomic import replacing_dir
 from moee.util.disk_space import ensure_room, tensor_bytes
 
 FORMATS = ("mixtral", "gguf")
@@ -29,10 +29,11 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
     `tokenizer`'s files (engines need them to run the model); `dtype` the weights' dtype
     (default: the model's). "gguf": one file for llama.cpp, 2-D weights as `gguf_type` ("f32",
     "f16" or "q8_0"), the vocabulary and chat template copied from `gguf_metadata`, a GGUF of
-    the source model. Either is written beside and renamed into place, so a failed export
-    leaves nothing half-written; `announce` (e.g. `print`) is told the size before the write.
-    Returns what was exported (`padding_summary()` says what padding costs). ONNX has its own
-    function, `moee.export.onnx.export_onnx`."""
+    the source model. Either is written beside and swapped into place (what was at `path` is
+    deleted only then), so a failed export leaves nothing half-written; `announce` (e.g.
+    `print`) is told the size before the write. Returns what was exported
+    (`padding_summary()` says what padding costs). ONNX has its own function,
+    `moee.export.onnx.export_onnx`."""
     if to not in FORMATS:
         raise ConfigError(f"export: format must be one of {FORMATS}, got {to!r}")
     model = moe_model.model if isinstance(moe_model, MoEModel) else moe_model
@@ -53,19 +54,14 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
     if announce is not None:
         announce(f"writing {nbytes / 2**20:,.1f} MiB of tensors to {out}")
     ensure_room(out.parent, nbytes, f"the export {out}", "free space or export elsewhere")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    result.config.save_pretrained(partial)
-    save_file(result.tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(partial)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    with replacing_dir(out) as partial:
+        result.config.save_pretrained(partial)
+        save_file(result.tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
     return result
 
 

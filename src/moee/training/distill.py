@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moee.config import DistillConfig
-from moee.errors import EmptyDataError
+from moee.errors import ConfigError, EmptyDataError, NonFiniteError
 from moee.moe import MoEMLP
 from moee.training.training_state import check_state_room, resume_state, save_state
 from moee.util.batches import (
@@ -139,17 +139,63 @@ def _to_training(student: nn.Module, teacher: nn.Module, config: DistillConfig,
     return DistributedDataParallel(student, find_unused_parameters=True)
 
 
+def _all_finite(tensors: list[torch.Tensor], world: int) -> bool:
+    """Whether every value of `tensors` is finite on every rank (so that all ranks stop at
+    the same step instead of some waiting for the others forever)."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = ok.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(ok)
+
+
+def _diverged(what: str, where: str, opt: torch.optim.Optimizer,
+              config: DistillConfig) -> NonFiniteError:
+    lr = opt.param_groups[0]["lr"]
+    return NonFiniteError(
+        f"distill: {what} at {where}, learning rate {config.lr:g} ({lr:.3g} at this step of "
+        "the schedule): training diverged and stopped; nothing of this step was saved. "
+        "Lower the learning rate (--kd-lr, DistillConfig.lr)")
+
+
 def _step(trained: nn.Module, teacher: nn.Module, batch: Batch, config: DistillConfig,
-          opt: torch.optim.Optimizer, sched: Any) -> float:
-    """One optimiser step toward the teacher's outputs on `batch`; its loss."""
+          opt: torch.optim.Optimizer, sched: Any, world: int, where: str) -> float:
+    """One optimiser step toward the teacher's outputs on `batch`; its loss. A non-finite
+    loss or gradient is never applied, and weights that become non-finite are never saved:
+    NonFiniteError naming `where` (the step) and the learning rate."""
     with torch.no_grad():
         target = call_model(teacher, batch)
     loss = _loss(call_model(trained, batch), target, batch, config)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    value = loss.item()
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not _all_finite([loss.detach(), *grads], world):
+        what = (f"the loss is {value}" if not math.isfinite(value)
+                else f"the gradient holds NaN or Inf (loss {value:.4g})")
+        raise _diverged(what, where, opt, config)
     opt.step()
     sched.step()
-    return loss.item()
+    params = [p.detach() for g in opt.param_groups for p in g["params"]]
+    if not _all_finite(params, 1):  # DDP keeps every rank's weights equal: no need to ask
+        raise _diverged(f"the weights became NaN or Inf (loss {value:.4g})", where, opt, config)
+    return value
+
+
+def _optimiser(student: nn.Module, config: DistillConfig, steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters, and its warm-up + cosine schedule."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    limit = max((torch.finfo(p.dtype).max for p in params if p.is_floating_point()),
+                default=math.inf)
+    if not config.lr < limit:  # the optimiser would fail converting it to the weights' dtype
+        raise ConfigError(f"lr: {config.lr:g} is beyond the weights' range ({limit:.3g})")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, steps, config.warmup_steps))
+    return opt, sched
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
@@ -168,6 +214,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     `state_dir`: save the run's state there every `save_every` steps; called again with the
     same student, teacher, data and config, the run resumes from the last save (replaying the
     data's iteration up to it) and ends with the weights an uninterrupted run would have.
+    A non-finite loss, gradient or weight stops the run (NonFiniteError naming the step and
+    the learning rate) before anything of that step is saved.
     """
     config = config or DistillConfig()
     rank, world = rank_and_world()
@@ -179,15 +227,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         check_state_room(state_dir, student)
         key = _run_key(student, teacher, data, config)
     trained = _to_training(student, teacher, config, device, world)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, steps, config.warmup_steps))
+    opt, sched = _optimiser(student, config, steps)
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), eval_mode(teacher):
+    first, losses, rng = resume_state(state_dir, key, student, opt, sched)
+    bar = tqdm(total=steps, initial=first, desc="distill", leave=False)
+    with torch.random.fork_rng(devices=devices), eval_mode(teacher), bar:  # closed on errors
         torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
-        first, losses, rng = resume_state(state_dir, key, student, opt, sched)
-        bar = tqdm(total=steps, initial=first, desc="distill", leave=False)
         step = 0
         while step < steps:
             for batch in data:
@@ -199,7 +244,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                 if not checked:
                     check_batch(batch, (step - 1) % len(data))
                 losses.append(_step(trained, teacher, to_device(batch, device), config, opt,
-                                    sched))
+                                    sched, world, f"step {step} of {steps}"))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
                 if on_step:
@@ -208,6 +253,5 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                     save_state(state_dir, key, step, losses, student, opt, sched)
                 if step >= steps:
                     break
-        bar.close()
     student.eval()
     return losses
