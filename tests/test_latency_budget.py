@@ -166,3 +166,19 @@ def test_the_choice_is_made_again_on_the_line_the_measured_models_give(vit, imag
     assert len(rounds) >= 2
     assert rounds[1]["predicted_fraction"] == pytest.approx(rounds[1]["measured_fraction"])
     assert report.budget["measured_fraction"] == rounds[-1]["measured_fraction"]
+
+
+@pytest.mark.parametrize("method", ["static", "moee"])
+def test_the_menu_can_be_one_method(vit, images, tmp_path, monkeypatch, method):
+    from dataclasses import replace
+
+    from moee import api
+
+    monkeypatch.setattr(api, "Runtime", lambda engine: WeightTimer())
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    config = _config(tmp_path, 0.9)
+    config = replace(config, budget=replace(config.budget, methods=(method,)))
+    _, report = moee.extract(vit, batches, config)
+    assert {c["method"] for c in report.budget["choice"]} <= {"dense", method}
+    with pytest.raises(moee.ConfigError, match="budget.methods"):
+        replace(config.budget, methods=("cmoe",))

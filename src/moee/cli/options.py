@@ -144,6 +144,10 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--engine", default=base.budget.engine, choices=LATENCY_ENGINES,
                    help="where --target-latency is measured: the engine you serve with "
                    "(onnxruntime, openvino: pip install 'moee[onnx]')")
+    p.add_argument("--latency-methods", nargs="+", choices=["static", "moee"],
+                   default=list(base.budget.methods), metavar="METHOD",
+                   help="what --target-latency may choose besides dense: static (one expert: "
+                   "pruning), moee (routed experts); default both")
     p.add_argument("--batch", type=count(1), default=base.budget.batch,
                    help="rows of the batch --target-latency is measured at (default "
                    "%(default)s)")
@@ -198,7 +202,7 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
              if args.local_steps else None,
              budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope,
                       target_latency=args.target_latency, engine=args.engine,
-                      batch=args.batch),
+                      batch=args.batch, methods=tuple(args.latency_methods)),
              work_dir=args.work_dir, seed=args.seed,
              max_memory_gib=args.max_memory,
              carve=CarveConfig(active=args.active, experts=args.groups,

@@ -105,11 +105,13 @@ def layer_inputs(model: nn.Module, sites: list[MLPSite], batch: Batch) -> list[t
     return [seen[i] for i in range(len(sites))]
 
 
-def _candidates(fit: LayerFit, static: LayerFit, grid: list[float]
+def _candidates(fit: LayerFit, static: LayerFit, grid: list[float], methods: tuple[str, ...]
                 ) -> list[tuple[str, float, LayerPlan]]:
-    """(method, p, plan) of each distinct routed and static plan of the layer."""
+    """(method, p, plan) of each distinct routed and static plan of the layer, of `methods`."""
     out: list[tuple[str, float, LayerPlan]] = []
     for method, f in (("moee", fit), ("static", static)):
+        if method not in methods:
+            continue
         previous = None
         for p in grid if f.stats is not None else ():
             plan = f.plan(p)
@@ -141,7 +143,7 @@ def measure_candidates(dense: nn.Module, student: nn.Module, student_sites: dict
                 continue
             found = [Candidate(Option(None, 0.0, 0.0, "dense"), None, fit)]
             modules = {0: build_moe_mlp(site, whole_plan(reference)).eval()}
-            for method, p, plan in _candidates(fit, fixed, grid):
+            for method, p, plan in _candidates(fit, fixed, grid, config.budget.methods):
                 loss = divergence(student, site, plan, probe, references, kind)
                 found.append(Candidate(Option(p, 0.0, loss, method), plan,
                                        fit if method == "moee" else fixed))
