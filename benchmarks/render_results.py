@@ -586,7 +586,16 @@ def race_seeds_section(result: dict[str, Any]) -> str:
             "image.\n\n" + result["table"])
 
 
+def latency_budget_section(result: dict[str, Any]) -> str:
+    """benchmarks/latency_budget.py: the latency budget's menus at one target, side by side."""
+    return (f"Dense top-1 {result['dense_top1']:.2%}, {result['threads']} threads. The layers "
+            "column counts the layers left dense, pruned statically and routed; fractions are "
+            "of dense latency in the same engine (the budget's while it chose; side by side "
+            "after distillation, best of the rounds).\n\n" + result["table"])
+
+
 SECTIONS = {"demo": demo_section, "race-seeds": race_seeds_section,
+            "latency-budget": latency_budget_section,
             "onnx-engines": onnx_engines_section,
             "bench": bench_section, "smollm2": smollm2_section,
             "smollm2-kd": smollm2_kd_section, "smollm2-export": smollm2_export_section,
