@@ -74,3 +74,55 @@ def test_saved_moe_runs_in_transformers_without_moee(name, tmp_path):
     got = run_without_moee(tmp_path / "ckpt", auto, x, tmp_path)
     assert got["class"].startswith("MoEE")
     assert (got["y"] - expected).abs().max() <= 1e-5
+
+
+def saved_bert(tmp_path):
+    moe_model = with_experts(tiny_bert(dropout=0.0), "euclidean")
+    moe_model.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def load_remote(directory, **kwargs):
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(directory, trust_remote_code=True, **kwargs)
+
+
+def edit_json(path, change) -> None:
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def test_remote_code_refuses_a_flipped_weight_byte(tmp_path):
+    directory = saved_bert(tmp_path)
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # inside the last tensor's values: safetensors still parses it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors does not match the digest"):
+        load_remote(directory)
+    assert load_remote(directory, moee_verify=False) is not None  # the way out, at one's risk
+
+
+@pytest.mark.parametrize("where", ["moee_config.json", "config.json"])
+def test_remote_code_refuses_an_edited_routing_metric(where, tmp_path):
+    directory = saved_bert(tmp_path)
+
+    def to_dot(config):
+        layers = config["layers"] if where == "moee_config.json" else config["moee_layers"][
+            "layers"]
+        layers[0]["metric"] = "dot"
+
+    edit_json(directory / where, to_dot)
+    message = "was edited after it was saved" if where == "moee_config.json" else (
+        "routes encoder.layer.0.intermediate by 'dot', .*moee_config.json by 'euclidean'")
+    with pytest.raises(ValueError, match=message):
+        load_remote(directory)
+
+
+def test_remote_code_computes_moees_digests():
+    from moee.checkpoint import integrity, modeling_moee
+
+    config = {"b": [1, {"z": 2.5, "a": None}], "a": "é", "digests": {"x": 1}}
+    assert modeling_moee.config_sha256(config) == integrity.config_sha256(config)

@@ -1,5 +1,5 @@
-"""`moee` command line: extract, finetune, evaluate, calibrate, export (and, with moee-lab
-installed, demo, study, train-base, analyze, bench).
+"""`moee` command line: extract, finetune, evaluate, calibrate, export, verify (and, with
+moee-lab installed, demo, study, train-base, analyze, bench).
 
 Thin over the Python API; every default comes from the config dataclasses. moee's own errors
 print as one line (exit code 2); anything else shows its traceback.
@@ -11,6 +11,7 @@ import argparse
 import errno
 import sys
 
+from moee.cli.checks import check_before_work
 from moee.cli.options import extract_config
 from moee.cli.outputs import check_outputs
 from moee.cli.parser import make_parser
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_data(args)  # a missing file or folder is reported before any model loads
         check_outputs(args)  # and an --out that cannot or must not be written
+        check_before_work(args)  # the device, --json, options without effect, ...
         return args.func(args)
     except MoeeError as e:
         print(f"moee {args.command}: error: {e}", file=sys.stderr)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from moee.cli.checks import check_perplexity_rows, note_short_batch, warn_top_k
 from moee.cli.options import distill_config, extract_config
-from moee.cli.outputs import SOURCE_FILE, STATE_DIR
+from moee.cli.outputs import STATE_DIR
 from moee.cli.plugins import embedded_default
+from moee.cli.provenance import check_source, record_source, recorded_source
 from moee.cli.sources import (
     calibration_data,
     check_pair,
@@ -22,29 +24,7 @@ from moee.cli.sources import (
 from moee.errors import ConfigError
 from moee.util.atomic import replacing_dir
 from moee.util.distributed import rank_and_world
-
-
-def record_source(checkpoint: Path, model: str) -> None:
-    """Write down which dense model `checkpoint` came from (a path made absolute)."""
-    model = str(Path(model).resolve()) if Path(model).exists() else model
-    (checkpoint / SOURCE_FILE).write_text(json.dumps({"model": model}) + "\n")
-
-
-def recorded_source(checkpoint: str, given: str | None) -> str:
-    """The dense model to compare with or distil from: `given`, else the one `moee extract`
-    recorded beside the checkpoint, else the embedded default; says which when not given."""
-    if given is not None:
-        return given
-    try:
-        source = json.loads((Path(checkpoint) / SOURCE_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
-        source = None
-    if source is None:
-        print("moee: no dense model recorded beside the checkpoint: the embedded default "
-              "(choose with --dense / --teacher)")
-        return "default"
-    print(f"moee: dense model {source!r}, as moee extract recorded it")
-    return source
+from moee.util.fingerprint import model_fingerprint
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -52,14 +32,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     dense, tokenizer = load_dense(args.model)
     check_seq_len(args, dense)
-    moe_model, report = extract(dense, calibration_data(args, tokenizer), extract_config(args))
+    fingerprint = model_fingerprint(dense)  # recorded: a later change of the model is noticed
+    config = extract_config(args)
+    moe_model, report = extract(dense, calibration_data(args, tokenizer), config)
     if rank_and_world()[0] != 0:  # torchrun: rank 0 reports and saves
         return 0
     print(f"Extracted in {report.seconds:.0f} s from {report.n_tokens} tokens:\n{report.table()}")
+    warn_top_k(config, report.layers)
     with replacing_dir(args.out) as out:  # an earlier checkpoint there stays whole until then
         moe_model.save_pretrained(out)
         (out / "extraction_report.json").write_text(json.dumps(report.as_dict(), indent=1))
-        record_source(out, args.model)
+        record_source(out, args.model, fingerprint)
     print(f"Saved MoE checkpoint to {args.out}")
     return 0
 
@@ -73,6 +56,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     teacher, tokenizer = load_dense(source)
     check_seq_len(args, teacher)
     check_pair(student, teacher, "teacher")
+    fingerprint = check_source(args.checkpoint, "teacher", args.teacher, source, teacher)
     # The run's state lives in the output folder until the checkpoint replaces it: rerunning
     # the same command after an interruption resumes it.
     losses = distill(student, teacher, training_data(args, tokenizer), distill_config(args),
@@ -82,7 +66,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"KD fine-tune: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     with replacing_dir(args.out) as out:  # the state goes with the folder it replaces
         student.cpu().save_pretrained(out)
-        record_source(out, source)
+        record_source(out, source, fingerprint)
     print(f"Saved fine-tuned MoE checkpoint to {args.out}")
     return 0
 
@@ -97,9 +81,12 @@ def _evaluate_on_data(args: argparse.Namespace) -> int:
     from moee.moe_model import MoEModel
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense, preprocessor = load_dense(recorded_source(args.checkpoint, args.dense))
+    source = recorded_source(args.checkpoint, args.dense)
+    dense, preprocessor = load_dense(source)
     check_seq_len(args, dense)
+    check_perplexity_rows(args, dense)
     check_pair(moe_model, dense, "dense model")
+    check_source(args.checkpoint, "dense", args.dense, source, dense)
     batches = list(itertools.islice(user_batches(args, preprocessor, None), args.max_batches))
     result = fidelity(moe_model, dense, batches)
     for name, model in (("dense", dense), ("moe", moe_model)):
@@ -125,8 +112,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     default = embedded_default()  # Fashion-MNIST: says how to get it, before any model loads
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
+    source = recorded_source(args.checkpoint, args.dense)
+    dense = load_dense(source)[0]
     check_pair(moe_model, dense, "dense model")
+    check_source(args.checkpoint, "dense", args.dense, source, dense)
     return default.evaluate(args, moe_model, dense)
 
 
@@ -161,6 +150,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"every MoE layer set to execution={args.force!r}")
     else:
         images = _calibration_batch(args, moe_model)
+        note_short_batch(args.batch, images)
         before = _first_output(moe_model, images)
         rows = calibrate(moe_model, images, allow_approximate=args.allow_approximate)
         print(f"{'layer':<22}{'tokens':>7}{'experts ms':>12}{'union ms':>10}{'kept':>9}"
@@ -203,8 +193,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.to == "onnx":
         return _export_onnx(moe_model, out, args)
-    if args.quantize or args.graph:
-        raise ConfigError(f"--quantize and --graph apply to --to onnx, not --to {args.to}")
     source = recorded_source(args.checkpoint, args.tokenizer)
     if args.to == "gguf":
         metadata = args.gguf_metadata or (source if source.endswith(".gguf") else None)
@@ -213,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                               "is copied), or export --to mixtral and convert that directory "
                               "with llama.cpp's convert_hf_to_gguf.py")
         result = export(moe_model, out, to="gguf", gguf_metadata=metadata,
-                        gguf_type=args.gguf_type, announce=_announce)
+                        gguf_type=args.gguf_type or "f32", announce=_announce)
         how = "llama.cpp (llama-cli -m FILE, or any llama.cpp binding)"
     else:
         tokenizer = None if source == "default" else _tokenizer_of(source)

@@ -30,20 +30,25 @@ def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
                    help="skip checking the checkpoint against the digests recorded at save")
 
 
-def count(minimum: int = 1):
-    """An argparse type: an integer >= `minimum` (argparse then exits 2 with the option's name
-    instead of a traceback deep in the work)."""
+def count(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: an integer >= `minimum` (and <= `maximum`; argparse then exits 2 with
+    the option's name instead of a traceback deep in the work)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    parse.__name__ = f"integer {bounds}"
     return parse
+
+
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
+SEED = count(0, SEED_MAX)
 
 
 def positive(text: str) -> float:
@@ -131,6 +136,14 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
                    help="experts one token computes: the union of its k most similar clusters' "
                    f"experts (moee, default 1) or neuron groups (moefication, default "
                    f"{carve.top_k})")
+    _add_budget_args(p, base)
+    p.add_argument("--seed", type=SEED, default=base.seed,
+                   help="seeds every random draw of the extraction: clustering, random "
+                   "selection and routing baselines, the router fit, carving, local distillation")
+
+
+def _add_budget_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
+    """The MAC and latency budgets: a p per layer instead of one."""
     p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
                    metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
                    "dense) from measured sensitivity to reach this fraction of the dense MACs; "
@@ -151,9 +164,6 @@ def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
     p.add_argument("--batch", type=count(1), default=base.budget.batch,
                    help="rows of the batch --target-latency is measured at (default "
                    "%(default)s)")
-    p.add_argument("--seed", type=count(0), default=base.seed,
-                   help="seeds every random draw of the extraction: clustering, random "
-                   "selection and routing baselines, the router fit, carving, local distillation")
 
 
 def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:

@@ -14,6 +14,7 @@ from moee.cli.commands import (
 )
 from moee.cli.options import (
     DEFAULT_BATCH,
+    SEED,
     add_checkpoint_arg,
     add_data_args,
     add_extract_args,
@@ -22,6 +23,7 @@ from moee.cli.options import (
 )
 from moee.cli.outputs import add_out_args
 from moee.cli.plugins import add_plugin_commands
+from moee.cli.verify import add_verify
 from moee.config import DistillConfig, ExtractConfig
 from moee.engine import EXECUTIONS
 
@@ -33,7 +35,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     """The parser of every command."""
     parser = argparse.ArgumentParser(prog="moee", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_extract, _finetune, _evaluate, _calibrate, _export):
+    for add in (_extract, _finetune, _evaluate, _calibrate, _export, add_verify):
         add(sub)
     add_plugin_commands(sub)  # moee-lab's demo, study, train-base, analyze, bench
     return parser
@@ -57,7 +59,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
                     "checkpoint was extracted from, as `moee extract` recorded it")
     add_out_args(ft, "checkpoint", help="the fine-tuned checkpoint; the run's resume state "
                  "is kept in it until the checkpoint is saved")
-    ft.add_argument("--seed", type=count(0), default=DistillConfig().seed)
+    ft.add_argument("--seed", type=SEED, default=DistillConfig().seed)
     ft.add_argument("--save-every", type=count(1), default=50,
                     help="save the run's state every N steps; rerun to resume (default 50)")
     add_kd_args(ft)
@@ -116,8 +118,8 @@ def _export(sub: argparse._SubParsersAction) -> None:
                     "(default: the model the checkpoint was extracted from)")
     xp.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="mixtral: the weights' dtype (default: the checkpoint's)")
-    xp.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f32",
-                    help="gguf: the 2-D weights' type (norms and routers stay f32)")
+    xp.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default=None,
+                    help="gguf: the 2-D weights' type (norms and routers stay f32; default f32)")
     xp.add_argument("--gguf-metadata", default=None, metavar="FILE",
                     help="gguf: a GGUF of the source model to copy the vocabulary from "
                     "(default: the model the checkpoint came from, when it is a .gguf)")

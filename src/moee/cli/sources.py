@@ -50,6 +50,10 @@ def check_data(args: argparse.Namespace) -> None:
     missing = [p for p in data if not Path(p).exists()]
     if missing:
         raise ConfigError(f"data: no such file or folder {missing[0]}")
+    odd = [p for p in data if not (Path(p).is_file() or Path(p).is_dir())]
+    if odd:  # a fifo or a device would block or never end
+        raise ConfigError(f"data: {odd[0]} is not a regular file or folder (a fifo, device or "
+                          "socket): give text files or one image folder")
     if any(Path(p).is_dir() for p in data) and len(data) > 1:
         raise ConfigError("data: give one image folder, or text files")
     data_dir = getattr(args, "data_dir", None)

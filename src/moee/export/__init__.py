@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from moee.errors import ConfigError
 from moee.export.mixtral import MixtralExport, to_mixtral
+from moee.export.verify import safetensors_metadata
 from moee.moe_model import MoEModel
 from moee.util.atomic import replacing_dir
 from moee.util.disk_space import ensure_room, tensor_bytes
@@ -56,7 +57,9 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
     ensure_room(out.parent, nbytes, f"the export {out}", "free space or export elsewhere")
     with replacing_dir(out) as partial:
         result.config.save_pretrained(partial)
-        save_file(result.tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+        # Every tensor's digest rides in the metadata (loaders ignore it): `moee verify` reads it.
+        save_file(result.tensors, str(partial / "model.safetensors"),
+                  metadata=safetensors_metadata(result.tensors))
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(partial)

@@ -27,7 +27,6 @@ import torch
 
 from moee.errors import ConfigError
 from moee.export.gguf_layout import (
-    ALWAYS_F32,
     DENSE_TENSORS,
     EXPERT_TENSORS,
     GLOBAL_TENSORS,
@@ -36,10 +35,12 @@ from moee.export.gguf_layout import (
     llama3_rope_factors,
     permute_qk,
     rope_of,
+    storage_type,
     tensor_name,
     unpermute_qk,
 )
 from moee.export.mixtral import MixtralExport, to_mixtral
+from moee.export.verify import DIGEST_KEY, gguf_placeholder, sha256, stamp_gguf
 from moee.moe_model import MoEModel
 from moee.util.disk_space import ensure_room
 
@@ -71,18 +72,6 @@ class _Planned:
     make: Callable[[], torch.Tensor]
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
-
-
-def _storage_type(kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
-                  weights: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """The converter's rule: 1-D tensors and the router f32, the rest `weights`; a row that
-    Q8_0's 32-wide blocks do not divide falls back to F16 (the converter's fallback too)."""
-    if len(shape) <= 1 or kind in ALWAYS_F32:
-        return Q.F32
-    if weights in (Q.F32, Q.F16):
-        return weights
-    block = gguf.GGML_QUANT_SIZES[weights][0]
-    return weights if shape[-1] % block == 0 else Q.F16
 
 
 def _encode(data: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -143,7 +132,7 @@ def _plan(export: MixtralExport, weights: gguf.GGMLQuantizationType) -> list[_Pl
     def add(kind: gguf.MODEL_TENSOR, layer: int | None, make: Callable[[], torch.Tensor],
             shape: tuple[int, ...]) -> None:
         planned.append(_Planned(tensor_name(kind, layer), make, shape,
-                                _storage_type(kind, shape, weights)))
+                                storage_type(kind, shape, weights)))
 
     def take(key: str) -> torch.Tensor:
         used.add(key)
@@ -228,6 +217,25 @@ def _check_writable(config, file_type: str) -> tuple[float, str, dict]:
     return theta, rope_type, params
 
 
+def _write_tensors(writer: gguf.GGUFWriter, planned: list[_Planned], path: Path) -> None:
+    """The header, then the tensors one at a time (a stacked expert tensor exists only while it
+    is written), then their digests over a same-length placeholder key (for `moee verify`)."""
+    writer.add_string(DIGEST_KEY, gguf_placeholder([p.name for p in planned]))
+    for p in planned:
+        stored, dtype, nbytes = _nbytes(p.shape, p.qtype)
+        writer.add_tensor_info(p.name, stored, dtype, nbytes, raw_dtype=p.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    digests = {}
+    for p in planned:
+        data = np.ascontiguousarray(_encode(p.make(), p.qtype))
+        digests[p.name] = sha256(data)
+        writer.write_tensor_data(data)
+    writer.close()
+    stamp_gguf(path, digests)
+
+
 def write_gguf(export: MixtralExport, out_file: str | Path,
                metadata_from: str | Path | gguf.GGUFReader, file_type: str = "f32",
                name: str | None = None, announce: Callable[[str], None] | None = None) -> Path:
@@ -269,20 +277,11 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
                               "model's GGUF")
         _write_hyperparameters(writer, config, theta, rope_type, params, ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for p in planned:
-            stored, dtype, nbytes = _nbytes(p.shape, p.qtype)
-            writer.add_tensor_info(p.name, stored, dtype, nbytes, raw_dtype=p.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        # One tensor at a time: a stacked expert tensor exists only while it is written.
-        for p in planned:
-            writer.write_tensor_data(_encode(p.make(), p.qtype))
+        _write_tensors(writer, planned, partial)
     except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)
         raise
-    writer.close()
     os.replace(partial, out)
     return out
 

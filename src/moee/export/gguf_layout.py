@@ -35,6 +35,19 @@ GLOBAL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight"
 ALWAYS_F32 = (T.FFN_GATE_INP,)  # as the converter: the router is never quantised
 
 
+def storage_type(kind: gguf.MODEL_TENSOR, shape: tuple[int, ...],
+                 weights: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The converter's rule: 1-D tensors and the router f32, the rest `weights`; a row that
+    Q8_0's 32-wide blocks do not divide falls back to F16 (the converter's fallback too)."""
+    Q = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or kind in ALWAYS_F32:
+        return Q.F32
+    if weights in (Q.F32, Q.F16):
+        return weights
+    block = gguf.GGML_QUANT_SIZES[weights][0]
+    return weights if shape[-1] % block == 0 else Q.F16
+
+
 def tensor_name(kind: gguf.MODEL_TENSOR, layer: int | None = None) -> str:
     """The GGUF name of a weight, from gguf-py's table (`blk.{i}.attn_q.weight`, ...)."""
     base = gguf.TENSOR_NAMES[kind]

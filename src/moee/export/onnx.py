@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moee.errors import ConfigError, MoeeError
+from moee.export.verify import stamp_onnx
 from moee.moe import moe_layers
 from moee.moe_model import MoEModel
 from moee.util.disk_space import ensure_room
@@ -202,6 +203,7 @@ def export_onnx(moe_model: nn.Module, path: str | Path, inputs: dict[str, torch.
     ensure_room(out.parent, nbytes, f"the ONNX export {out}", "free space or export elsewhere")
     partial = out.with_name(out.name + ".partial")
     program.save(str(partial), external_data=False)
+    stamp_onnx(partial)  # every initializer's digest in metadata_props, for `moee verify`
     result = OnnxExport(out, list(inputs), keys, partial.stat().st_size,
                         moe_layers=len(moe_layers(model)))
     if check:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from moee.errors import ConfigError
+from moee.export.verify import stamp_onnx
 
 # Ops the scores pass through between a router's matmul and its ArgMax.
 _PASS_THROUGH = {"Add", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
@@ -63,6 +64,7 @@ def quantize_int8(source: str | Path, target: str | Path) -> list[str]:
     try:
         quantize_dynamic(model, str(partial), weight_type=QuantType.QInt8,
                          nodes_to_exclude=routers)
+        stamp_onnx(partial)  # the int8 weights' own digests replace the fp32 file's
         os.replace(partial, target)
     finally:
         root.setLevel(level)
