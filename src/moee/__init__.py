@@ -35,6 +35,7 @@ from moee.errors import (
     NonFiniteError,
     ResourceError,
     TooFewTokensError,
+    WriteError,
 )
 from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
 from moee.fidelity import fidelity
@@ -51,7 +52,8 @@ __all__ = [
     "ExtractionReport", "LocalDistillConfig", "MLPSite", "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
     "RecordConfig",
-    "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "__version__",
+    "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "WriteError",
+    "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract", "fidelity",
     "find_mlp_sites", "image_batches", "list_adapters", "load", "read_texts", "register_adapter",
     "sparsify_activations", "token_batches", "top1_accuracy",

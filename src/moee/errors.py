@@ -52,6 +52,17 @@ class NonFiniteError(MoeeError, ValueError):
     training loss or gradient, or in weights about to be saved."""
 
 
+class WriteError(ResourceError, OSError):
+    """A file could not be written (disk full, file-size limit, no permission), whatever
+    library wrote it; the message names the file, and no half-written file is left under it.
+    An OSError too, so code that caught the library's OSError still catches it."""
+
+
+class WorkerDiedError(MoeeError, RuntimeError):
+    """The child process running a long computation ended without a result (killed, or out
+    of memory)."""
+
+
 class OutputError(ConfigError):
     """An output path that would destroy something the command did not make: an input, an
     existing folder or file of another kind (unless overwriting is asked for), or ''."""

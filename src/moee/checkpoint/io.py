@@ -35,6 +35,7 @@ from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError, NonFiniteError
 from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe import MoEMLP
+from moee.util.atomic import naming_write_errors
 from moee.util.disk_space import ensure_room, tensor_bytes
 
 CONFIG_NAME = "moee_config.json"
@@ -75,7 +76,9 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
     ensure_room(out, tensor_bytes(state.values()), f"the checkpoint {out}",
                 "free space or save it elsewhere")
     weights = out / (WEIGHTS_NAME + ".partial")
-    save_file(state, str(weights))
+    config_file = out / (CONFIG_NAME + ".partial")
+    with naming_write_errors(out / WEIGHTS_NAME, [weights]):
+        save_file(state, str(weights))
     config = {
         "format_version": FORMAT_VERSION,
         "moee_version": __version__,
@@ -85,11 +88,12 @@ def write_checkpoint(model: nn.Module, layers: list[MoEMLP], directory: str | Pa
                     "experts": m.dense_experts()} for m in layers],
         "extract_config": extract_config,
     }
-    config_file = out / (CONFIG_NAME + ".partial")
-    config_file.write_text(json.dumps(add_digests(config, weights), indent=1))
-    os.replace(weights, out / WEIGHTS_NAME)
-    os.replace(config_file, out / CONFIG_NAME)
-    write_remote_code(model, out)  # transformers alone can then run it (trust_remote_code)
+    with naming_write_errors(out / CONFIG_NAME, [weights, config_file]):
+        config_file.write_text(json.dumps(add_digests(config, weights), indent=1))
+        os.replace(weights, out / WEIGHTS_NAME)
+        os.replace(config_file, out / CONFIG_NAME)
+    with naming_write_errors(out):
+        write_remote_code(model, out)  # transformers alone can then run it (trust_remote_code)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 
 from moee.cli.checks import check_before_work
@@ -18,6 +19,7 @@ from moee.cli.parser import make_parser
 from moee.cli.plugins import LAB_COMMANDS, LAB_HINT, commands_installed
 from moee.cli.sources import check_data
 from moee.errors import MoeeError
+from moee.util.modes import Terminated
 
 __all__ = ["build_parser", "extract_config", "main"]
 
@@ -65,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except MoeeError as e:
         print(f"moee {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as e:  # after every `finally`: temporary files gone
+        code = e.code if isinstance(e, Terminated) else 128 + signal.SIGINT
+        print(f"moee {args.command}: stopped by {signal.Signals(code - 128).name}; temporary "
+              "files were removed (a --work-dir keeps what was done, and resumes)",
+              file=sys.stderr)
+        return code
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise

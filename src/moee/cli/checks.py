@@ -18,6 +18,7 @@ from moee.cli.options import SEED_MAX, extract_config
 from moee.cli.provenance import recorded
 from moee.config import ExtractConfig
 from moee.errors import ConfigError
+from moee.extraction.cluster import check_min_samples
 from moee.util.batches import Batch, model_inputs
 
 # Export options and the formats they apply to (elsewhere they would be ignored).
@@ -42,7 +43,11 @@ def check_before_work(args: argparse.Namespace) -> None:
     if option is not None:
         refuse_moe_checkpoint(option, getattr(args, option, None))
     if args.command == "extract":
-        check_top_k(extract_config(args))
+        config = extract_config(args)
+        check_top_k(config)
+        if config.carve is None:  # at most --tokens are recorded: refused before recording
+            c = config.cluster
+            check_min_samples(c, min(config.record.n_tokens, c.max_tokens or 2**62))
 
 
 def check_device(spec: str | None) -> None:

@@ -169,9 +169,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer_of(source: str):
+def _tokenizer_of(source: str, given: bool):
     """The tokenizer of the dense model `source` (a .gguf file, a folder or a hub id), or None
-    with a note when it has none."""
+    with a note when it has none; refused when it was `given` with --tokenizer."""
     import transformers
 
     try:
@@ -179,10 +179,30 @@ def _tokenizer_of(source: str):
             path = Path(source)
             return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        print(f"moee: no tokenizer from {source!r} ({str(e).splitlines()[0]}); exporting the "
-              "model without one (give --tokenizer)")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if given:
+            raise ConfigError(f"tokenizer: no tokenizer could be loaded from {source!r} "
+                              f"({why}); give the folder of the model's tokenizer") from None
+        print(f"moee: no tokenizer from {source!r} ({why}); exporting the model without one "
+              "(give --tokenizer)")
         return None
+
+
+def check_vocabulary(tokenizer, model, source: str) -> None:
+    """Refuse a tokenizer of another size than the model's embedding: its ids would index
+    other rows, or none. Fewer tokens than rows pass where the rows are a multiple of 64, the
+    padding many models' embeddings have (Phi-3, Qwen2)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is None:
+        return
+    rows = embeddings.weight.shape[0]
+    tokens = len(tokenizer)
+    if tokens == rows or tokens < rows and rows % 64 == 0:
+        return
+    raise ConfigError(f"tokenizer: {source!r} has a vocabulary of {tokens} tokens, but the "
+                      f"model's embedding has {rows} rows: give the tokenizer of the model the "
+                      "checkpoint was extracted from (--tokenizer)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -204,7 +224,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                         gguf_type=args.gguf_type or "f32", announce=_announce)
         how = "llama.cpp (llama-cli -m FILE, or any llama.cpp binding)"
     else:
-        tokenizer = None if source == "default" else _tokenizer_of(source)
+        tokenizer = (None if source == "default"
+                     else _tokenizer_of(source, given=args.tokenizer is not None))
+        if tokenizer is not None:
+            check_vocabulary(tokenizer, moe_model.model, source)
         dtype = getattr(torch, args.dtype) if args.dtype else None
         result = export(moe_model, out, to="mixtral", tokenizer=tokenizer, dtype=dtype,
                         announce=_announce)

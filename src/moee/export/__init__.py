@@ -14,7 +14,7 @@ from moee.errors import ConfigError
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.export.verify import safetensors_metadata
 from moee.moe_model import MoEModel
-from moee.util.atomic import replacing_dir
+from moee.util.atomic import naming_write_errors, replacing_dir
 from moee.util.disk_space import ensure_room, tensor_bytes
 
 FORMATS = ("mixtral", "gguf")
@@ -55,11 +55,13 @@ def export(moe_model, path: str | Path, to: str = "mixtral", tokenizer=None,
     if announce is not None:
         announce(f"writing {nbytes / 2**20:,.1f} MiB of tensors to {out}")
     ensure_room(out.parent, nbytes, f"the export {out}", "free space or export elsewhere")
-    with replacing_dir(out) as partial:
+    # replacing_dir deletes the partial folder on any error: nothing is left half-written
+    with naming_write_errors(out), replacing_dir(out) as partial:
         result.config.save_pretrained(partial)
         # Every tensor's digest rides in the metadata (loaders ignore it): `moee verify` reads it.
-        save_file(result.tensors, str(partial / "model.safetensors"),
-                  metadata=safetensors_metadata(result.tensors))
+        with naming_write_errors(out / "model.safetensors"):
+            save_file(result.tensors, str(partial / "model.safetensors"),
+                      metadata=safetensors_metadata(result.tensors))
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(partial)

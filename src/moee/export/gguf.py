@@ -42,6 +42,7 @@ from moee.export.gguf_layout import (
 from moee.export.mixtral import MixtralExport, to_mixtral
 from moee.export.verify import DIGEST_KEY, gguf_placeholder, sha256, stamp_gguf
 from moee.moe_model import MoEModel
+from moee.util.atomic import naming_write_errors
 from moee.util.disk_space import ensure_room
 
 try:
@@ -269,20 +270,21 @@ def write_gguf(export: MixtralExport, out_file: str | Path,
     source = (metadata_from if isinstance(metadata_from, gguf.GGUFReader)
               else gguf.GGUFReader(str(metadata_from)))
     writer = gguf.GGUFWriter(str(partial), ARCH_NAME)
-    try:
-        vocab = _copy_metadata(writer, source, name)
-        if vocab != config.vocab_size:
-            raise ConfigError(f"export to GGUF: {source.data.filename} has {vocab} tokens, the "
-                              f"model {config.vocab_size}; copy the metadata from the source "
-                              "model's GGUF")
-        _write_hyperparameters(writer, config, theta, rope_type, params, ftype)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_tensors(writer, planned, partial)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, out)
+    with naming_write_errors(out, [partial]):  # gguf-py's or numpy's failed write names `out`
+        try:
+            vocab = _copy_metadata(writer, source, name)
+            if vocab != config.vocab_size:
+                raise ConfigError(f"export to GGUF: {source.data.filename} has {vocab} tokens, "
+                                  f"the model {config.vocab_size}; copy the metadata from the "
+                                  "source model's GGUF")
+            _write_hyperparameters(writer, config, theta, rope_type, params, ftype)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _write_tensors(writer, planned, partial)
+        except BaseException:
+            writer.close()  # should its flush fail too, naming_write_errors removes the file
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, out)
     return out
 
 

@@ -13,10 +13,16 @@ import numpy as np
 import torch
 
 from moee.config import ClusterConfig
-from moee.errors import TooFewTokensError
+from moee.errors import ConfigError, TooFewTokensError
+from moee.util.child import run_in_child
 
 # scikit-learn and fast_hdbscan are imported where they are used: loading and running a saved
 # MoE (`moee.load`, `moee bench`) needs neither, e.g. on a GPU machine that has only torch.
+
+# Clustering below this many tokens x neighbours (min_samples) takes seconds at most: it runs
+# in this process, where a child's start (importing torch and numba, ~5 s) would cost more.
+IN_PROCESS_WORK = 10_000_000
+DENSITY = ("hdbscan", "dbscan", "optics")  # the algorithms that read min_samples
 
 
 @dataclass
@@ -140,6 +146,40 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig, seed: int = 0) -> L
     rows = np.arange(n)
     if config.max_tokens is not None and n > config.max_tokens:
         rows = np.sort(np.random.default_rng(seed).choice(n, config.max_tokens, False))
+    check_min_samples(config, len(rows))
+    if len(rows) * _neighbours(config, len(rows)) <= IN_PROCESS_WORK:
+        clustering = _cluster_rows(hidden, rows, config, seed)
+    else:  # a child process, so that SIGTERM / Ctrl-C stop minutes of native code at once
+        clustering = run_in_child(_cluster_rows, hidden, rows, config, seed)
+    return replace(clustering, seconds=time.perf_counter() - t0)
+
+
+def _neighbours(config: ClusterConfig, n: int) -> int:
+    """The neighbours (or centres) per token the algorithm weighs: its work is ~ n times it."""
+    if config.algorithm in ("kmeans", "birch"):
+        return config.n_clusters
+    return config.min_samples or min_cluster_size(config, n)
+
+
+def check_min_samples(config: ClusterConfig, n: int) -> None:
+    """Refuse a density clustering's `min_samples` that `n` clustered tokens (each half of
+    them, for the stability score) cannot reach: every token would silently be noise."""
+    if config.algorithm not in DENSITY or config.min_samples is None:
+        return
+    usable = n // 2 if config.stability else n
+    if config.min_samples >= usable:
+        halves = f" (halves of {usable} for the stability score)" if config.stability else ""
+        raise ConfigError(
+            f"cluster.min_samples (--min-samples) is {config.min_samples}, but a layer has "
+            f"{n} tokens to cluster{halves}: every token would be noise; give a "
+            f"min_samples below {usable}, or record more tokens (record.n_tokens, --tokens)")
+
+
+def _cluster_rows(hidden: np.ndarray, rows: np.ndarray, config: ClusterConfig,
+                  seed: int) -> LayerClustering:
+    """Reduce, cluster, merge and score `hidden[rows]`; the other tokens join its clusters.
+    Runs in this process or a child one (`hidden` then travels as a StoredArray's path)."""
+    n = len(hidden)
     z, transform = fit_reduction(hidden[rows], config, seed)
     labels = np.full(n, -1, dtype=np.int64)
     labels[rows] = _fit_labels(z, config, seed)
@@ -149,8 +189,7 @@ def cluster_layer(hidden: np.ndarray, config: ClusterConfig, seed: int = 0) -> L
     if len(rows) < n and k > 0:
         _assign_rest(hidden, labels, rows, z, transform)
     stability = stability_score(z, config, seed) if config.stability and len(z) >= 4 else None
-    return LayerClustering(labels, k, float((labels < 0).mean()), stability,
-                           time.perf_counter() - t0)
+    return LayerClustering(labels, k, float((labels < 0).mean()), stability, 0.0)
 
 
 def unstable_remedy(c: LayerClustering, config: ClusterConfig) -> LayerClustering:

@@ -8,24 +8,55 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moee.errors import MoeeError, WriteError
+
+
+def _reason(e: BaseException) -> str:
+    """A write error's cause in a few words, on one line."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+@contextmanager
+def naming_write_errors(path: str | Path, remove: Iterable[Path] = ()) -> Iterator[None]:
+    """Inside the block a failed write (an OSError, or safetensors' own error, from whichever
+    library wrote) becomes a one-line `WriteError` naming `path`, once the partial files or
+    folders `remove` are deleted: nothing half-written stays behind."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except MoeeError:
+        raise
+    except (OSError, SafetensorError) as e:
+        for p in remove:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {_reason(e)}; free space (or raise the file size "
+                         "limit) or write elsewhere") from e
+
 
 def write_json(path: Path, obj: Any) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(obj, indent=1))
-    os.replace(partial, path)
+    with naming_write_errors(path, [partial]):
+        partial.write_text(json.dumps(obj, indent=1))
+        os.replace(partial, path)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     partial = path.with_name(path.name + ".partial.npy")  # np.save would append .npy
-    np.save(partial, array)
-    os.replace(partial, path)
+    with naming_write_errors(path, [partial]):
+        np.save(partial, array)
+        os.replace(partial, path)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -8,10 +8,14 @@ stay ordinary .npy files (np.load reads them).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from moee.errors import WriteError
 
 CHUNK_BYTES = 1 << 25  # rows read per pread for index lookups: 32 MiB at most
 
@@ -31,21 +35,35 @@ class RowWriter:
     """Writes rows of an .npy file made by `create` at their positions."""
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, int]) -> None:
-        self.offset = create(path, dtype, shape)
+        self.path, self.fd = path, -1
+        with self._naming_errors():
+            self.offset = create(path, dtype, shape)
+            self.fd = os.open(path, os.O_WRONLY)
         self.row_bytes = shape[1] * np.dtype(dtype).itemsize
         self.dtype = np.dtype(dtype)
-        self.fd = os.open(path, os.O_WRONLY)
-        self.path = path
+
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        """A failed write (disk full, file-size limit) closes and deletes the file: no store
+        array is left half-written; the `WriteError` names it."""
+        try:
+            yield
+        except OSError as e:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            self.path.unlink(missing_ok=True)
+            raise WriteError(f"cannot write {self.path}: {e.strerror or e}; free space (or "
+                             "raise the file size limit) or write elsewhere") from e
 
     def write(self, start: int, rows: np.ndarray) -> None:
         data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        try:
+        with self._naming_errors():
             os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
-        except OSError as e:  # pwrite names no file: say which one (the CLI prints it)
-            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
-        os.fsync(self.fd)
+        with self._naming_errors():
+            os.fsync(self.fd)
         os.close(self.fd)
 
 
