@@ -182,3 +182,26 @@ def test_the_menu_can_be_one_method(vit, images, tmp_path, monkeypatch, method):
     assert {c["method"] for c in report.budget["choice"]} <= {"dense", method}
     with pytest.raises(moee.ConfigError, match="budget.methods"):
         replace(config.budget, methods=("cmoe",))
+
+
+class ThreeTimesInSituTimer(WeightTimer):
+    """Layers cost three times inside the model what they cost alone: by the naive sum the
+    target is out of reach, by the measured models it is not."""
+
+    def time_models(self, models, batch):
+        alone = super().time_models(models, batch)
+        return {k: 3 * v - 2000.0 for k, v in alone.items()}
+
+
+def test_a_target_the_naive_sum_puts_out_of_reach_measures_the_fastest_choice_first(
+        vit, images, tmp_path, monkeypatch):
+    from moee import api
+
+    monkeypatch.setattr(api, "Runtime", lambda engine: ThreeTimesInSituTimer())
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    _, report = moee.extract(vit, batches, _config(tmp_path, 0.7))
+    rounds = report.budget["rounds"]
+    assert rounds[0]["predicted_fraction"] > 0.7  # the fastest choice, by the naive line
+    assert rounds[0]["measured_fraction"] < 0.7
+    assert len(rounds) >= 2 and report.budget["reached"]
+    assert report.budget["measured_fraction"] <= 0.7 * 1.05

@@ -83,8 +83,11 @@ def _latency_line(budget: dict[str, Any]) -> str:
     methods = [c["method"] for c in budget["choice"]]
     mix = ", ".join(f"{methods.count(m)} {m}" for m in ("dense", "static", "moee")
                     if m in methods)
+    missed = ("" if budget.get("reached", True) else "; not reached: the fastest choice "
+              "measured is kept")
     return (f"latency budget {budget['target_latency']:g} of dense in {budget['engine']} at "
-            f"batch {budget['batch']}: measured {budget['measured_fraction']:.3f} ({mix})")
+            f"batch {budget['batch']}: measured {budget['measured_fraction']:.3f} ({mix}"
+            f"{missed})")
 
 
 def _record_or_reuse(model, sites, data, config: ExtractConfig, work: Path, store_dir: Path
