@@ -212,3 +212,29 @@ def test_bert_reload_keeps_non_persistent_buffers(tmp_path):
     with torch.no_grad():
         assert torch.equal(_out(moe_model, x), _out(again, x))
     assert all(not b.is_meta for b in again.buffers())
+
+
+def test_the_inner_save_guard_takes_trainers_keywords_and_holds_no_cycle(tmp_path):
+    import copy
+    import gc
+    import weakref
+
+    model, _ = _small_moe()
+    x = torch.randn(2, 1, 8, 8)
+    # transformers.Trainer saves its checkpoints this way
+    model.model.save_pretrained(tmp_path / "trainer", state_dict=model.model.state_dict(),
+                                safe_serialization=True)
+    with torch.no_grad():
+        torch.testing.assert_close(moee.load(tmp_path / "trainer")(x).logits, model(x).logits)
+    model.model.save_pretrained(tmp_path / "other-rank", is_main_process=False)
+    assert not (tmp_path / "other-rank").exists()
+    twin = copy.deepcopy(model)  # the copy's guard saves the copy
+    twin.model.save_pretrained(tmp_path / "twin")
+    assert (tmp_path / "twin" / "model.safetensors").is_file()
+    inner = weakref.ref(model.model)
+    gc.disable()
+    try:
+        del model
+        assert inner() is None  # freed at once, not by the cyclic collector
+    finally:
+        gc.enable()

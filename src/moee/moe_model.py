@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,20 +14,39 @@ from torch import nn
 from moee.checkpoint.io import read_checkpoint, write_checkpoint
 from moee.moe import MoEMLP, moe_layers
 
+# What transformers.Trainer passes to save_pretrained: the model's own weights (`state_dict`),
+# the format (moee always writes safetensors) and sharding, which one checkpoint file ignores.
+_TRAINER_KEYWORDS = frozenset({"state_dict", "safe_serialization", "save_function",
+                               "max_shard_size", "variant", "token"})
+
 
 class _SaveAsMoECheckpoint:
     """Stands in for the inner transformers model's `save_pretrained`: transformers would write
     a checkpoint it reloads with every MoE MLP randomly re-initialised, after only a warning.
-    This writes moee's checkpoint instead (a class, not a closure, so the model still pickles)."""
+    This writes moee's checkpoint instead (a class, not a closure, so the model still pickles;
+    a weak reference, so the model, which holds it, is freed by `del` without the cyclic
+    collector)."""
 
     def __init__(self, model: nn.Module, adapter: str | None, extract_config: dict) -> None:
-        self.model, self.adapter, self.extract_config = model, adapter, extract_config
+        self.model = weakref.ref(model)
+        self.adapter, self.extract_config = adapter, extract_config
 
-    def __call__(self, directory: str | Path, **ignored: Any) -> Path:
-        if ignored:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": self.model()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, model=weakref.ref(state["model"]))
+
+    def __call__(self, directory: str | Path, is_main_process: bool = True,
+                 push_to_hub: bool = False, **options: Any) -> Path:
+        unknown = sorted(set(options) - _TRAINER_KEYWORDS)
+        if unknown or push_to_hub:
             raise TypeError(f"this model's MLPs are moee MoE layers: save_pretrained writes "
-                            f"moee's checkpoint and takes no {sorted(ignored)}")
-        return write_checkpoint(self.model, list(moe_layers(self.model).values()), directory,
+                            f"moee's checkpoint and takes no {unknown or ['push_to_hub']}")
+        if not is_main_process:  # under Trainer's distributed runs one process writes
+            return Path(directory)
+        model = self.model()
+        return write_checkpoint(model, list(moe_layers(model).values()), directory,
                                 self.adapter, self.extract_config)
 
 
