@@ -107,3 +107,16 @@ def test_another_seed_measures_the_options_again(vit, images, tmp_path, monkeypa
     assert not calls  # the same seed reuses them
     moee.extract(vit, batches, replace(_config(tmp_path, 0.8, "mlp"), seed=1))
     assert calls == [1]
+
+
+def test_extraction_leaves_the_global_rng_alone(vit, images, tmp_path):
+    batches = [images[i : i + 40] for i in range(0, 240, 40)]
+    config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=1000),
+                                cluster=moee.ClusterConfig(min_cluster_fraction=0.05,
+                                                           min_samples=5, reduce_dims=8),
+                                work_dir=str(tmp_path), progress=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    moee.extract(vit, batches, config)
+    assert torch.equal(torch.rand(3), expected)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from moee.adapters import MLPSite, find_mlp_sites
 from moee.engine import ExecutionConfig
@@ -42,7 +43,8 @@ class LayerPlan:
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+    # skip_init: no default initialisation drawn from the caller's global RNG, then overwritten
+    lin = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
                     device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
