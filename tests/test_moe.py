@@ -629,3 +629,16 @@ def test_the_union_of_one_expert_is_that_expert_with_its_offset():
         ref = moe.forward_reference(x)
         moe.configure(execution="union")
         torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fc1.bias", "fc2.bias", "router_centres", "expert_bias"])
+def test_a_tensor_given_new_data_rebuilds_the_inference_cache(name):
+    moe = _random_moe()
+    x = torch.randn(4, 9, D)
+    with torch.no_grad():
+        moe(x)  # the cache is built
+        owner, attr = (moe, name) if "." not in name else (getattr(moe, name.split(".")[0]),
+                                                         name.split(".")[1])
+        tensor = getattr(owner, attr)
+        tensor.data = tensor.data + torch.randn_like(tensor.data)  # new storage, same tensor
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)

@@ -162,10 +162,12 @@ class MoEMLP(nn.Module):
             versions = tuple(-1 if t is None else t._version for t in tensors)
         except RuntimeError:  # inference tensors (made under inference_mode) have no counter
             versions = ()
+        # every storage: `.data = ...` swaps a tensor's storage, keeping its id and maybe its
+        # version
+        storages = tuple(0 if t is None else t.data_ptr() for t in tensors)
         w1 = tensors[0]
-        return (versions, *map(id, tensors), id(mods["activation"]), w1.data_ptr(),
-                tensors[2].data_ptr(), w1.device, w1.dtype, self._presliced(),
-                self.execution_config.width_multiple)
+        return (versions, *map(id, tensors), id(mods["activation"]), storages, w1.device,
+                w1.dtype, self._presliced(), self.execution_config.width_multiple)
 
     def _presliced(self) -> bool:
         """Whether the cache holds expert copies: not for a layer that runs the union."""
