@@ -30,3 +30,19 @@ def test_fewer_tokens_than_asked_is_recorded_honestly(vit, images, tmp_path):
 def test_no_data_is_a_clear_error(vit, tmp_path):
     with pytest.raises(EmptyDataError, match="no tokens"):
         record_activations(vit, find_mlp_sites(vit), [], RecordConfig(), tmp_path, progress=False)
+
+
+def test_a_failed_recording_leaks_no_descriptor_and_no_file(vit, images, tmp_path):
+    import os
+
+    from moee.errors import NonFiniteError
+
+    bad = images[:16].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(NonFiniteError):
+            record_activations(vit, find_mlp_sites(vit), [images[:16], bad],
+                               RecordConfig(n_tokens=1000), tmp_path, progress=False)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert not list(tmp_path.glob("*.npy"))

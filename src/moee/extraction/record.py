@@ -160,6 +160,11 @@ class _Recorder:
             inp.close()
             hid.close()
 
+    def discard(self) -> None:
+        for pair in self.arrays.values():
+            for writer in pair:
+                writer.discard()
+
 
 @torch.inference_mode()
 def record_activations(
@@ -195,13 +200,16 @@ def record_activations(
             bar.update(rec.filled[0] - before)
             if min(rec.filled) >= n:
                 break
+        got = rec.check_every_site_ran(sites)
+        rec.close()
+    except BaseException:
+        rec.discard()
+        raise
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
         bar.close()
-    got = rec.check_every_site_ran(sites)
-    rec.close()
     origin = {"model": model_digest, "data": digest.hexdigest(), "batches": rec.batches,
               "settings": settings_of(config)}
     # Written last, atomically: it vouches for the arrays beside it.

@@ -65,6 +65,15 @@ class RowWriter:
         with self._naming_errors():
             os.fsync(self.fd)
         os.close(self.fd)
+        self.fd = -1
+
+    def discard(self) -> None:
+        """Close without syncing and delete the file (a recording that failed): neither the
+        descriptor nor the disk space outlives the error."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.path.unlink(missing_ok=True)
 
 
 class StoredArray:
