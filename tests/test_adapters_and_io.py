@@ -238,3 +238,28 @@ def test_the_inner_save_guard_takes_trainers_keywords_and_holds_no_cycle(tmp_pat
         assert inner() is None  # freed at once, not by the cyclic collector
     finally:
         gc.enable()
+
+
+def test_loading_leaves_other_threads_modules_alone(tmp_path):
+    import threading
+
+    _small_moe()[0].save_pretrained(tmp_path)
+    stop, on_meta, built = threading.Event(), [], [0]
+
+    def build_layers():
+        while not stop.is_set():
+            layer = nn.Linear(4, 4)
+            built[0] += 1
+            if layer.weight.is_meta:
+                on_meta.append(layer)
+
+    worker = threading.Thread(target=build_layers)
+    worker.start()
+    try:
+        for _ in range(5):
+            moee.load(tmp_path)
+    finally:
+        stop.set()
+        worker.join()
+    assert built[0] > 0 and on_meta == []
+    assert moee.load(tmp_path).model.vit.layers[0].attention.q_proj.weight.device.type == "cpu"

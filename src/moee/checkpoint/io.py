@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,22 +120,41 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+_meta = threading.local()  # set in the thread that is rebuilding a base model
+_meta_lock = threading.Lock()
+_meta_users = 0
+_saved_register = nn.Module.register_parameter  # what the hook calls (read at install)
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """nn.Module.register_parameter while some thread rebuilds a base model: in that thread the
+    parameter moves to the meta device; every other thread's modules are left alone."""
+    if param is not None and getattr(_meta, "active", False):
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _saved_register(module, name, param)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block moves to the meta device (buffers stay
-    real: non-persistent ones, e.g. position ids, are not in the checkpoint)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
+    """Every parameter registered inside the block, in this thread, goes to the meta device
+    (buffers stay real: non-persistent ones, e.g. position ids, are not in the checkpoint;
+    `torch.device("meta")` would take them too). The hook is installed only while a block is
+    open and acts only in the threads that opened one."""
+    global _meta_users, _saved_register
+    with _meta_lock:
+        if _meta_users == 0:
+            _saved_register = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_parameter
+        _meta_users += 1
+    _meta.active = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _meta.active = False
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                nn.Module.register_parameter = _saved_register
 
 
 def _rebuild_base(spec: dict) -> nn.Module:
