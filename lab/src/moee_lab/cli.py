@@ -19,6 +19,7 @@ from moee.cli.options import (
     extract_config,
     positive,
 )
+from moee.cli.provenance import check_source
 from moee.cli.sources import load_dense
 
 
@@ -150,7 +151,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from moee_lab.analysis import analyse_layers, routing_by_class, write_report
 
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
-    dense = load_dense(recorded_source(args.checkpoint, args.dense))[0]
+    source = recorded_source(args.checkpoint, args.dense)
+    dense = load_dense(source)[0]
+    check_source(args.checkpoint, "dense", args.dense, source, dense)
     widths = {s.name: s.weights().hidden_size for s in find_mlp_sites(dense, validate=False)}
     by_class = names = None
     config = moe_model.config
