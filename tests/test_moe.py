@@ -463,17 +463,21 @@ def test_masked_path_silences_neurons_by_bias_where_the_activation_allows(make_a
         torch.testing.assert_close(out, moe.forward_reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_inference_follows_the_training_flag_not_grad_mode():
-    """eval() runs the engine (no autograd, cache reused) even with grad mode on; train() runs
-    the differentiable path even under no_grad."""
+def test_inference_runs_the_engine_unless_autograd_needs_the_layer():
+    """eval() under no_grad runs the engine (cache built once, reused); eval() with autograd
+    on runs the differentiable path (the engine would drop gradients); train() runs the
+    differentiable path even under no_grad."""
     moe = _random_moe()
     x = torch.randn(40, D, requires_grad=True)
-    out = moe(x)  # grad mode on, eval mode
-    assert not out.requires_grad
+    with torch.no_grad():
+        moe(x)
     cache = moe._cache
     assert cache is not None
-    moe(x)
+    with torch.inference_mode():
+        moe(x)
     assert moe._cache is cache  # not rebuilt per call
+    out = moe(x)  # grad mode on, eval mode
+    assert out.requires_grad
     moe.train()
     assert moe(x).requires_grad
     with torch.no_grad():
@@ -642,3 +646,17 @@ def test_a_tensor_given_new_data_rebuilds_the_inference_cache(name):
         tensor = getattr(owner, attr)
         tensor.data = tensor.data + torch.randn_like(tensor.data)  # new storage, same tensor
         torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_weights_and_input_in_eval_mode():
+    moe = _random_moe()
+    x = torch.randn(3, 5, D, requires_grad=True)
+    moe(x).square().sum().backward()
+    assert x.grad is not None and moe.fc1.weight.grad is not None
+    reference = x.detach().clone().requires_grad_()
+    moe.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), moe.forward_reference(x), rtol=1e-5, atol=1e-5)
+    moe.train()  # the layer has no dropout: train mode computes the same function
+    moe(reference).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)

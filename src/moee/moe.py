@@ -211,10 +211,19 @@ class MoEMLP(nn.Module):
             y = self._forward_traced(tokens)
         elif self.training:
             y = self._forward_train(tokens)
+        elif self._wants_grad(x):  # the function eval runs, differentiably
+            union = self.execution_config.execution == "union"
+            y = self._forward_union(tokens) if union else self._forward_train(tokens)
         else:
             with torch.no_grad():
                 y = self._forward_inference(tokens)
         return y.reshape(*lead, y.shape[-1])
+
+    def _wants_grad(self, x: torch.Tensor) -> bool:
+        """Eval mode with autograd on and something to differentiate (saliency, attacks,
+        probing): the differentiable path, where the inference engine would drop gradients.
+        Under torch.no_grad / inference_mode the engine runs."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad)
 
     def _forward_union(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pruned union run densely, no routing (a different function: the speed
@@ -222,8 +231,8 @@ class MoEMLP(nn.Module):
         if self.gate is not None:
             out = self.fc2(self.activation(self.gate(tokens)) * self.fc1(tokens))
         else:
-            act = (self.activation if torch.compiler.is_compiling() or is_exporting()
-                   else self.inference_weights().activation_)
+            plain = torch.compiler.is_compiling() or is_exporting() or torch.is_grad_enabled()
+            act = self.activation if plain else self.inference_weights().activation_
             out = self.fc2(act(self.fc1(tokens)))
         whole = len(self._spans) == 1 and self._spans[0][1] == self.fc2.in_features
         return out + self.expert_bias[0].to(out.dtype) if whole else out
