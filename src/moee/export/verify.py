@@ -10,6 +10,7 @@ under `DIGEST_KEY`. A moee checkpoint is checked by the digests it records itsel
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -173,13 +174,18 @@ def gguf_placeholder(names: list[str]) -> str:
     return json.dumps({name: "0" * 64 for name in names}, sort_keys=True)
 
 
+def _package(name: str, what: str) -> Any:
+    """The optional package `name`, or a clear error saying verifying `what` needs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"verifying {what} needs the `{name}` package (pip install {name})"
+                          ) from e
+
+
 def verify_gguf(path: Path) -> Verdict:
     """Each tensor's bytes in a GGUF file against the digests in its `DIGEST_KEY` key."""
-    try:
-        import gguf
-    except ImportError as e:
-        raise ConfigError("verifying a GGUF file needs the `gguf` package (pip install gguf)"
-                          ) from e
+    gguf = _package("gguf", "a GGUF file")
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError) as e:
@@ -217,11 +223,7 @@ def stamp_onnx(path: Path) -> None:
 
 def verify_onnx(path: Path) -> Verdict:
     """Each initializer of an ONNX file against the digests in its `metadata_props`."""
-    try:
-        import onnx
-    except ImportError as e:
-        raise ConfigError("verifying an ONNX file needs the `onnx` package (pip install onnx)"
-                          ) from e
+    onnx = _package("onnx", "an ONNX file")
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and onnx's own errors alike
