@@ -49,7 +49,7 @@ def test_the_core_commands_stay_without_the_lab(without_lab, capsys):
         main(["--help"])
     assert stop.value.code == 0
     listed = capsys.readouterr().out
-    assert "{extract,finetune,evaluate,calibrate,export}" in listed
+    assert "{extract,finetune,evaluate,calibrate,export,verify}" in listed
 
 
 def test_bench_reads_every_option_after_it(capsys):

@@ -107,8 +107,8 @@ def test_a_crash_while_replacing_leaves_the_earlier_output_loadable(ckpt, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(moee.moe_model.MoEModel, "save_pretrained", half_written)
-    with pytest.raises(KeyboardInterrupt):
-        main(["calibrate", str(ckpt), *FORCE, "--out", str(out)])
+    # Ctrl-C mid-write: the CLI reports it and exits 130, the earlier output left whole
+    assert main(["calibrate", str(ckpt), *FORCE, "--out", str(out)]) == 130
     layers = moee.load(out).moe_layers().values()
     assert {m.execution_config.execution for m in layers} == {"union"}
     assert sorted(os.listdir(tmp_path)) == ["moe", "out"]

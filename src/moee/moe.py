@@ -1,8 +1,8 @@
 """The MoE MLP: a drop-in for a dense `fc2(act(fc1(x)))` with top-1 routed experts.
 
 Weights are the pruned union of every expert's neurons (`fc1`, `fc2` over U kept neurons);
-each expert is an index set into that union, so overlapping experts share weights. Train mode
-runs a differentiable path; eval mode runs the inference engine (`moee.engine`), no autograd.
+each expert is an index set into that union, so overlapping experts share weights. Eval mode
+under no_grad runs the inference engine (`moee.engine`); otherwise a differentiable path.
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ class MoEMLP(nn.Module):
     """Router -> group tokens by expert -> per-expert matmuls on their neurons only -> scatter.
 
     Buffers (all in `state_dict`): `router_centres` (k, d) mean MLP input of each expert's
-    cluster; `expert_indices` / `expert_offsets` the concatenated per-expert index sets into the
-    union; `kept_neurons` (U,) the union's neuron ids in the dense MLP; `expert_bias` (k, d_out)
-    each expert's left-out-neuron mean output (zeros = the paper's plain experts).
-    `site` names the dense MLP block this layer replaces; `execution_config` says how it runs.
-    `gate` (gated MLPs such as LLaMA's): the hidden value is act(gate(x)) * fc1(x); an expert
-    slices gate, up and down projections together.
+    cluster; `expert_indices` / `expert_offsets` the per-expert index sets into the union;
+    `kept_neurons` (U,) the union's neuron ids in the dense MLP; `expert_bias` (k, d_out) each
+    expert's left-out-neuron mean output (zeros = the paper's plain experts). `site` names the
+    dense block replaced; `execution_config` says how it runs. `gate` (gated MLPs, LLaMA):
+    hidden = act(gate(x)) * fc1(x); an expert slices gate, up and down together.
     """
 
     def __init__(self, fc1: nn.Linear, fc2: nn.Linear, activation: nn.Module,
@@ -83,13 +82,11 @@ class MoEMLP(nn.Module):
         self._spans = self._read_spans()
 
     def __getstate__(self) -> dict:
-        """Copies and pickles leave the derived inference cache behind (rebuilt on first use):
-        it is megabytes of expert copies, and belongs to the original's tensors."""
+        """Copies and pickles leave the inference cache (the original's expert copies) behind."""
         return {**self.__dict__, "_cache": None}
 
     def _read_spans(self) -> list[tuple[int, int]]:
-        """(start, size) of each expert's index set, as Python ints: an exporter's tracer
-        sees the buffers as symbolic tensors, and needs the sizes to slice them."""
+        """(start, size) of each expert's index set as ints (tracers need them to slice)."""
         if self.expert_offsets.is_meta:
             return []
         offsets = self.expert_offsets.tolist()
@@ -134,7 +131,7 @@ class MoEMLP(nn.Module):
         """Extra memory the pre-sliced expert copies take (0 in gather mode)."""
         if not self._presliced():
             return 0
-        per_neuron = (self.fc1.in_features + 1 + self.fc2.out_features)
+        per_neuron = self.fc1.in_features + 1 + self.fc2.out_features
         return sum(self.inference_weights().widths) * per_neuron * self.fc1.weight.element_size()
 
     def cache_bytes(self) -> int:
@@ -162,8 +159,7 @@ class MoEMLP(nn.Module):
             versions = tuple(-1 if t is None else t._version for t in tensors)
         except RuntimeError:  # inference tensors (made under inference_mode) have no counter
             versions = ()
-        # every storage: `.data = ...` swaps a tensor's storage, keeping its id and maybe its
-        # version
+        # `.data = ...` swaps a tensor's storage, keeping its id and maybe its version
         storages = tuple(0 if t is None else t.data_ptr() for t in tensors)
         w1 = tensors[0]
         return (versions, *map(id, tensors), id(mods["activation"]), storages, w1.device,
@@ -171,8 +167,7 @@ class MoEMLP(nn.Module):
 
     def _presliced(self) -> bool:
         """Whether the cache holds expert copies: not for a layer that runs the union."""
-        c = self.execution_config
-        return c.presliced and c.execution != "union"
+        return self.execution_config.presliced and self.execution_config.execution != "union"
 
     def inference_weights(self) -> InferenceWeights:
         """The derived inference weights, rebuilt when a tensor they come from is replaced or
@@ -211,19 +206,14 @@ class MoEMLP(nn.Module):
             y = self._forward_traced(tokens)
         elif self.training:
             y = self._forward_train(tokens)
-        elif self._wants_grad(x):  # the function eval runs, differentiably
+        elif torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
+            # eval with autograd on: the same function, differentiably (the engine drops grads)
             union = self.execution_config.execution == "union"
             y = self._forward_union(tokens) if union else self._forward_train(tokens)
         else:
             with torch.no_grad():
                 y = self._forward_inference(tokens)
         return y.reshape(*lead, y.shape[-1])
-
-    def _wants_grad(self, x: torch.Tensor) -> bool:
-        """Eval mode with autograd on and something to differentiate (saliency, attacks,
-        probing): the differentiable path, where the inference engine would drop gradients.
-        Under torch.no_grad / inference_mode the engine runs."""
-        return torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad)
 
     def _forward_union(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pruned union run densely, no routing (a different function: the speed
