@@ -45,21 +45,12 @@ def load_runner(engine: str, path: Path, threads: int, task: str):
     """A function {input name: array} -> first output (logits or hidden states), in `engine`
     with `threads` threads."""
     runtime, _, precision = ENGINES[engine]
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
+    if runtime != "torch":
+        from moee.export.runtimes import load_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return lambda feed: s.run(None, feed)[0]
-    if runtime == "openvino":
-        import openvino as ov
-
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision != "default":
-            config["INFERENCE_PRECISION_HINT"] = precision
-        compiled = ov.Core().compile_model(str(path), "CPU", config)
-        return lambda feed: compiled(feed)[0]
+        session = load_session(runtime, path, threads,
+                               None if precision == "default" else precision)
+        return lambda feed: session(feed)[0]
     import torch
 
     import moee

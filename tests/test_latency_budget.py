@@ -123,7 +123,7 @@ def test_latency_budget_end_to_end_meets_the_target_on_the_timer(vit, images, tm
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
-def test_the_real_timers_time_layers_and_models(vit, images, engine):
+def test_the_real_timers_time_layers_and_models(vit, images, engine, monkeypatch):
     if engine != "torch":
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
@@ -136,6 +136,14 @@ def test_the_real_timers_time_layers_and_models(vit, images, engine):
     assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
     times = timer.time_models({"dense": vit.eval()}, images[:4])
     assert times["dense"] > 0
+    if engine != "torch":  # a model seen before is not exported again
+        from moee.export import onnx
+
+        def fail(*args, **kwargs):
+            raise AssertionError("exported again")
+
+        monkeypatch.setattr(onnx, "export_onnx", fail)
+        assert timer.time_models({"again": vit}, images[:8])["again"] > 0
 
 
 def test_an_unknown_engine_is_refused():

@@ -22,7 +22,7 @@ from moee.errors import ConfigError, NoClustersError
 from moee.export.runtimes import Runtime
 from moee.extraction.budget import allocate_budget
 from moee.extraction.build import LayerPlan, apply_plans, check_full_width
-from moee.extraction.fit import LayerFit, fit_layer, fit_layers
+from moee.extraction.fit import LayerFit, fit_layers
 from moee.extraction.latency_budget import allocate_latency
 from moee.extraction.local_distill import distill_layers
 from moee.extraction.record import (
@@ -200,8 +200,8 @@ def _latency_plans(model, sites, fits: list[LayerFit], student: nn.Module, adapt
                    ) -> tuple[list[LayerPlan], list[dict], dict[str, Any]]:
     """(plans, report rows, budget summary) of the latency budget: per layer dense, static or
     routed, timed in `config.budget.engine` (`moee.extraction.latency_budget`)."""
-    static = [fit_layer(store, sites[f.index], f.index, config.with_method("static"), work)[0]
-              for f in fits]
+    static, _ = fit_layers(store, sites, [f.index for f in fits], config.with_method("static"),
+                           work)
     allocation = allocate_latency(
         model, student, find_mlp_sites(student, adapter, validate=False),
         lambda m: find_mlp_sites(m, adapter, validate=False), fits, static, probe, config,

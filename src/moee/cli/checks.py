@@ -18,6 +18,7 @@ from moee.cli.options import SEED_MAX, extract_config
 from moee.cli.provenance import recorded
 from moee.config import ExtractConfig
 from moee.errors import ConfigError
+from moee.export.verify import is_gguf_file
 from moee.extraction.cluster import check_min_samples
 from moee.util.batches import Batch, model_inputs
 
@@ -104,9 +105,7 @@ def check_export_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"gguf-metadata: {path} does not exist")
     if not file.is_file():
         raise ConfigError(f"gguf-metadata: {path} is not a file; give a GGUF of the source model")
-    with open(file, "rb") as f:
-        head = f.read(4)
-    if head != b"GGUF":
+    if not is_gguf_file(file):
         raise ConfigError(f"gguf-metadata: {path} is not a GGUF file (it does not start with "
                           "the GGUF magic)")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moee.checkpoint.io import CONFIG_NAME
 from moee.errors import ConfigError, OutputError
+from moee.export.verify import is_gguf_file
 
 STATE_DIR = "distill_state"  # `moee finetune` keeps its resume state here, inside --out
 SOURCE_FILE = "moee_source.json"  # extract and finetune record the dense model's name in it
@@ -90,13 +91,13 @@ def _refuse_overlap(out: str, target: Path, role: str, path: Path) -> None:
 def _earlier_output(kind: str, path: Path) -> bool:
     """Whether `path` is what this command writes, so replacing it loses nothing it did not
     make: an empty folder, or an earlier output of `kind`."""
+    if kind == "gguf":
+        return is_gguf_file(path)
     if kind in FILE_KINDS:
         if not path.is_file():
             return False
-        with open(path, "rb") as f:
-            head = f.read(4)
-        # GGUF files start with their magic; ONNX files with ir_version (protobuf field 1).
-        return head == b"GGUF" if kind == "gguf" else head[:1] == b"\x08"
+        with open(path, "rb") as f:  # ONNX files start with ir_version (protobuf field 1)
+            return f.read(1) == b"\x08"
     if not path.is_dir():
         return False
     entries = set(os.listdir(path))

@@ -12,6 +12,7 @@ import contextlib
 import io
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +29,11 @@ ENGINES = LATENCY_ENGINES
 Feed = dict[str, np.ndarray]
 
 
-def load_session(engine: str, path: str | Path, threads: int) -> Callable[[Feed], list]:
+def load_session(engine: str, path: str | Path, threads: int, precision: str | None = "f32"
+                 ) -> Callable[[Feed], list]:
     """A function {input name: array} -> the outputs of the ONNX file at `path`, in `engine`
-    with `threads` threads (OpenVINO at f32 inference precision: exact, where its default on
-    CPUs with bf16 units is bf16)."""
+    with `threads` threads. OpenVINO runs at inference `precision` (f32: exact, where its
+    default on CPUs with bf16 units, `None`, is bf16)."""
     try:
         if engine == "onnxruntime":
             import onnxruntime as ort
@@ -43,9 +45,10 @@ def load_session(engine: str, path: str | Path, threads: int) -> Callable[[Feed]
         if engine == "openvino":
             import openvino as ov
 
-            compiled = ov.Core().compile_model(str(path), "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": "f32"})
+            config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+            if precision is not None:
+                config["INFERENCE_PRECISION_HINT"] = precision
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
             return lambda feed: list(compiled(feed).values())
     except ImportError as e:
         raise ConfigError(f"engine {engine!r} is not installed: pip install 'moee[onnx]'") from e
@@ -80,6 +83,8 @@ class Runtime:
             raise ConfigError(f"engine: must be one of {ENGINES}, got {engine!r}")
         self.engine, self.repeats = engine, repeats
         self.threads = threads or torch.get_num_threads()
+        # each model exported and loaded once: the latency budget times dense every round
+        self._sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def time_layers(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
         """Median seconds of each module on the input `x`, timed round-robin."""
@@ -97,21 +102,29 @@ class Runtime:
 
     def time_models(self, models: dict[str, nn.Module], batch: Batch) -> dict[str, float]:
         """Median seconds of each model's forward on `batch`, timed round-robin (ONNX engines:
-        each exported as `moee export --to onnx` writes it)."""
+        each exported as `moee export --to onnx` writes it, once per Runtime: a model is timed
+        as it was when this Runtime first saw it)."""
         if self.engine == "torch":
             fns = {k: _eager_model(m, batch) for k, m in models.items()}
             return time_interleaved(fns, torch.device("cpu"), self.repeats)
-        from moee.export.onnx import export_onnx
+        fns = {}
+        for k, m in models.items():
+            inputs = named_inputs(m, batch)
+            feed = {n: v.numpy() for n, v in inputs.items()}
+            fns[k] = _feeding(self._session(m, inputs), feed)
+        return time_interleaved(fns, torch.device("cpu"), self.repeats)
 
-        with tempfile.TemporaryDirectory(prefix="moee-time-") as tmp:
-            fns = {}
-            for i, (k, m) in enumerate(models.items()):
-                inputs = named_inputs(m, batch)
-                path = Path(tmp) / f"{i}.onnx"
-                export_onnx(m, path, inputs, check=False)
-                feed = {n: v.numpy() for n, v in inputs.items()}
-                fns[k] = _feeding(load_session(self.engine, path, self.threads), feed)
-            return time_interleaved(fns, torch.device("cpu"), self.repeats)
+    def _session(self, model: nn.Module, inputs: dict[str, torch.Tensor]
+                 ) -> Callable[[Feed], list]:
+        """`model` exported (dynamic batch axes) and loaded in the engine, the first time."""
+        if model not in self._sessions:
+            from moee.export.onnx import export_onnx
+
+            with tempfile.TemporaryDirectory(prefix="moee-time-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                export_onnx(model, path, inputs, check=False)
+                self._sessions[model] = load_session(self.engine, path, self.threads)
+        return self._sessions[model]
 
 
 def _eager(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -174,6 +174,14 @@ def gguf_placeholder(names: list[str]) -> str:
     return json.dumps({name: "0" * 64 for name in names}, sort_keys=True)
 
 
+def is_gguf_file(path: Path) -> bool:
+    """Whether `path` is a file starting with the GGUF magic (llama.cpp's files do)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _package(name: str, what: str) -> Any:
     """The optional package `name`, or a clear error saying verifying `what` needs it."""
     try:
@@ -248,9 +256,7 @@ def verify_path(path: str | Path) -> Verdict:
                        f"no .safetensors files; give {KINDS}")
     if not path.is_file():
         return Verdict(UNKNOWN, f"not a known artefact: no such file or folder; give {KINDS}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if is_gguf_file(path):
         return verify_gguf(path)
     if path.suffix == ".onnx":
         return verify_onnx(path)

@@ -63,26 +63,35 @@ class Allocation:
 
 
 @torch.inference_mode()
-def _tokens_per_layer(model: nn.Module, sites: Sequence[MLPSite], probe: list[Batch]
-                      ) -> list[int]:
-    """Positions each MLP computes over the probe batches (stages of Swin or ConvNeXt differ)."""
-    counts = [0] * len(sites)
-
+def each_entry_input(model: nn.Module, sites: Sequence[MLPSite], batches: list[Batch],
+                     see: Callable[[int, torch.Tensor], None]) -> None:
+    """Run `batches` through `model` in eval mode, calling `see(i, x)` with site i's MLP
+    input each time that MLP runs."""
     def hook(i):
-        def count(_m, args, kwargs):
-            x = entry_input(args, kwargs)
-            counts[i] += x.numel() // x.shape[-1]
-        return count
+        def call(_m, args, kwargs):
+            see(i, entry_input(args, kwargs))  # and return None: the input is left as it is
+        return call
 
     handles = [s.entry.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, s in enumerate(sites)]
     try:
         with eval_mode(model):
-            for batch in probe:
+            for batch in batches:
                 call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
+
+
+def _tokens_per_layer(model: nn.Module, sites: Sequence[MLPSite], probe: list[Batch]
+                      ) -> list[int]:
+    """Positions each MLP computes over the probe batches (stages of Swin or ConvNeXt differ)."""
+    counts = [0] * len(sites)
+
+    def count(i: int, x: torch.Tensor) -> None:
+        counts[i] += x.numel() // x.shape[-1]
+
+    each_entry_input(model, sites, probe, count)
     return counts
 
 

@@ -19,11 +19,12 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moee.adapters import MLPSite, entry_input
+from moee.adapters import MLPSite
 from moee.config import ExtractConfig
 from moee.errors import ConfigError
 from moee.extraction.budget import (
@@ -31,12 +32,13 @@ from moee.extraction.budget import (
     allocate,
     dense_references,
     divergence,
+    each_entry_input,
     same_experts,
     whole_plan,
 )
 from moee.extraction.build import LayerPlan, apply_plans, build_moe_mlp
 from moee.extraction.fit import LayerFit
-from moee.util.batches import Batch, call_model
+from moee.util.batches import Batch
 from moee.util.modes import eval_mode
 
 TOLERANCE = 0.05  # a measured fraction this far from the target sends the choice round again
@@ -84,24 +86,14 @@ def timing_batch(probe: list[Batch], rows: int) -> Batch:
     return cat(list(probe))
 
 
-@torch.inference_mode()
 def layer_inputs(model: nn.Module, sites: list[MLPSite], batch: Batch) -> list[torch.Tensor]:
     """Each site's MLP input when `model` runs `batch`."""
     seen: dict[int, torch.Tensor] = {}
 
-    def hook(i):
-        def keep(_m, args, kwargs):
-            seen[i] = entry_input(args, kwargs).detach().clone()
-        return keep
+    def keep(i: int, x: torch.Tensor) -> None:
+        seen[i] = x.detach().clone()
 
-    handles = [s.entry.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, s in enumerate(sites)]
-    try:
-        with eval_mode(model):
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    each_entry_input(model, sites, [batch], keep)
     return [seen[i] for i in range(len(sites))]
 
 
@@ -190,12 +182,11 @@ def _line(points: list[tuple[float, float]], naive: tuple[float, float]) -> tupl
     """(a, b) of measured fraction = a + b * summed layer seconds, least squares over the
     measured (seconds, fraction) points; `naive` until two distinct points give a rising
     line."""
-    xs = torch.tensor([x for x, _ in points], dtype=torch.float64)
-    ys = torch.tensor([y for _, y in points], dtype=torch.float64)
-    if len(points) < 2 or float(xs.max() - xs.min()) <= 0:
+    xs, ys = np.array(points, dtype=np.float64).T
+    if len(points) < 2 or np.ptp(xs) <= 0:
         return naive
-    b = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum())
-    return (float(ys.mean()) - b * float(xs.mean()), b) if b > 0 else naive
+    b, a = np.polyfit(xs, ys, 1)
+    return (float(a), float(b)) if b > 0 else naive
 
 
 def _choose(table: list[list[Candidate]], line: tuple[float, float], target: float
