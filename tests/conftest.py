@@ -24,7 +24,7 @@ def tiny_vit(seed: int = 0, attn: str = "eager") -> ViTForImageClassification:
 def tiny_moe_model(seed: int = 1, attn: str = "eager"):
     """tiny_vit with every MLP split into 2 random experts of 6 of its 48 neurons."""
     import moee
-    from moee.extraction.build import LayerPlan, apply_plans
+    from moee.moe_build import LayerPlan, apply_plans
 
     model = tiny_vit(attn=attn)
     sites = moee.find_mlp_sites(model)
@@ -156,7 +156,7 @@ def llm_moe_checkpoint(folder, out):
     from transformers import LlamaForCausalLM
 
     import moee
-    from moee.extraction.build import LayerPlan, apply_plans
+    from moee.moe_build import LayerPlan, apply_plans
 
     dense = LlamaForCausalLM.from_pretrained(folder).eval()
     sites = moee.find_mlp_sites(dense)

@@ -11,7 +11,7 @@ from torch import nn
 import moee
 from moee.adapters import find_mlp_sites
 from moee.errors import CheckpointError, NoMLPBlocksError
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 

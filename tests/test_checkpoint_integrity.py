@@ -15,7 +15,7 @@ import moee
 import moee.checkpoint.io
 from moee.adapters import find_mlp_sites
 from moee.errors import CheckpointError
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 

@@ -12,7 +12,7 @@ from conftest import blob_images, text_batches, tiny_bert, tiny_moe_model, tiny_
 from transformers import BertConfig, BertModel
 
 import moee
-from moee.training.distill import kd_loss
+from moee.losses import kd_loss
 
 # ---- helpers ------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from tiny_models import TEXT
 import moee
 from moee.adapters import find_mlp_sites
 from moee.export import export
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 
 H, D = TEXT["intermediate_size"], TEXT["hidden_size"]
 MAKERS = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}

@@ -17,7 +17,7 @@ from conftest import pretend_free_disk
 import moee
 from moee.adapters import find_mlp_sites
 from moee.export import to_mixtral
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 
 gguf = pytest.importorskip("gguf")
 G = pytest.importorskip("moee.export.gguf")

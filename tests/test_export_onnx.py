@@ -16,7 +16,7 @@ import transformers as tf
 import moee
 from moee.adapters import find_mlp_sites
 from moee.export.onnx import TOLERANCE, ExportError, example_inputs, export_onnx
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

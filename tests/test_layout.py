@@ -41,3 +41,31 @@ def test_no_function_over_60_lines():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
             and node.end_lineno - node.lineno + 1 > 60}
     assert long == {}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function (absolute imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def imports_of_package(package: str, forbidden: str) -> dict[str, list[str]]:
+    root = SOURCES[0] / package
+    return {str(p.relative_to(SOURCES[0])): hits for p in root.rglob("*.py")
+            if (hits := sorted(m for m in imported_modules(p)
+                               if m == forbidden or m.startswith(forbidden + ".")))}
+
+
+def test_loading_a_checkpoint_never_imports_the_extraction():
+    # a checkpoint builds its MoE layers through moee.moe_build, beside the MoE layer
+    assert imports_of_package("checkpoint", "moee.extraction") == {}
+
+
+def test_the_extraction_never_imports_training():
+    # the MAC budget's sensitivity uses the distillation losses of moee.losses
+    assert imports_of_package("extraction", "moee.training") == {}

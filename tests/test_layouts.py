@@ -12,8 +12,8 @@ import moee
 from moee.adapters import MLPSite, linear_weights
 from moee.adapters.registry import _ADAPTERS
 from moee.config import RecordConfig
-from moee.extraction.build import LayerPlan, apply_plans
 from moee.extraction.record import record_activations
+from moee.moe_build import LayerPlan, apply_plans
 
 
 def batches(family: str, n: int = 12) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ from hypothesis.extra.numpy import arrays
 import moee
 from moee.adapters import find_mlp_sites
 from moee.engine import route, router_weights
-from moee.extraction.build import LayerPlan, apply_plans
 from moee.extraction.select import select_neurons
+from moee.moe_build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 scores = arrays(np.float64, st.integers(1, 60),

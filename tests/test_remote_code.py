@@ -14,7 +14,7 @@ from tiny_models import FAMILIES
 
 from moee import MoEModel
 from moee.adapters import find_mlp_sites
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 from moee_lab.demo import load_default_model
 
 RUN_WITHOUT_MOEE = textwrap.dedent("""

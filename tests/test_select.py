@@ -41,7 +41,7 @@ def test_left_out_mean_output_restores_constant_clusters_exactly():
     from torch import nn
 
     from moee.adapters import MLPSite, linear_weights
-    from moee.extraction.build import LayerPlan, build_moe_mlp, left_out_mean_output
+    from moee.moe_build import LayerPlan, build_moe_mlp, left_out_mean_output
 
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(6, 20), nn.Linear(20, 6)

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_moe_model, tiny_vit
 
 import moee
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 from moee_lab.bench.blocks import loop_style, mask_style, random_moe_block
 
 

@@ -21,7 +21,6 @@ from moee.engine.calibrate import calibrate_layers
 from moee.errors import ConfigError, NoClustersError
 from moee.export.runtimes import Runtime
 from moee.extraction.budget import allocate_budget
-from moee.extraction.build import LayerPlan, apply_plans, check_full_width
 from moee.extraction.fit import LayerFit, fit_layers
 from moee.extraction.latency_budget import allocate_latency
 from moee.extraction.local_distill import distill_layers
@@ -32,6 +31,7 @@ from moee.extraction.record import (
     reuse_or_why_not,
 )
 from moee.extraction.resources import check_disk, plan_memory
+from moee.moe_build import LayerPlan, apply_plans, check_full_width
 from moee.moe_model import MoEModel
 from moee.util.atomic import write_json
 from moee.util.batches import Batch

@@ -34,8 +34,8 @@ from moee.checkpoint.integrity import (
 from moee.checkpoint.remote_code import write_remote_code
 from moee.engine import ExecutionConfig
 from moee.errors import CheckpointError, ConfigError, NonFiniteError
-from moee.extraction.build import LayerPlan, apply_plans
 from moee.moe import MoEMLP
+from moee.moe_build import LayerPlan, apply_plans
 from moee.util.atomic import naming_write_errors
 from moee.util.disk_space import ensure_room, tensor_bytes
 

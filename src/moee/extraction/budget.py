@@ -27,9 +27,9 @@ from moee.adapters import MLPSite, entry_input
 from moee.config import DistillConfig, ExtractConfig
 from moee.errors import ConfigError
 from moee.evaluate import count_macs
-from moee.extraction.build import LayerPlan, build_moe_mlp
 from moee.extraction.fit import LayerFit
-from moee.training.distill import loss_kind, output_loss
+from moee.losses import loss_kind, output_loss
+from moee.moe_build import LayerPlan, build_moe_mlp
 from moee.util.atomic import write_json
 from moee.util.batches import Batch, call_model, output_tensor
 from moee.util.cache_key import digest, settings_dict

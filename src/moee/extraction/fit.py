@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from moee.adapters import MLPSite
 from moee.config import ExtractConfig, SelectConfig
-from moee.extraction.build import LayerPlan, left_out_mean_output
 from moee.extraction.carve import carve_layer, moefication_layer
 from moee.extraction.cluster import cluster_layer, unstable_remedy
 from moee.extraction.cluster_cache import clustering_key, load_clustering, save_clustering
@@ -22,6 +21,7 @@ from moee.extraction.record import ActivationStore
 from moee.extraction.reproduce import reproduce_output, route_tokens
 from moee.extraction.select import ClusterStats, cluster_stats, select_experts
 from moee.extraction.top_k import TopKRouter, top_k_router
+from moee.moe_build import LayerPlan, left_out_mean_output
 from moee.util.disk_space import ensure_room
 
 

@@ -36,8 +36,8 @@ from moee.extraction.budget import (
     same_experts,
     whole_plan,
 )
-from moee.extraction.build import LayerPlan, apply_plans, build_moe_mlp
 from moee.extraction.fit import LayerFit
+from moee.moe_build import LayerPlan, apply_plans, build_moe_mlp
 from moee.util.batches import Batch
 from moee.util.modes import eval_mode
 

@@ -14,11 +14,11 @@ import torch
 from moee.adapters import MLPSite
 from moee.config import RouterConfig, SelectConfig
 from moee.engine import route, router_weights
-from moee.extraction.build import LayerPlan
 from moee.extraction.down_refit import refit_down
 from moee.extraction.output_error import expert_errors, held_out_rows, output_energy
 from moee.extraction.record import ActivationStore
 from moee.extraction.router_fit import fit_router
+from moee.moe_build import LayerPlan
 
 
 @torch.no_grad()

@@ -9,34 +9,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from moee.config import DistillConfig
 from moee.errors import ConfigError, EmptyDataError, NonFiniteError
+from moee.losses import loss_kind, output_loss
 from moee.moe import MoEMLP
 from moee.training.training_state import check_state_room, resume_state, save_state
 from moee.util.batches import (
     Batch,
     call_model,
     check_batch,
-    mean_pooled,
     output_tensor,
     to_device,
-    token_mask,
 )
 from moee.util.distributed import rank_and_world, shard
 from moee.util.fingerprint import model_fingerprint, new_digest, update_batch_digest
 from moee.util.modes import eval_mode
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened distributions, scaled by t^2, averaged
-    over rows (examples, or tokens for sequence outputs)."""
-    s, te = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)  # (rows, classes)
-    return F.kl_div(F.log_softmax(s / t, -1), F.log_softmax(te / t, -1),
-                    log_target=True, reduction="batchmean") * t * t
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -44,32 +34,6 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def loss_kind(teacher_out, config: DistillConfig) -> str:
-    """"kl" on logits, "mse" on hidden states (encoders without logits), or what `config`
-    names."""
-    if config.loss != "auto":
-        return config.loss
-    hidden_only = getattr(teacher_out, "logits", None) is None and \
-        getattr(teacher_out, "last_hidden_state", None) is not None
-    return "mse" if hidden_only else "kl"
-
-
-def output_loss(s: torch.Tensor, t: torch.Tensor, batch: Batch, kind: str,
-                temperature: float = 1.0) -> torch.Tensor:
-    """The distillation loss between output tensors, over the batch's real tokens only."""
-    mask = token_mask(batch)
-    per_token = mask is not None and s.dim() == 3 and tuple(s.shape[:2]) == tuple(mask.shape)
-    if kind == "pooled_cosine":
-        if s.dim() == 3:
-            s, t = (mean_pooled(x, mask if per_token else None) for x in (s, t))
-        return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1)).mean()
-    if per_token:
-        s, t = s[mask], t[mask]  # per-token outputs: padding tokens carry no signal
-    if kind == "mse":
-        return F.mse_loss(s, t)
-    return kd_loss(s, t, temperature)
 
 
 def _loss(student_out, teacher_out, batch: Batch, config: DistillConfig) -> torch.Tensor:

@@ -14,7 +14,7 @@ from moee.adapters import find_mlp_sites
 from moee.engine.cuda_graph import GraphedForward
 from moee.engine.timing import first_error, time_interleaved
 from moee.evaluate import count_macs
-from moee.extraction.build import LayerPlan, apply_plans
+from moee.moe_build import LayerPlan, apply_plans
 from moee.moe_model import MoEModel
 
 

@@ -1,4 +1,5 @@
-"""Module surgery: turn expert index sets into `MoEMLP`s and swap them into the model."""
+"""Module surgery: turn expert index sets into `MoEMLP`s and swap them into the model. The
+extraction builds its plans here, and loading a checkpoint its saved ones."""
 
 from __future__ import annotations
 
