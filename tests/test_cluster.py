@@ -106,14 +106,20 @@ def test_a_remedy_needs_the_stability_score():
 
 
 def test_unset_optional_settings_leave_cache_keys_unchanged():
+    from dataclasses import replace
+
+    from moee.config import ExtractConfig
     from moee.extraction.cluster_cache import clustering_key
     from moee.util.cache_key import settings_dict
 
-    base = ClusterConfig()
-    assert "dense_below_stability" not in settings_dict(base)
-    assert clustering_key({}, base, 0) != clustering_key({}, ClusterConfig(
-        dense_below_stability=0.2), 0)
+    base = ExtractConfig()
+    assert "dense_below_stability" not in settings_dict(base.cluster)
     assert settings_dict(ClusterConfig(max_clusters=3))["max_clusters"] == 3
+    merged = replace(base, cluster=ClusterConfig(max_clusters=3))
+    assert clustering_key({}, base, 0) != clustering_key({}, merged, 0)
+    # a remedy acts on the cached clustering: it reuses it
+    remedied = replace(base, cluster=ClusterConfig(dense_below_stability=0.2))
+    assert clustering_key({}, base, 0) == clustering_key({}, remedied, 0)
 
 
 def test_making_the_default_clusterer_keeps_torchs_thread_count():

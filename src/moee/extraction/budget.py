@@ -32,7 +32,7 @@ from moee.losses import loss_kind, output_loss
 from moee.moe_build import LayerPlan, build_moe_mlp
 from moee.util.atomic import write_json
 from moee.util.batches import Batch, call_model, output_tensor
-from moee.util.cache_key import digest, settings_dict
+from moee.util.cache_key import stage_key
 from moee.util.fingerprint import new_digest, update_batch_digest
 from moee.util.modes import eval_mode
 
@@ -228,17 +228,16 @@ def allocate(table: list[list[Option]], fixed: float, dense: float, target: floa
     return choice, total / dense
 
 
-def _options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batch],
-                 layers: list[int]) -> str:
+def options_key(origin: dict[str, Any], config: ExtractConfig, probe: list[Batch],
+                layers: list[int]) -> str:
+    """The key of the table of every layer's options: the activation store's origin, the
+    probe batches and the fitted layers, under every setting the table reads (cluster,
+    select, router, `p_grid`, `held_out`, `seed`...)."""
     h = new_digest()
     for batch in probe:
         update_batch_digest(h, batch)
-    body = {"store": origin, "cluster": settings_dict(config.cluster), "layers": layers,
-            "select": settings_dict(replace(config.select, p=1.0)),
-            "router": settings_dict(config.router),
-            "grid": sorted(set(config.budget.p_grid)), "probe": h.hexdigest(),
-            "seed": config.seed, "held_out": config.held_out}
-    return digest(body)
+    return stage_key("budget", {"store": origin, "probe": h.hexdigest(), "layers": layers},
+                     config)
 
 
 def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Module,
@@ -254,7 +253,7 @@ def allocate_budget(dense: nn.Module, dense_sites: list[MLPSite], student: nn.Mo
     tokens_all = _tokens_per_layer(dense, dense_sites, probe)
     index = {s.name: i for i, s in enumerate(dense_sites)}
     tokens = [tokens_all[index[f.site.name]] for f in fits]
-    key = _options_key(origin, config, probe, [f.index for f in fits])
+    key = options_key(origin, config, probe, [f.index for f in fits])
     path = work / "budget_options.json"
     table = None
     if path.is_file():

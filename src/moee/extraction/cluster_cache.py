@@ -10,19 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from moee.config import ClusterConfig
+from moee.config import ExtractConfig
 from moee.extraction.cluster import LayerClustering
 from moee.util.atomic import save_npy, write_json
-from moee.util.cache_key import digest, settings_dict
+from moee.util.cache_key import stage_key
 
 
-def clustering_key(store_origin: dict[str, Any], config: ClusterConfig, layer: int,
-                   seed: int = 0) -> str:
-    """Digest of what a layer's clustering depends on: the recorded activations (their model,
-    data and record settings), the clustering settings, the run's seed and the layer."""
-    body = {"store": store_origin, "cluster": settings_dict(config), "seed": seed,
-            "layer": layer}
-    return digest(body)
+def clustering_key(store_origin: dict[str, Any], config: ExtractConfig, layer: int) -> str:
+    """The key of a layer's clustering: the recorded activations (their model, data and record
+    settings) and the layer, under the settings a clustering reads (the clustering settings,
+    before any remedy for instability, and the run's seed)."""
+    return stage_key("clustering", {"store": store_origin, "layer": layer}, config)
 
 
 def _paths(work: Path, layer: int, key: str) -> tuple[Path, Path]:

@@ -127,9 +127,7 @@ def fit_layer(store: ActivationStore, site: MLPSite, i: int, config: ExtractConf
     if config.carve is not None:
         return _carve(store, site, i, config), False
     hidden = store.hidden(i)
-    # The cache holds clusterings before any remedy: the remedies reuse them.
-    plain = replace(config.cluster, dense_below_stability=None, merge_below_stability=None)
-    key = clustering_key(store.origin, plain, i, config.seed)
+    key = clustering_key(store.origin, config, i)  # before any remedy: the remedies reuse it
     clustering = load_clustering(work, i, key, store.n_tokens)
     reused = clustering is not None
     if clustering is None:  # room for its labels (int64 per token) and manifest, checked first

@@ -20,8 +20,9 @@ from moee.extraction.output_error import held_out_rows
 from moee.extraction.record import ActivationStore
 from moee.moe import MoEMLP
 from moee.training_config import LocalDistillConfig
-from moee.util.cache_key import digest
+from moee.util.cache_key import stage_key
 from moee.util.disk_space import ensure_room, tensor_bytes
+from moee.util.fingerprint import model_fingerprint
 
 
 def _error(layer: MoEMLP, dense: MLPSite, x: torch.Tensor) -> float:
@@ -62,6 +63,15 @@ def distill_layer(layer: MoEMLP, dense: MLPSite, inputs: np.ndarray, held_out: n
             "kept": after < before}
 
 
+def local_key(origin: dict, layer: int, start: str, config: LocalDistillConfig,
+              held_out: float, seed: int) -> str:
+    """The key of a layer's layer-local distillation: the activation store's origin, the layer
+    and its starting weights' digest `start` (what the earlier stages made), under the
+    settings the distillation reads."""
+    return stage_key("local", {"store": origin, "layer": layer, "start": start},
+                     {"local": config, "held_out": held_out, "seed": seed})
+
+
 def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store: ActivationStore,
                    held_out: float, config: LocalDistillConfig, work: Path,
                    progress: bool = True, seed: int = 0) -> dict[str, dict]:
@@ -74,9 +84,7 @@ def distill_layers(layers: dict[int, MoEMLP], dense_sites: list[MLPSite], store:
     reports = {}
     for i, layer in tqdm(layers.items(), desc="layer-local distillation", disable=not progress,
                          leave=False):
-        key = digest({"origin": store.origin, "config": config.__dict__, "seed": seed,
-                      "held_out": held_out,
-                      "start": [float(v.double().sum()) for v in layer.state_dict().values()]})
+        key = local_key(store.origin, i, model_fingerprint(layer), config, held_out, seed)
         saved = folder / f"layer_{i}.{key[:16]}.safetensors"
         if saved.is_file():
             layer.load_state_dict(load_file(str(saved)))

@@ -27,6 +27,7 @@ from moee.config import RecordConfig
 from moee.errors import AdapterMismatchError, EmptyDataError, NonFiniteError
 from moee.util.atomic import write_json
 from moee.util.batches import call_model, check_batch, token_mask
+from moee.util.cache_key import stage_key
 from moee.util.fingerprint import new_digest, update_batch_digest
 from moee.util.stored_array import RowWriter, StoredArray
 
@@ -68,10 +69,10 @@ def reuse_or_why_not(root: Path, sites: list[MLPSite], config: RecordConfig, mod
     origin = store.origin
     if store.site_names != [s.name for s in sites]:
         return None, "the model's MLP blocks differ", data
-    if origin.get("settings") != settings_of(config):
-        return None, "the record settings changed", data
     if origin.get("model") != model_digest:
         return None, "the model's weights changed", data
+    if origin.get("key") != store_key(model_digest, store.site_names, config):
+        return None, "the record settings changed", data
     it: Iterator = iter(data)
     head = list(itertools.islice(it, origin.get("batches", 0)))
     digest = new_digest()
@@ -85,6 +86,12 @@ def reuse_or_why_not(root: Path, sites: list[MLPSite], config: RecordConfig, mod
 
 def settings_of(config: RecordConfig) -> dict[str, Any]:
     return {"n_tokens": config.n_tokens, "dtype": config.dtype}
+
+
+def store_key(model_digest: str | None, site_names: list[str], config: RecordConfig) -> str:
+    """The key of an activation store: the model and its MLP blocks, under the record settings
+    (the data is checked apart, by its digest, as it is read)."""
+    return stage_key("record", {"model": model_digest, "sites": site_names}, {"record": config})
 
 
 def _check_finite(site: str, x: torch.Tensor, hidden: torch.Tensor, limit: float,
@@ -210,12 +217,13 @@ def record_activations(
             h.remove()
         model.train(was_training)
         bar.close()
+    names = [s.name for s in sites]
     origin = {"model": model_digest, "data": digest.hexdigest(), "batches": rec.batches,
-              "settings": settings_of(config)}
+              "settings": settings_of(config), "key": store_key(model_digest, names, config)}
     # Written last, atomically: it vouches for the arrays beside it.
-    write_json(root / STORE_META, {"site_names": [s.name for s in sites], "n_tokens": got,
+    write_json(root / STORE_META, {"site_names": names, "n_tokens": got,
                                    "dtype": config.dtype, "origin": origin})
-    return ActivationStore(root, [s.name for s in sites], got, origin)
+    return ActivationStore(root, names, got, origin)
 
 
 def merge_stores(shards: list[Path], out: Path) -> ActivationStore:

@@ -24,6 +24,7 @@ from moee.util.batches import (
     output_tensor,
     to_device,
 )
+from moee.util.cache_key import stage_key
 from moee.util.distributed import rank_and_world, shard
 from moee.util.fingerprint import model_fingerprint, new_digest, update_batch_digest
 from moee.util.modes import eval_mode
@@ -54,17 +55,19 @@ class _Shard:
         return shard(self.data, self.rank, self.world)
 
 
-def _run_key(student: nn.Module, teacher: nn.Module, data, config: DistillConfig) -> str:
-    """What a resumable run depends on: both models' starting weights, the settings and the
-    data (its content when it is a sequence; else its type and length, since iterating it
-    could draw from its random generator)."""
-    h = new_digest()
-    h.update(f"{model_fingerprint(student)}{model_fingerprint(teacher)}{config}".encode())
-    h.update(f"{type(data).__name__}{len(data)}".encode())
+def run_key(student: nn.Module, teacher: nn.Module, data, config: DistillConfig) -> str:
+    """The key of a resumable run: both models' starting weights and the data (its content
+    when it is a sequence; else its type and length, since iterating it could draw from its
+    random generator), under every setting of `config`."""
+    data_key: dict[str, Any] = {"type": type(data).__name__, "length": len(data)}
     if isinstance(data, Sequence):
+        h = new_digest()
         for batch in data:
             update_batch_digest(h, batch)
-    return h.hexdigest()
+        data_key["digest"] = h.hexdigest()
+    return stage_key("distill", {"student": model_fingerprint(student),
+                                 "teacher": model_fingerprint(teacher), "data": data_key},
+                     config)
 
 
 def _training_data(data: Iterable[Batch], state_dir: str | Path | None, rank: int,
@@ -189,7 +192,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
     key = ""
     if state_dir is not None:
         check_state_room(state_dir, student)
-        key = _run_key(student, teacher, data, config)
+        key = run_key(student, teacher, data, config)
     trained = _to_training(student, teacher, config, device, world)
     opt, sched = _optimiser(student, config, steps)
     devices = [device.index or 0] if device.type == "cuda" else []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moee.config import CarveConfig, ExtractConfig
 from moee.util.atomic import write_json
-from moee.util.cache_key import digest, settings_dict
+from moee.util.cache_key import stage_key
 from moee_lab.study.points import StudyPoint
 
 Measure = Callable[[ExtractConfig], float]  # a config -> its executed MACs / dense
@@ -103,12 +103,19 @@ def solve(knob: Knob, base: ExtractConfig, target: float, measure: Measure,
     return label, config, f
 
 
+def matching_key(base: ExtractConfig, seed: int) -> str:
+    """The key of the knobs solved around `base` (with every method's target and name) by
+    extractions under the study's `seed`."""
+    return stage_key("matching", {"seed": seed}, base)[:16]
+
+
 def matched_points(base: ExtractConfig, targets: tuple[float, ...], measure: Measure,
-                   cache: Path, only: tuple[str, ...] = ()) -> list[StudyPoint]:
-    """One point per method and target, the knob solved by `measure`; each solution is kept
-    in `cache` (a JSON file keyed by method, target and the base settings) for reruns."""
+                   cache: Path, only: tuple[str, ...] = (), seed: int = 0) -> list[StudyPoint]:
+    """One point per method and target, the knob solved by `measure` (extractions under the
+    study's `seed`); each solution is kept in `cache` (a JSON file keyed by method, target,
+    the base settings and the seed) for reruns."""
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
-    base_key = digest(settings_dict(replace(base, work_dir=None)))[:16]
+    base_key = matching_key(base, seed)
     points, group = [], "matched"
     for target in targets:
         for knob in knobs(base):

@@ -17,7 +17,7 @@ from moee.config import DistillConfig, ExtractConfig
 from moee.evaluate import count_macs, evaluate
 from moee.training.distill import distill
 from moee.util.atomic import write_json
-from moee.util.cache_key import digest, settings_dict
+from moee.util.cache_key import settings_dict, stage_key
 from moee_lab.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
 from moee_lab.demo.pipeline import calibration_batches, demo_extract_config
 from moee_lab.study.matching import matched_points
@@ -45,11 +45,12 @@ class StudyConfig:
     download: bool = False
 
 
-def _key(point: StudyPoint, kd_epochs: float, test_images: int, seed: int) -> str:
-    config = replace(point.config, work_dir=None, progress=False, seed=seed)
-    body = {"config": settings_dict(config),
-            "kd_epochs": kd_epochs, "test_images": test_images}
-    return digest(body)[:16]
+def point_key(point: StudyPoint, kd_epochs: float, test_images: int, seed: int) -> str:
+    """A point's result is made from the point's extraction settings under the study's seed,
+    distillation (none at 0 epochs) and number of test images."""
+    distilled = settings_dict(DistillConfig(epochs=kd_epochs, seed=seed)) if kd_epochs else None
+    return stage_key("study", {"seed": seed, "distill": distilled, "test_images": test_images},
+                     point.config)[:16]
 
 
 def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
@@ -119,10 +120,10 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
         base, MATCHED_TARGETS if config.quick else MATCHED_TARGETS_FULL,
         lambda c: _executed_fraction(c, dense, train_x, config.seed, out / "work", x64,
                                      dense_executed),
-        out / "matched.json", config.only)
+        out / "matched.json", config.only, config.seed)
     rows, reused = [], 0
     for point in tqdm(points, desc="study points"):
-        key = _key(point, kd_epochs, limit, config.seed)
+        key = point_key(point, kd_epochs, limit, config.seed)
         path = out / "points" / f"{key}.json"
         names = {"group": point.group, "name": point.name, "series": point.series}
         if path.is_file():  # the same extraction may appear in two groups under two names
