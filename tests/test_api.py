@@ -1,5 +1,7 @@
 """End to end on a tiny ViT, and the bad-input paths of moee.extract."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -135,14 +137,15 @@ def test_selection_token_sets(vit, images, tmp_path, select):
 
 
 def test_memory_budget_clusters_a_subsample_and_assigns_every_token(vit, images, tmp_path,
-                                                                     capsys):
+                                                                     caplog):
     budget = 200 * 48 * 4 * 3 / 2**30  # room for 200 tokens of the 48-neuron layers
     config = moee.ExtractConfig(**{**small_config(tmp_path).__dict__, "max_memory_gib": budget,
                                    "progress": True})
     batches = [images[i : i + 40] for i in range(0, 240, 40)]
-    moe_model, report = moee.extract(vit, batches, config)
+    with caplog.at_level(logging.INFO, logger="moee"):
+        moe_model, report = moee.extract(vit, batches, config)
     assert report.config["cluster"]["max_tokens"] == 200
-    assert "clustering 200 of 1000 tokens a layer" in capsys.readouterr().err
+    assert "clustering 200 of 1000 tokens a layer" in caplog.text
     (labels_file,) = tmp_path.glob("layer_0.*.labels.npy")
     labels = np.load(labels_file)
     assert len(labels) == 1000 and (labels >= 0).sum() > 200  # beyond the clustered sample

@@ -2,6 +2,7 @@
 weights of an uninterrupted run: after an exception, after SIGKILL of a subprocess, with data
 that reshuffles every epoch and with dropout drawing from the random generator."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -61,13 +62,33 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, 
     assert all(torch.equal(resumed[k], v) for k, v in reference.items())
 
 
-def test_state_of_another_run_is_not_resumed(tmp_path, capsys):
+def test_state_of_another_run_is_not_resumed(tmp_path, caplog):
     weights_after(lambda: text_batches(4), tmp_path, stop_at=5)
     student, teacher = models()
     other = moee.DistillConfig(epochs=3, lr=2e-3, loss="mse", seed=3)
-    losses = moee.distill(student, teacher, text_batches(4), other, state_dir=tmp_path,
-                          save_every=2)
-    assert len(losses) == 12 and "from another run" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="moee"):
+        losses = moee.distill(student, teacher, text_batches(4), other, state_dir=tmp_path,
+                              save_every=2)
+    assert len(losses) == 12 and "from another run" in caplog.text
+
+
+def test_the_state_holds_and_restores_the_cuda_generators(tmp_path, monkeypatch, caplog):
+    """With CUDA available (simulated: no GPU here) the saved state holds every device's
+    generator state, and a resumed run sets them back before its next step."""
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no generator to fork
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    assert weights_after(lambda: text_batches(4), tmp_path, stop_at=6) is None
+    saved = torch.load(tmp_path / "distill_state.pt", weights_only=True)
+    assert saved["step"] == 6 and all(map(torch.equal, saved["cuda_rng"], states))
+    assert restored == []
+    with caplog.at_level(logging.INFO, logger="moee"):
+        weights_after(lambda: text_batches(4), tmp_path)
+    assert "resuming distillation at step 6" in caplog.text
+    assert len(restored) == 1 and all(map(torch.equal, restored[0], states))
 
 
 SCRIPT = """

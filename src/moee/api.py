@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
+import logging
 import tempfile
 import time
 from collections.abc import Iterable
@@ -38,6 +38,8 @@ from moee.util.batches import Batch
 from moee.util.distributed import barrier, rank_and_world, shard, shard_tokens
 from moee.util.fingerprint import model_fingerprint
 from moee.util.modes import cleanup_on_terminate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _record_or_reuse(model, sites, data, config: ExtractConfig, work: Path, stor
                                    config.progress, digest)
         note = f"recorded {store.n_tokens} tokens ({why})"
     if config.progress:
-        print(f"moee: {note}", file=sys.stderr)
+        log.info(note)
     return store, note
 
 

@@ -11,7 +11,6 @@ import torch
 from moee.cli.commands import recorded_source
 from moee.cli.options import (
     add_checkpoint_arg,
-    add_data_args,
     add_extract_args,
     add_kd_args,
     count,
@@ -21,6 +20,7 @@ from moee.cli.options import (
 )
 from moee.cli.provenance import check_source
 from moee.cli.sources import load_dense
+from moee_lab.default_source import add_data_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,7 @@
 """The embedded default for the core `moee` commands (entry point `moee.embedded_default`):
 the Fashion-MNIST ViT, its image preprocessing, and Fashion-MNIST batches to record, distil,
-calibrate and evaluate on when no --data is given."""
+calibrate and evaluate on when no --data is given, and the options saying where Fashion-MNIST
+is (--data-dir, --download), which the core commands get through `add_data_args`."""
 
 from __future__ import annotations
 
@@ -22,8 +23,24 @@ from moee_lab.demo import (
 from moee_lab.demo.pipeline import calibration_batches
 from moee_lab.demo.report import comparison_table, measure, time_side_by_side
 
-__all__ = ["calibration_batch", "calibration_data", "evaluate", "load_model",
-           "preprocess_images", "training_data"]
+__all__ = ["add_data_args", "calibration_batch", "calibration_data", "check_args", "evaluate",
+           "load_model", "preprocess_images", "training_data"]
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Where Fashion-MNIST is: --data-dir and --download, checked (`check_args`) before any
+    model loads."""
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
+                   "(default: MOEE_DATA_DIR, /usr/share/datasets/fashion-mnist, ~/.cache/moee)")
+    p.add_argument("--download", action="store_true",
+                   help="download Fashion-MNIST from its official mirror if not found")
+    p.set_defaults(check_default_data=check_args)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a --data-dir that does not exist (unless --download is to fill it)."""
+    if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"data-dir: the data folder {args.data_dir} does not exist")
 
 
 def load_model():

@@ -2,13 +2,15 @@
 moee-lab installed, demo, study, train-base, analyze, bench).
 
 Thin over the Python API; every default comes from the config dataclasses. moee's own errors
-print as one line (exit code 2); anything else shows its traceback.
+print as one line (exit code 2); anything else shows its traceback. The library's progress
+notes and warnings (the `moee` loggers) print to stderr as "moee: ..." lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import signal
 import sys
 
@@ -43,6 +45,29 @@ def _join_torchrun() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes (not when made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_to_stderr() -> None:
+    """Show the library's notes (INFO and above of the `moee` loggers) as "moee: ..." lines on
+    stderr; once per process, however often `main` runs."""
+    logger = logging.getLogger("moee")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("moee: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 # A write that fails for want of room or rights: reported in one line, not a traceback.
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM,
                 errno.EROFS}
@@ -50,6 +75,7 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPE
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    log_to_stderr()
     parser = build_parser()
     if argv[:1] and argv[0] in LAB_COMMANDS and not commands_installed():
         print(f"moee {argv[0]}: error: {LAB_HINT}", file=sys.stderr)

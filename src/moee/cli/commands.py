@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _evaluate_on_data(args)
     from moee.moe_model import MoEModel
 
-    default = embedded_default()  # Fashion-MNIST: says how to get it, before any model loads
+    default = embedded_default()  # says how to get it, before any model loads
     moe_model = MoEModel.from_pretrained(args.checkpoint, verify=not args.no_verify)
     source = recorded_source(args.checkpoint, args.dense)
     dense = load_dense(source)[0]
@@ -121,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _calibration_batch(args: argparse.Namespace, moe_model):
     """One batch of the size the user will serve: --batch rows of --data (text tokenized by
-    the checkpoint's source model's tokenizer, or images), else Fashion-MNIST test images."""
+    the checkpoint's source model's tokenizer, or images), else the embedded default's."""
     if args.data:
         preprocessor = load_dense(recorded_source(args.checkpoint, None))[1]
         batches = user_batches(args, preprocessor, None, batch_size=args.batch)

@@ -1,10 +1,12 @@
-"""The CLI's options and the configs they map onto; every default comes from a config."""
+"""The CLI's options and the configs they map onto, from one table per config (moee.cli.fields);
+every default comes from a config."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
+from moee.cli.fields import add_options, build_config, option
+from moee.cli.plugins import add_default_data_args
 from moee.config import (
     CLUSTER_ALGORITHMS,
     DISTILL_LOSSES,
@@ -70,172 +72,161 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_data_args(p: argparse.ArgumentParser, text: bool = False) -> None:
-    if text:
-        p.add_argument("--data", nargs="+", metavar="PATH",
-                       help="text files (tokenized with the model's tokenizer) or one folder "
-                       "of images (prepared by the model's image processor); without it, "
-                       "Fashion-MNIST images")
-        p.add_argument("--seq-len", type=count(1), default=256,
-                       help="tokens per text row (default %(default)s)")
-        p.add_argument("--image-batch", type=count(1), default=32,
-                       help="images per calibration batch from an image folder")
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files "
-                   "(default: MOEE_DATA_DIR, /usr/share/datasets/fashion-mnist, ~/.cache/moee)")
-    p.add_argument("--download", action="store_true",
-                   help="download Fashion-MNIST from its official mirror if not found")
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data and how it is read; and, when the embedded default is installed (moee-lab), the
+    options saying where the default's data is."""
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files (tokenized with the model's tokenizer) or one folder "
+                   "of images (prepared by the model's image processor); without it, "
+                   "the embedded default's data (moee-lab)")
+    p.add_argument("--seq-len", type=count(1), default=256,
+                   help="tokens per text row (default %(default)s)")
+    p.add_argument("--image-batch", type=count(1), default=32,
+                   help="images per calibration batch from an image folder")
+    add_default_data_args(p)
 
 
-def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
-    c, s = base.cluster, base.select
-    p.add_argument("--tokens", type=count(1), default=base.record.n_tokens,
-                   help="tokens to record (default %(default)s)")
-    p.add_argument("--store-dtype", default=base.record.dtype, choices=["float16", "float32"],
-                   help="activation store precision (float32 for activations beyond 65504)")
-    p.add_argument("--p", type=float, default=s.p,
-                   help="share of cluster variance kept (default %(default)s)")
-    p.add_argument("--algorithm", default=c.algorithm, choices=CLUSTER_ALGORITHMS)
-    p.add_argument("--min-cluster-fraction", type=float, default=c.min_cluster_fraction)
-    p.add_argument("--min-samples", type=count(1), default=c.min_samples)
-    p.add_argument("--max-experts", type=count(0), default=None,
-                   help="merge the closest clusters until at most this many experts remain "
-                   f"per layer (not in the paper; 0 = off; default {c.max_clusters or 0}, "
-                   f"{EXPORT_READY_MAX_EXPERTS} with --export-ready: every expert of an "
-                   "export is stored at full width)")
-    p.add_argument("--dense-below-stability", type=float, default=c.dense_below_stability,
-                   metavar="S", help="keep a layer dense when its cluster stability is below S")
-    p.add_argument("--merge-below-stability", type=float, default=c.merge_below_stability,
-                   metavar="S", help="give a layer one expert when its stability is below S")
-    p.add_argument("--reduce-dims", type=count(0), default=c.reduce_dims or 0,
-                   help="PCA dims before clustering (default %(default)s, 0 = off)")
-    p.add_argument("--criterion", default=s.criterion, choices=SELECT_CRITERIA)
-    p.add_argument("--select-tokens", default=s.tokens, choices=["routed", "cluster"],
-                   help="expert statistics over routed tokens or cluster members only (paper)")
-    p.add_argument("--no-compensate", action="store_true", default=not s.compensate_mean,
-                   help="do not add left-out neurons' mean output back (the paper)")
-    p.add_argument("--metric", default=base.router.metric, choices=ROUTER_METRICS)
-    _add_reproduce_args(p, base)
-    p.add_argument("--no-stability", action="store_true", default=not c.stability,
-                   help="skip the half-split stability score")
-    p.add_argument("--work-dir", help="keep recorded activations and labels here; reused on a "
-                   "rerun with the same model, data and settings")
-    p.add_argument("--max-memory", type=float, default=base.max_memory_gib, metavar="GIB",
-                   help="memory for clustering a layer; beyond it a subsample is clustered and "
-                   "the rest assigned (default: every token)")
-    p.add_argument("--method", default="moee", choices=METHODS,
-                   help="moee; or a baseline: random (random clusters, neurons and routing), "
-                   "static (one set of neurons for every token: structured pruning), "
-                   "cmoe (shared + balanced routed neuron groups, top-1), moefication "
-                   "(balanced neuron groups, top-k)")
-    carve = CarveConfig()
-    p.add_argument("--groups", type=count(1), default=carve.experts,
-                   help="cmoe / moefication: neuron groups per layer")
-    p.add_argument("--active", type=float, default=carve.active, metavar="FRACTION",
-                   help="cmoe: share of a layer's neurons one token computes")
-    p.add_argument("--top-k", type=count(1), default=None,
-                   help="experts one token computes: the union of its k most similar clusters' "
-                   f"experts (moee, default 1) or neuron groups (moefication, default "
-                   f"{carve.top_k})")
-    _add_budget_args(p, base)
-    p.add_argument("--seed", type=SEED, default=base.seed,
-                   help="seeds every random draw of the extraction: clustering, random "
-                   "selection and routing baselines, the router fit, carving, local distillation")
-
-
-def _add_budget_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
-    """The MAC and latency budgets: a p per layer instead of one."""
-    p.add_argument("--target-macs", type=float, default=base.budget.target_macs,
-                   metavar="FRACTION", help="MAC-budget mode: choose p per layer (or keep it "
-                   "dense) from measured sensitivity to reach this fraction of the dense MACs; "
-                   "--p is then unused")
-    p.add_argument("--budget-scope", default=base.budget.scope, choices=["model", "mlp"],
-                   help="which MACs --target-macs counts: the whole model's or the MLPs'")
-    p.add_argument("--target-latency", type=float, default=base.budget.target_latency,
-                   metavar="FRACTION", help="latency-budget mode: per layer dense, static or "
-                   "routed, at the p that reaches this fraction of the dense model's latency "
-                   "measured in --engine at --batch rows on this machine; --p is then unused")
-    p.add_argument("--engine", default=base.budget.engine, choices=LATENCY_ENGINES,
-                   help="where --target-latency is measured: the engine you serve with "
-                   "(onnxruntime, openvino: pip install 'moee[onnx]')")
-    p.add_argument("--latency-methods", nargs="+", choices=["static", "moee"],
-                   default=list(base.budget.methods), metavar="METHOD",
-                   help="what --target-latency may choose besides dense: static (one expert: "
-                   "pruning), moee (routed experts); default both")
-    p.add_argument("--batch", type=count(1), default=base.budget.batch,
-                   help="rows of the batch --target-latency is measured at (default "
-                   "%(default)s)")
-
-
-def _add_reproduce_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
-    """The stages that fit the experts to the dense layer's output (docs/method.md, 3b)."""
-    p.add_argument("--router", default=base.router.centres, choices=ROUTER_CENTRES,
-                   help="input_mean: the cluster means (paper); fitted: a linear router fitted "
-                   "to the expert that reproduces each token's dense output best; random")
-    p.add_argument("--refit", action=argparse.BooleanOptionalAction,
-                   default=base.select.refit_down,
-                   help="refit the down projection and offsets by least squares to the dense "
-                   "output (ridge toward the original, chosen on held-out tokens)")
-    p.add_argument("--export-ready", type=fraction, default=base.select.width, metavar="WIDTH",
-                   help="experts a Mixtral export runs without padding: every layer MoE, every "
-                   "expert WIDTH of its layer's neurons, no per-expert offsets (--p unused)")
-    p.add_argument("--local-steps", type=count(0), default=0, metavar="N",
-                   help="layer-local distillation: N Adam steps per MoE layer toward the dense "
-                   "MLP's output on the recorded inputs (default 0 = off)")
-
-
-def _max_experts(args: argparse.Namespace, base: int | None) -> int | None:
+def _max_experts(value: int | None, args: argparse.Namespace, base: int | None) -> int | None:
     """--max-experts, else the base's cap, else a cap with --export-ready (an uncapped
     SmolLM2-135M export measured 8 GB in f32 against the dense 0.5 GB); 0 = no cap."""
-    if args.max_experts is not None:
-        return args.max_experts or None
+    if value is not None:
+        return value or None
     return base or (EXPORT_READY_MAX_EXPERTS if args.export_ready is not None else None)
 
 
+def _carve(_value, args: argparse.Namespace, _base) -> CarveConfig | None:
+    """The neuron groups of the cmoe and moefication baselines (--groups, --active, --top-k)."""
+    if args.method not in ("cmoe", "moefication"):
+        return None
+    return CarveConfig(active=args.active, experts=args.groups,
+                       top_k=args.top_k or CarveConfig.top_k)
+
+
+def _not(value, _args=None, _base=None) -> bool:
+    return not value
+
+
+CARVE = CarveConfig()
+# `moee extract`'s (and the demo's) options, in --help's order, and the ExtractConfig fields
+# they set (with_method(--method) is applied last).
+EXTRACT_OPTIONS = (
+    option("--tokens", "record.n_tokens", type=count(1),
+           help="tokens to record (default %(default)s)"),
+    option("--store-dtype", "record.dtype", choices=["float16", "float32"],
+           help="activation store precision (float32 for activations beyond 65504)"),
+    option("--p", "select.p", type=float,
+           help="share of cluster variance kept (default %(default)s)"),
+    option("--algorithm", "cluster.algorithm", choices=CLUSTER_ALGORITHMS),
+    option("--min-cluster-fraction", "cluster.min_cluster_fraction", type=float),
+    option("--min-samples", "cluster.min_samples", type=count(1)),
+    option("--max-experts", "cluster.max_clusters", _max_experts, type=count(0), default=None,
+           help=lambda base: "merge the closest clusters until at most this many experts "
+           f"remain per layer (not in the paper; 0 = off; default "
+           f"{base.cluster.max_clusters or 0}, {EXPORT_READY_MAX_EXPERTS} with --export-ready: "
+           "every expert of an export is stored at full width)"),
+    option("--dense-below-stability", "cluster.dense_below_stability", type=float,
+           metavar="S", help="keep a layer dense when its cluster stability is below S"),
+    option("--merge-below-stability", "cluster.merge_below_stability", type=float,
+           metavar="S", help="give a layer one expert when its stability is below S"),
+    option("--reduce-dims", "cluster.reduce_dims", lambda v, _a, _b: v or None,
+           lambda v: v or 0, type=count(0),
+           help="PCA dims before clustering (default %(default)s, 0 = off)"),
+    option("--criterion", "select.criterion", choices=SELECT_CRITERIA),
+    option("--select-tokens", "select.tokens", choices=["routed", "cluster"],
+           help="expert statistics over routed tokens or cluster members only (paper)"),
+    option("--no-compensate", "select.compensate_mean",
+           lambda v, a, _b: not v and a.export_ready is None, _not, action="store_true",
+           help="do not add left-out neurons' mean output back (the paper)"),
+    option(None, "select.refit_offsets", lambda _v, a, _b: a.export_ready is None),
+    option("--metric", "router.metric", choices=ROUTER_METRICS),
+    # The stages that fit the experts to the dense layer's output (docs/method.md, 3b)
+    option("--router", "router.centres", choices=ROUTER_CENTRES,
+           help="input_mean: the cluster means (paper); fitted: a linear router fitted to the "
+           "expert that reproduces each token's dense output best; random"),
+    option("--refit", "select.refit_down", action=argparse.BooleanOptionalAction,
+           help="refit the down projection and offsets by least squares to the dense output "
+           "(ridge toward the original, chosen on held-out tokens)"),
+    option("--export-ready", "select.width", type=fraction, metavar="WIDTH",
+           help="experts a Mixtral export runs without padding: every layer MoE, every "
+           "expert WIDTH of its layer's neurons, no per-expert offsets (--p unused)"),
+    option("--local-steps", "local",
+           lambda v, _a, _b: LocalDistillConfig(steps=v) if v else None, type=count(0),
+           default=0, metavar="N", help="layer-local distillation: N Adam steps per MoE "
+           "layer toward the dense MLP's output on the recorded inputs (default 0 = off)"),
+    option("--no-stability", "cluster.stability", _not, _not, action="store_true",
+           help="skip the half-split stability score"),
+    option("--work-dir", "work_dir", help="keep recorded activations and labels here; reused "
+           "on a rerun with the same model, data and settings"),
+    option("--max-memory", "max_memory_gib", type=float, metavar="GIB",
+           help="memory for clustering a layer; beyond it a subsample is clustered and the "
+           "rest assigned (default: every token)"),
+    option("--method", None, default="moee", choices=METHODS,
+           help="moee; or a baseline: random (random clusters, neurons and routing), "
+           "static (one set of neurons for every token: structured pruning), "
+           "cmoe (shared + balanced routed neuron groups, top-1), moefication "
+           "(balanced neuron groups, top-k)"),
+    option("--groups", None, type=count(1), default=CARVE.experts,
+           help="cmoe / moefication: neuron groups per layer"),
+    option("--active", None, type=float, default=CARVE.active, metavar="FRACTION",
+           help="cmoe: share of a layer's neurons one token computes"),
+    option("--top-k", "router.top_k",
+           lambda v, a, _b: 1 if a.method == "moefication" else v or 1, type=count(1),
+           default=None, help="experts one token computes: the union of its k most similar "
+           f"clusters' experts (moee, default 1) or neuron groups (moefication, default "
+           f"{CARVE.top_k})"),
+    option(None, "carve", _carve),
+    # The MAC and latency budgets: a p per layer instead of one
+    option("--target-macs", "budget.target_macs", type=float, metavar="FRACTION",
+           help="MAC-budget mode: choose p per layer (or keep it dense) from measured "
+           "sensitivity to reach this fraction of the dense MACs; --p is then unused"),
+    option("--budget-scope", "budget.scope", choices=["model", "mlp"],
+           help="which MACs --target-macs counts: the whole model's or the MLPs'"),
+    option("--target-latency", "budget.target_latency", type=float, metavar="FRACTION",
+           help="latency-budget mode: per layer dense, static or routed, at the p that "
+           "reaches this fraction of the dense model's latency measured in --engine at "
+           "--batch rows on this machine; --p is then unused"),
+    option("--engine", "budget.engine", choices=LATENCY_ENGINES,
+           help="where --target-latency is measured: the engine you serve with "
+           "(onnxruntime, openvino: pip install 'moee[onnx]')"),
+    option("--latency-methods", "budget.methods", lambda v, _a, _b: tuple(v), list,
+           nargs="+", choices=["static", "moee"], metavar="METHOD",
+           help="what --target-latency may choose besides dense: static (one expert: "
+           "pruning), moee (routed experts); default both"),
+    option("--batch", "budget.batch", type=count(1),
+           help="rows of the batch --target-latency is measured at (default %(default)s)"),
+    option("--seed", "seed", type=SEED,
+           help="seeds every random draw of the extraction: clustering, random selection "
+           "and routing baselines, the router fit, carving, local distillation"),
+)
+
+# The distillation's options and the DistillConfig fields they set.
+KD_OPTIONS = (
+    option("--kd-epochs", "epochs", type=positive, help="KD epochs (fractions ok)"),
+    option("--kd-lr", "lr", type=positive),
+    option("--kd-loss", "loss", choices=DISTILL_LOSSES,
+           help="auto: KL on logits, else MSE on hidden states; pooled_cosine for "
+           "sentence encoders"),
+    option("--kd-no-dropout", "dropout", _not, _not, action="store_true",
+           help="train the student without dropout (a deterministic loss)"),
+    option("--kd-batch-size", None, type=count(1), default=KD_BATCH_SIZE),
+    option("--device", "device", help="cpu, cuda, ..."),
+    option(None, "seed", lambda _v, a, _b: a.seed),  # --seed: the command's own
+)
+
+
+def add_extract_args(p: argparse.ArgumentParser, base: ExtractConfig) -> None:
+    add_options(p, EXTRACT_OPTIONS, base)
+
+
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
-    base = args.extract_base
-    r = dataclasses.replace
-    return r(base, record=r(base.record, n_tokens=args.tokens, dtype=args.store_dtype),
-             cluster=r(base.cluster, algorithm=args.algorithm,
-                       min_cluster_fraction=args.min_cluster_fraction,
-                       min_samples=args.min_samples, reduce_dims=args.reduce_dims or None,
-                       stability=not args.no_stability,
-                       max_clusters=_max_experts(args, base.cluster.max_clusters),
-                       dense_below_stability=args.dense_below_stability,
-                       merge_below_stability=args.merge_below_stability),
-             select=r(base.select, criterion=args.criterion, p=args.p, tokens=args.select_tokens,
-                      compensate_mean=not args.no_compensate and args.export_ready is None,
-                      refit_down=args.refit, width=args.export_ready,
-                      refit_offsets=args.export_ready is None),
-             router=r(base.router, metric=args.metric, centres=args.router,
-                      top_k=1 if args.method == "moefication" else args.top_k or 1),
-             local=LocalDistillConfig(steps=args.local_steps)
-             if args.local_steps else None,
-             budget=r(base.budget, target_macs=args.target_macs, scope=args.budget_scope,
-                      target_latency=args.target_latency, engine=args.engine,
-                      batch=args.batch, methods=tuple(args.latency_methods)),
-             work_dir=args.work_dir, seed=args.seed,
-             max_memory_gib=args.max_memory,
-             carve=CarveConfig(active=args.active, experts=args.groups,
-                               top_k=args.top_k or CarveConfig.top_k)
-             if args.method in ("cmoe", "moefication") else None).with_method(args.method)
+    return build_config(args.extract_base, EXTRACT_OPTIONS, args).with_method(args.method)
 
 
 def add_kd_args(p: argparse.ArgumentParser, batch_size: int = KD_BATCH_SIZE) -> None:
     """The distillation options; `batch_size`: the --kd-batch-size default (the demo passes
     its own config's)."""
-    d = DistillConfig()
-    p.add_argument("--kd-epochs", type=positive, default=d.epochs, help="KD epochs (fractions ok)")
-    p.add_argument("--kd-lr", type=positive, default=d.lr)
-    p.add_argument("--kd-loss", choices=DISTILL_LOSSES, default=d.loss,
-                   help="auto: KL on logits, else MSE on hidden states; pooled_cosine for "
-                        "sentence encoders")
-    p.add_argument("--kd-no-dropout", action="store_true",
-                   help="train the student without dropout (a deterministic loss)")
-    p.add_argument("--kd-batch-size", type=count(1), default=batch_size)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, ...")
+    add_options(p, KD_OPTIONS, DistillConfig(), {"--kd-batch-size": batch_size})
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
-    return DistillConfig(epochs=args.kd_epochs, lr=args.kd_lr, loss=args.kd_loss, seed=args.seed,
-                         dropout=not args.kd_no_dropout,
-                         device=args.device)
+    return build_config(DistillConfig(), KD_OPTIONS, args)

@@ -47,7 +47,7 @@ def _extract(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--model", default="default", help=MODEL_HELP)
     add_out_args(ex, "checkpoint")
     add_extract_args(ex, ExtractConfig())
-    add_data_args(ex, text=True)
+    add_data_args(ex)
     ex.set_defaults(func=cmd_extract, extract_base=ExtractConfig())
 
 
@@ -63,7 +63,7 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--save-every", type=count(1), default=50,
                     help="save the run's state every N steps; rerun to resume (default 50)")
     add_kd_args(ft)
-    add_data_args(ft, text=True)
+    add_data_args(ft)
     ft.set_defaults(func=cmd_finetune)
 
 
@@ -77,7 +77,7 @@ def _evaluate(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", help="also write the results here")
     ev.add_argument("--max-batches", type=count(1), default=16,
                     help="with --data: batches of it to evaluate on (default %(default)s)")
-    add_data_args(ev, text=True)
+    add_data_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
 
@@ -93,7 +93,7 @@ def _calibrate(sub: argparse._SubParsersAction) -> None:
                      help="also let a layer run its pruned union without routing where that is "
                      "faster: a different function (what it changes on the batch is printed)")
     add_out_args(cal, "checkpoint")
-    add_data_args(cal, text=True)
+    add_data_args(cal)
     cal.set_defaults(func=cmd_calibrate)
 
 

@@ -1,7 +1,8 @@
 """What other installed distributions add to the `moee` command, found through entry points
 so that the core never imports them: commands (group `moee.commands`: a function adding
-subparsers) and the embedded default model with its Fashion-MNIST data (group
-`moee.embedded_default`: a module). moee-lab (`lab/` in the repository) provides both."""
+subparsers) and the embedded default model with its data (group `moee.embedded_default`: a
+module, which also adds the options saying where its data is). moee-lab (`lab/` in the
+repository) provides both."""
 
 from __future__ import annotations
 
@@ -30,13 +31,28 @@ def commands_installed() -> bool:
     return bool(entry_points(group=COMMANDS_GROUP))
 
 
+def _default_entries() -> list:
+    return sorted(entry_points(group=DEFAULT_GROUP), key=lambda e: e.name)
+
+
 def embedded_default() -> ModuleType:
     """The module behind the embedded default: `load_model()`, `preprocess_images(images)`,
-    `calibration_data(args)`, `training_data(args)`, `calibration_batch(args, moe_model)` and
-    `evaluate(args, moe_model, dense)`. Raises ConfigError saying how to get it."""
-    found = sorted(entry_points(group=DEFAULT_GROUP), key=lambda e: e.name)
+    `calibration_data(args)`, `training_data(args)`, `calibration_batch(args, moe_model)`,
+    `evaluate(args, moe_model, dense)` and `add_data_args(parser)`. Raises ConfigError saying
+    how to get it."""
+    found = _default_entries()
     if not found:
-        raise ConfigError("the embedded default model and its Fashion-MNIST data are not "
-                          f"installed: {LAB_HINT}; or give a model (--model / --dense / "
-                          "--teacher) and --data")
+        raise ConfigError("the embedded default model and its data are not installed: "
+                          f"{LAB_HINT}; or give a model (--model / --dense / --teacher) and "
+                          "--data")
     return found[0].load()
+
+
+def add_default_data_args(p: argparse.ArgumentParser) -> None:
+    """Let the embedded default, when installed, add the options saying where its data is to
+    a command that falls back to it without --data. Such options check themselves: the
+    module may `p.set_defaults(check_default_data=f)`, and `f(args)` runs before any model
+    loads (moee.cli.sources.check_data)."""
+    found = _default_entries()
+    if found:
+        found[0].load().add_data_args(p)

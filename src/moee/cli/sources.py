@@ -1,5 +1,5 @@
 """What the CLI runs on: a dense model from a name, and batches from text files, an image
-folder, or (through moee-lab's embedded default) Fashion-MNIST."""
+folder, or the data of the embedded default (moee-lab's)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def check_data(args: argparse.Namespace) -> None:
                           "socket): give text files or one image folder")
     if any(Path(p).is_dir() for p in data) and len(data) > 1:
         raise ConfigError("data: give one image folder, or text files")
-    data_dir = getattr(args, "data_dir", None)
-    if data_dir is not None and not args.download and not Path(data_dir).is_dir():
-        raise ConfigError(f"data-dir: the data folder {data_dir} does not exist")
+    check_default_data = getattr(args, "check_default_data", None)
+    if check_default_data is not None:  # the embedded default's own options (plugins.py)
+        check_default_data(args)
 
 
 def user_batches(args: argparse.Namespace, preprocessor, max_tokens: int | None,
@@ -91,14 +91,14 @@ def args_model(args: argparse.Namespace) -> str:
 
 
 def calibration_data(args: argparse.Namespace, tokenizer):
-    """Recording batches: the text files' tokens, or shuffled Fashion-MNIST training images."""
+    """Recording batches: the text files' tokens, or the embedded default's."""
     if args.data:
         return user_batches(args, tokenizer, args.tokens)
     return embedded_default().calibration_data(args)
 
 
 def training_data(args: argparse.Namespace, tokenizer):
-    """Distillation batches: the text files' tokens, or augmented Fashion-MNIST images."""
+    """Distillation batches: the text files' tokens, or the embedded default's."""
     if args.data:
         return user_batches(args, tokenizer, None)
     return embedded_default().training_data(args)

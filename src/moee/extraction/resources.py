@@ -3,8 +3,8 @@ one layer's clustering memory (fitted into a budget by clustering a subsample)."
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,14 +14,16 @@ from moee.config import ExtractConfig
 from moee.errors import ResourceError
 from moee.util.disk_space import ensure_room
 
+log = logging.getLogger(__name__)
+
 
 def check_disk(n_tokens: int, sites, config: ExtractConfig, work: Path) -> None:
     """Say what the activation store will take, and fail before recording if it won't fit."""
     per_token = sum(s.weights().d_in + s.weights().hidden_size for s in sites)
     need_disk = n_tokens * per_token * np.dtype(config.record.dtype).itemsize
     if config.progress:
-        print(f"moee: recording {n_tokens} tokens x {len(sites)} layers: an activation store "
-              f"of {need_disk / 2**30:.2f} GiB in {work}", file=sys.stderr)
+        log.info("recording %d tokens x %d layers: an activation store of %.2f GiB in %s",
+                 n_tokens, len(sites), need_disk / 2**30, work)
     ensure_room(work, need_disk, "the activation store",
                 "lower record.n_tokens or use another work_dir")
 
@@ -59,8 +61,8 @@ def plan_memory(n_tokens: int, sites, config: ExtractConfig) -> ExtractConfig:
                 f"max_memory_gib >= {least * per_row / 2**30:.3g} (CLI: --max-memory)")
         config = replace(config, cluster=replace(config.cluster, max_tokens=rows))
     if config.progress:
-        print(f"moee: clustering {rows} of {n_tokens} tokens a layer: about "
-              f"{rows * per_row / 2**30:.2f} GiB of memory", file=sys.stderr)
+        log.info("clustering %d of %d tokens a layer: about %.2f GiB of memory", rows,
+                 n_tokens, rows * per_row / 2**30)
     free_mem = available_memory()
     if free_mem is None:
         return config

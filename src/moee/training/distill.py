@@ -16,7 +16,12 @@ from moee.config import DistillConfig
 from moee.errors import ConfigError, EmptyDataError, NonFiniteError
 from moee.losses import loss_kind, output_loss
 from moee.moe import MoEMLP
-from moee.training.training_state import check_state_room, resume_state, save_state
+from moee.training.training_state import (
+    check_state_room,
+    resume_state,
+    save_state,
+    set_rng_state,
+)
 from moee.util.batches import (
     Batch,
     call_model,
@@ -195,7 +200,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
         key = run_key(student, teacher, data, config)
     trained = _to_training(student, teacher, config, device, world)
     opt, sched = _optimiser(student, config, steps)
-    devices = [device.index or 0] if device.type == "cuda" else []
+    # Every CUDA device's generator: the saved state holds them all (and manual_seed seeds all)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     first, losses, rng = resume_state(state_dir, key, student, opt, sched)
     bar = tqdm(total=steps, initial=first, desc="distill", leave=False)
     with torch.random.fork_rng(devices=devices), eval_mode(teacher), bar:  # closed on errors
@@ -207,7 +213,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Batch],
                 if step <= first:
                     continue  # replayed, not trained: the data's own random draws stay in step
                 if step == first + 1 and rng is not None:
-                    torch.set_rng_state(rng)
+                    set_rng_state(rng)
                 if not checked:
                     check_batch(batch, (step - 1) % len(data))
                 losses.append(_step(trained, teacher, to_device(batch, device), config, opt,
