@@ -1,6 +1,8 @@
 """moee: turn a trained dense transformer into a faster, smaller Mixture-of-Experts model.
 
     moe_model, report = moee.extract(model, calibration_batches, moee.ExtractConfig())
+    fitted = moee.fit(model, calibration_batches)   # or: fit once, plan any p or budget
+    moe_model, report = fitted.build(fitted.plan(p=0.8))
     moee.distill(moe_model, model, training_batches)
     moee.calibrate(moe_model, example_batch)
     moe_model.save_pretrained("my-moe"); moee.MoEModel.from_pretrained("my-moe")
@@ -9,7 +11,14 @@
 from moee._version import __version__
 from moee.activation_threshold import sparsify_activations
 from moee.adapters import MLPSite, MLPWeights, find_mlp_sites, list_adapters, register_adapter
-from moee.api import ExtractionReport, calibrate, extract
+from moee.api import (
+    ExtractionPlans,
+    ExtractionReport,
+    FittedExtraction,
+    calibrate,
+    extract,
+    fit,
+)
 from moee.config import (
     BudgetConfig,
     CarveConfig,
@@ -49,12 +58,14 @@ __all__ = [
     "AdapterMismatchError", "BadBatchError", "BudgetConfig", "CarveConfig", "CheckpointError",
     "ClusterConfig", "ConfigError",
     "DataNotFoundError", "DistillConfig", "EmptyDataError", "ExecutionConfig", "ExtractConfig",
-    "ExtractionReport", "LocalDistillConfig", "MLPSite", "MLPWeights",
+    "ExtractionPlans", "ExtractionReport", "FittedExtraction", "LocalDistillConfig", "MLPSite",
+    "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
     "RecordConfig",
     "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "WriteError",
     "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract", "fidelity",
+    "fit",
     "find_mlp_sites", "image_batches", "list_adapters", "load", "read_texts", "register_adapter",
     "sparsify_activations", "token_batches", "top1_accuracy",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moee.api import extract
+from moee.api import FittedExtraction, fit
 from moee.config import DistillConfig, ExtractConfig
 from moee.evaluate import count_macs, evaluate
 from moee.training.distill import distill
 from moee.util.atomic import write_json
-from moee.util.cache_key import settings_dict, stage_key
+from moee.util.cache_key import digest, settings_dict, stage_key
 from moee_lab.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
 from moee_lab.demo.pipeline import calibration_batches, demo_extract_config
 from moee_lab.study.matching import matched_points
@@ -26,6 +27,7 @@ from moee_lab.study.report import study_tables, write_plot
 
 MATCHED_TARGETS = (0.6, 0.5)  # fractions of dense executed MACs the methods are matched at
 MATCHED_TARGETS_FULL = (0.7, 0.6, 0.5)
+FITS_KEPT = 4  # fitted extractions kept in memory: the points of a sweep come one after another
 
 
 @dataclass
@@ -61,28 +63,53 @@ def _measure(model, test_x, test_y, limit: int) -> dict[str, float]:
             "executed_macs_per_image": count_macs(model, x64, executed=True) / len(x64)}
 
 
-def _extract(config: ExtractConfig, dense, train_x, seed: int, work: Path):
-    """Extract on the study's calibration images with the study's seed (every random draw of
-    the extraction); points of one calibration size share a work dir (one recording, one
-    clustering per clustering setting and seed)."""
-    ex = replace(config, work_dir=str(work / f"tokens{config.record.n_tokens}"), progress=False,
-                 seed=seed)
-    return extract(dense, calibration_batches(train_x, seed), ex)
+class Extractor:
+    """Extractions on the study's calibration images with the study's seed (every random draw
+    of the extraction). Points of one calibration size share a work dir (one recording, one
+    clustering per clustering setting and seed); points whose settings differ only in
+    `select.p` or a budget's target plan from one fitted extraction in memory."""
+
+    def __init__(self, dense, train_x, seed: int, work: Path) -> None:
+        self.dense, self.train_x, self.seed, self.work = dense, train_x, seed, work
+        self._fits: OrderedDict[str, FittedExtraction] = OrderedDict()
+
+    def __call__(self, config: ExtractConfig):
+        """(the MoE model, its report), as `moee.extract` gives them."""
+        ex = replace(config, work_dir=str(self.work / f"tokens{config.record.n_tokens}"),
+                     progress=False, seed=self.seed)
+        key = digest(settings_dict(replace(  # what fitting reads: all but p and the targets
+            ex, select=replace(ex.select, p=1.0),
+            budget=replace(ex.budget, target_macs=None, target_latency=None))))
+        fitted = self._fits.pop(key, None)
+        if fitted is None:
+            fitted = fit(self.dense, calibration_batches(self.train_x, self.seed), ex)
+        self._fits[key] = fitted
+        while len(self._fits) > FITS_KEPT:
+            self._fits.popitem(last=False)[1].close()
+        b = ex.budget
+        if b.target_latency is not None:
+            plans = fitted.plan(target_latency=b.target_latency)
+        elif b.target_macs is not None:
+            plans = fitted.plan(target_macs=b.target_macs)
+        else:
+            plans = fitted.plan(p=ex.select.p)
+        return fitted.build(plans)
 
 
-def _executed_fraction(config: ExtractConfig, dense, train_x, seed: int, work: Path,
-                       x64: torch.Tensor, dense_executed: float) -> float:
+def _executed_fraction(config: ExtractConfig, extract: Extractor, x64: torch.Tensor,
+                       dense_executed: float) -> float:
     """Executed MACs at a batch of 64 test images, as a fraction of dense: what matching
     solves each method's knob for."""
-    moe_model, _ = _extract(config, dense, train_x, seed, work)
+    moe_model, _ = extract(config)
     return count_macs(moe_model, x64, executed=True) / dense_executed
 
 
-def _run_point(point: StudyPoint, dense, data, config: StudyConfig, kd_epochs: float,
-               limit: int, work: Path) -> dict[str, Any]:
+def _run_point(point: StudyPoint, extract: Extractor, data, config: StudyConfig,
+               kd_epochs: float, limit: int) -> dict[str, Any]:
     train_x, test_x, test_y = data
+    dense = extract.dense
     t0 = time.perf_counter()
-    moe_model, report = _extract(point.config, dense, train_x, config.seed, work)
+    moe_model, report = extract(point.config)
     row: dict[str, Any] = {"group": point.group, "name": point.name, "series": point.series,
                            "extract_seconds": time.perf_counter() - t0,
                            "experts": [r["experts"] for r in report.layers],
@@ -116,10 +143,10 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
         points = [p for p in points if any(o in p.group or o in p.name for o in config.only)]
     x64 = next(image_batches(test_x, None, 64))[0]
     dense_executed = count_macs(dense, x64, executed=True)
+    extract = Extractor(dense, train_x, config.seed, out / "work")
     points += matched_points(
         base, MATCHED_TARGETS if config.quick else MATCHED_TARGETS_FULL,
-        lambda c: _executed_fraction(c, dense, train_x, config.seed, out / "work", x64,
-                                     dense_executed),
+        lambda c: _executed_fraction(c, extract, x64, dense_executed),
         out / "matched.json", config.only, config.seed)
     rows, reused = [], 0
     for point in tqdm(points, desc="study points"):
@@ -130,8 +157,7 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
             rows.append({**json.loads(path.read_text()), **names})
             reused += 1
             continue
-        row = _run_point(point, dense, (train_x, test_x, test_y), config, kd_epochs, limit,
-                         out / "work")
+        row = _run_point(point, extract, (train_x, test_x, test_y), config, kd_epochs, limit)
         write_json(path, row)  # a finished point survives an interruption of the study
         rows.append(row)
     results = {"dense": dense_row, "rows": rows, "kd_epochs": kd_epochs, "test_images": limit,
