@@ -8,7 +8,8 @@ sentence embeddings.
 
 Calibration and distillation: verses of Genesis; evaluation: 600 verses of Matthew (disjoint).
 Fidelity: mean (and min) cosine of MoE vs dense embeddings, Spearman correlation of the
-pairwise similarities, and top-10 retrieval agreement. Writes results.json in --out.
+pairwise similarities, and top-10 retrieval agreement. Every p and MAC budget plans from one
+`moee.fit` in memory (one recording and one clustering). Writes results.json in --out.
 """
 
 from __future__ import annotations
@@ -113,20 +114,23 @@ def main() -> None:
     rows = []
     # Uniform p values, then MAC-budget targets (p per layer from measured sensitivity).
     runs = [float(v) for v in args.p.split(",") if v]
-    runs += [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    targets = [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    runs += targets
+    # One fit (one recording and clustering) for every run: each plans in memory and builds.
+    config = moee.ExtractConfig(
+        record=moee.RecordConfig(n_tokens=args.tokens),
+        select=moee.SelectConfig(p=0.8, refit_down=args.refit),
+        router=moee.RouterConfig(centres=args.router),
+        local=moee.LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
+        carve=moee.CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k)
+        if args.method in ("cmoe", "moefication") else None,
+        budget=moee.BudgetConfig(scope="mlp") if targets else moee.BudgetConfig(),
+        work_dir=str(out / "work")).with_method(args.method)
+    fitted = moee.fit(dense, calib, config) if runs else None
     for p in runs:
-        budget = (moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp")
-                  if isinstance(p, str) else moee.BudgetConfig())
-        config = moee.ExtractConfig(
-            record=moee.RecordConfig(n_tokens=args.tokens),
-            select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8,
-                                     refit_down=args.refit),
-            router=moee.RouterConfig(centres=args.router),
-            local=moee.LocalDistillConfig(steps=args.local_steps) if args.local_steps else None,
-            carve=moee.CarveConfig(active=args.active, experts=args.groups, top_k=args.top_k)
-            if args.method in ("cmoe", "moefication") else None,
-            budget=budget, work_dir=str(out / "work")).with_method(args.method)
-        moe_model, report = moee.extract(dense, calib, config)
+        plans = (fitted.plan(target_macs=float(p[3:])) if isinstance(p, str)
+                 else fitted.plan(p=p))
+        moe_model, report = fitted.build(plans)
         moe_macs = moee.count_macs(moe_model, probe)
         row = {"p": p, "moe_layers": len(moe_model.moe_layers()),
                "macs_change": moe_macs / dense_macs - 1,
@@ -150,6 +154,8 @@ def main() -> None:
               f"{a['mean_cosine']:.3f}, Spearman {b['spearman']:.3f} -> {a['spearman']:.3f}, "
               f"top-10 {b['top10_agreement']:.2f} -> {a['top10_agreement']:.2f} "
               f"({len(losses)} KD steps, {row['kd_seconds']:.0f} s)")
+    if fitted is not None:
+        fitted.close()
     if args.threshold:
         from moee.activation_threshold import ThresholdMLP
 

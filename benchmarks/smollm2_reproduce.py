@@ -9,7 +9,10 @@ kinds, MLP MACs as executed at batch 1 (each token through its own expert).
 Calibration: KJV Genesis to Numbers (`--calibration`). Held out: the Gospel of Matthew (the
 same corpus) and the Debian Reference (technical documentation, another kind), neither seen in
 fitting. One recording and one clustering (at most `--max-experts` experts a layer) serve every
-variant, named "moee" or "static" followed by any of "+router", "+refit", "+output", "+local":
+variant, and one `moee.fit` per variant every p (planned in memory; a row's `extract_seconds`
+counts planning and building its model, the variant's first row also has the fit's
+`fit_seconds`). Variants are named "moee" or "static" followed by any of "+router", "+refit",
+"+output", "+local":
   moee          the paper's experts (routed statistics, mean offset, cosine router)
   static        one expert for every token (structured pruning), mean offset
   cmoe          CMoE-style carving: shared always-on neurons + 8 routed groups, a token
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import torch
 from smollm2_study import bible_text, default_gguf, load
+from sweep import Sweep
 
 import moee
 from moee.activation_threshold import ThresholdMLP, sparsify_activations
@@ -213,35 +217,35 @@ def main() -> None:
              "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0},
             indent=1))
 
-    for p in [float(v) for v in args.p.split(",") if v]:
-        for variant in args.variants.split(","):
-            t1 = time.perf_counter()
-            moe_model, report = moee.extract(dense, calib,
-                                             variant_config(base, variant, p, local, args.width))
-            seconds = time.perf_counter() - t1
-            if args.gather:
-                moe_model.configure(presliced=False)
-            row = {"variant": variant, "p": p, "extract_seconds": seconds,
-                   **({"width": args.width} if "export" in variant or "width" in variant
-                      else {}),
-                   "eval": measure(moe_model, texts, dense_row),
-                   "layers": [{k: r.get(k) for k in ("site", "experts", "expert_sizes",
-                                                     "load_share", "active_neurons_per_token",
-                                                     "reproduction")}
-                              for r in report.layers]}
-            if args.save:
-                row["saved"] = str(moe_model.save_pretrained(out / f"moe-{variant}-p{p}"))
-            rows.append(row)
-            print(summary(row, dense_row) + f" ({seconds:.0f} s)", flush=True)
-            save()
-        if args.threshold:
-            m = rows[-1]["eval"]["matthew"]["mlp_macs"] / dense_row["matthew"]["mlp_macs"]
-            store = ActivationStore.open(out / "work" / "activations")
-            sparse = sparsify_activations(dense, calib, m, store=store)
-            rows.append({"variant": "threshold", "p": p, "target_mlp_macs": m,
-                         "eval": measure_threshold(sparse, texts, dense_row)})
-            print(summary(rows[-1], dense_row), flush=True)
-            save()
+    with Sweep(dense, calib) as sweep:  # every variant's fit stays open for the next p
+        for p in [float(v) for v in args.p.split(",") if v]:
+            for variant in args.variants.split(","):
+                moe_model, report, seconds = sweep.extract(
+                    variant_config(base, variant, p, local, args.width))
+                if args.gather:
+                    moe_model.configure(presliced=False)
+                row = {"variant": variant, "p": p, **seconds,
+                       **({"width": args.width} if "export" in variant or "width" in variant
+                          else {}),
+                       "eval": measure(moe_model, texts, dense_row),
+                       "layers": [{k: r.get(k) for k in ("site", "experts", "expert_sizes",
+                                                         "load_share", "active_neurons_per_token",
+                                                         "reproduction")}
+                                  for r in report.layers]}
+                if args.save:
+                    row["saved"] = str(moe_model.save_pretrained(out / f"moe-{variant}-p{p}"))
+                rows.append(row)
+                print(summary(row, dense_row) + f" ({sum(seconds.values()):.0f} s)",
+                      flush=True)
+                save()
+            if args.threshold:
+                m = rows[-1]["eval"]["matthew"]["mlp_macs"] / dense_row["matthew"]["mlp_macs"]
+                store = ActivationStore.open(out / "work" / "activations")
+                sparse = sparsify_activations(dense, calib, m, store=store)
+                rows.append({"variant": "threshold", "p": p, "target_mlp_macs": m,
+                             "eval": measure_threshold(sparse, texts, dense_row)})
+                print(summary(rows[-1], dense_row), flush=True)
+                save()
 
 
 if __name__ == "__main__":

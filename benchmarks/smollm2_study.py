@@ -8,9 +8,13 @@ save_pretrained -> from_pretrained.
         --tokens 100000 --cluster-tokens 30000 --out runs/smollm2
 
 Calibration text: Genesis to Numbers; evaluation text: the Gospel of Matthew (disjoint).
-The first p records and clusters (its time and the process's peak memory are reported); the
-others reuse both. `--target-mlp-macs 0.8` adds MAC-budget extractions (p per layer),
-`--cmoe-active 0.7` the CMoE-style baseline (shared + routed neuron groups, top-1).
+The p values and the MAC budgets plan from one `moee.fit` in memory (one recording and one
+clustering; its time, with the first model's, and the process's peak memory are reported as
+`extraction`); each CMoE share is a fit of its own. `--target-mlp-macs 0.8` adds MAC-budget
+extractions (p per layer), `--cmoe-active 0.7` the CMoE-style baseline (shared + routed neuron
+groups, top-1). A row's `extract_seconds` counts planning and building its model; the first
+row planned from a fit also has that fit's `fit_seconds` (recording, clustering, statistics),
+so that each fit is counted once.
 Writes results.json and one checkpoint per run (moe-p<p>, moe-mlp<target>) in --out.
 Distillation: benchmarks/smollm2_kd.py.
 """
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from sweep import Sweep
 
 import moee
 from moee.evaluate import dense_mlp_macs
@@ -208,34 +213,41 @@ def main() -> None:
                             checkpoint=args.checkpoint))
     # Uniform p values, then MAC-budget targets (p per layer from measured sensitivity).
     runs = [] if args.checkpoint else [float(v) for v in args.p.split(",") if v]
-    runs += [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
-    runs += [f"cmoe{v}" for v in args.cmoe_active.split(",") if v]
-    for p in runs:
-        budget, carve = moee.BudgetConfig(), None
-        if isinstance(p, str) and p.startswith("cmoe"):
-            carve = moee.CarveConfig(style="cmoe", active=float(p[4:]))
-        elif isinstance(p, str):
-            budget = moee.BudgetConfig(target_macs=float(p[3:]), scope="mlp",
-                                       p_grid=tuple(float(v) for v in args.budget_grid.split(",")),
-                                       probe_batches=args.probe_batches)
-        config = moee.ExtractConfig(record=moee.RecordConfig(n_tokens=args.tokens),
-                                    cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens),
-                                    select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
-                                    budget=budget, work_dir=str(out / "work"))
-        if carve is not None:
-            config = dataclasses.replace(config, carve=carve).with_method("cmoe")
-        t1 = time.perf_counter()
-        moes[p], report = moee.extract(dense, calib, config)
-        seconds = time.perf_counter() - t1
-        if not extraction:  # the first extraction records and clusters; the others reuse
-            extraction = {"seconds": seconds, "tokens": report.n_tokens, "p": p,
-                          "peak_rss_gib": peak_rss_gib(), "note": report.activations}
-            print(f"extraction of {report.n_tokens} tokens: {seconds / 60:.1f} min, peak "
-                  f"memory {extraction['peak_rss_gib']:.2f} GiB")
-        rows.append(moe_row(moes[p], held_out, probe, rows[0], p=p, extract_seconds=seconds,
-                            layers=report.layers, note=report.activations,
-                            budget=report.budget))
-        moes[p].save_pretrained(out / checkpoint_name(p))
+    targets = [f"mlp{v}" for v in args.target_mlp_macs.split(",") if v]
+    runs += targets + [f"cmoe{v}" for v in args.cmoe_active.split(",") if v]
+    # The p values and the budgets share one fitting setting: the budget's settings but its
+    # target (the default budget when there is none).
+    shared = (moee.BudgetConfig(scope="mlp",
+                                p_grid=tuple(float(v) for v in args.budget_grid.split(",")),
+                                probe_batches=args.probe_batches)
+              if targets else moee.BudgetConfig())
+    with Sweep(dense, calib, keep=1) as sweep:  # runs of one fitting setting come together
+        for p in runs:
+            budget, carve = shared, None
+            if isinstance(p, str) and p.startswith("cmoe"):
+                budget, carve = moee.BudgetConfig(), moee.CarveConfig(style="cmoe",
+                                                                      active=float(p[4:]))
+            elif isinstance(p, str):
+                budget = dataclasses.replace(shared, target_macs=float(p[3:]))
+            config = moee.ExtractConfig(
+                record=moee.RecordConfig(n_tokens=args.tokens),
+                cluster=moee.ClusterConfig(max_tokens=args.cluster_tokens),
+                select=moee.SelectConfig(p=p if isinstance(p, float) else 0.8),
+                budget=budget, work_dir=str(out / "work"))
+            if carve is not None:
+                config = dataclasses.replace(config, carve=carve).with_method("cmoe")
+            moes[p], report, seconds = sweep.extract(config)
+            if not extraction:  # the first fit records and clusters; the others reuse both
+                total = seconds["fit_seconds"] + seconds["extract_seconds"]
+                extraction = {"seconds": total, "fit_seconds": seconds["fit_seconds"],
+                              "tokens": report.n_tokens, "p": p,
+                              "peak_rss_gib": peak_rss_gib(), "note": report.activations}
+                print(f"extraction of {report.n_tokens} tokens: {total / 60:.1f} min, peak "
+                      f"memory {extraction['peak_rss_gib']:.2f} GiB")
+            rows.append(moe_row(moes[p], held_out, probe, rows[0], p=p, **seconds,
+                                layers=report.layers, note=report.activations,
+                                budget=report.budget))
+            moes[p].save_pretrained(out / checkpoint_name(p))
     last = list(moes)[-1]
     speed_p = ([v if v.startswith("mlp") else float(v) for v in args.speed_p.split(",") if v]
                if args.speed_p is not None else [last])
