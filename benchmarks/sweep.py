@@ -7,26 +7,19 @@ point from that fit in memory.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import moee
-
-
-def fitting_setting(config: moee.ExtractConfig) -> moee.ExtractConfig:
-    """`config` less what a plan chooses (`select.p` and the budget's targets): the configs
-    of one fitting setting plan from one `moee.fit`."""
-    r = dataclasses.replace
-    return r(config, select=r(config.select, p=1.0),
-             budget=r(config.budget, target_macs=None, target_latency=None))
+from moee.plans import fitting_settings, plan_arguments
 
 
 class Sweep:
     """`moee.extract(model, data, config)` for the points of a sweep, fitting once per fitting
-    setting (`fitting_setting`): each point plans from its setting's `moee.fit` in memory (no
-    recording or clustering again) and builds. At most `keep` fits stay open (None: all), the
-    least recently used closed first; `close` (or the end of a `with` block) closes them."""
+    setting (`moee.plans.fitting_settings`): each point plans from its setting's `moee.fit` in
+    memory (no recording or clustering again) and builds. At most `keep` fits stay open
+    (None: all), the least recently used closed first; `close` (or the end of a `with` block)
+    closes them."""
 
     def __init__(self, model, data, keep: int | None = None) -> None:
         self.model, self.data, self.keep = model, data, keep
@@ -37,7 +30,7 @@ class Sweep:
         """(the MoE model and report `moee.extract` gives for `config`, the seconds:
         `extract_seconds` of planning and building this point, and `fit_seconds` of the fit
         when this point made it)."""
-        key = fitting_setting(config)
+        key = fitting_settings(config)
         fitted, seconds = self.fits.pop(key, None), {}
         if fitted is None:
             t0 = time.perf_counter()
@@ -46,13 +39,8 @@ class Sweep:
         self.fits[key] = fitted
         while self.keep is not None and len(self.fits) > self.keep:
             self.fits.pop(next(iter(self.fits))).close()
-        t0, budget = time.perf_counter(), config.budget
-        if budget.target_latency is not None:
-            plans = fitted.plan(target_latency=budget.target_latency)
-        elif budget.target_macs is not None:
-            plans = fitted.plan(target_macs=budget.target_macs)
-        else:
-            plans = fitted.plan(p=config.select.p)
+        t0 = time.perf_counter()
+        plans = fitted.plan(**plan_arguments(config))
         moe_model, report = fitted.build(plans)
         return moe_model, report, {"extract_seconds": time.perf_counter() - t0, **seconds}
 

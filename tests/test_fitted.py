@@ -150,3 +150,22 @@ def test_plan_takes_one_target(vit, images, tmp_path):
                       .with_method("cmoe"))
     with pytest.raises(moee.ConfigError, match="carve"):
         carved.plan(target_macs=0.5)
+
+
+def test_plan_arguments_and_fitting_settings_follow_the_config():
+    from dataclasses import replace
+
+    from moee.budget_config import BudgetConfig
+    from moee.config import ExtractConfig
+    from moee.plans import fitting_settings, plan_arguments
+
+    base = ExtractConfig()
+    at_p = replace(base, select=replace(base.select, p=0.7))
+    macs = replace(base, budget=BudgetConfig(target_macs=0.5))
+    latency = replace(base, budget=BudgetConfig(target_latency=0.6))
+    assert plan_arguments(at_p) == {"p": 0.7}
+    assert plan_arguments(macs) == {"target_macs": 0.5}
+    assert plan_arguments(latency) == {"target_latency": 0.6}
+    # what a plan chooses is left out of the fitting settings; what fitting reads is not
+    assert fitting_settings(at_p) == fitting_settings(macs) == fitting_settings(latency)
+    assert fitting_settings(replace(base, seed=1)) != fitting_settings(base)

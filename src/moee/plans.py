@@ -60,6 +60,23 @@ def plan_config(config: ExtractConfig, p: float | None, target_macs: float | Non
     return replace(config, budget=budget)
 
 
+def fitting_settings(config: ExtractConfig) -> ExtractConfig:
+    """`config` less what a plan chooses (`select.p` and the budgets' targets): configs equal
+    here can plan from one `moee.fit` (the sweeps' key)."""
+    return replace(config, select=replace(config.select, p=1.0),
+                   budget=replace(config.budget, target_macs=None, target_latency=None))
+
+
+def plan_arguments(config: ExtractConfig) -> dict[str, float]:
+    """The `FittedExtraction.plan` arguments that ask for what `config` asks for: its latency
+    target, else its MAC target, else its `select.p`."""
+    if config.budget.target_latency is not None:
+        return {"target_latency": config.budget.target_latency}
+    if config.budget.target_macs is not None:
+        return {"target_macs": config.budget.target_macs}
+    return {"p": config.select.p}
+
+
 def plan_layers(model: nn.Module, sites: list[MLPSite], fits: list[LayerFit], adapter,
                 probe: list, store: ActivationStore, config: ExtractConfig, work: Path,
                 timer: LatencyTimer | None = None

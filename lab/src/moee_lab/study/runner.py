@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from moee.api import FittedExtraction, fit
 from moee.config import DistillConfig, ExtractConfig
 from moee.evaluate import count_macs, evaluate
+from moee.plans import fitting_settings, plan_arguments
 from moee.training.distill import distill
 from moee.util.atomic import write_json
 from moee.util.cache_key import digest, settings_dict, stage_key
@@ -77,22 +78,14 @@ class Extractor:
         """(the MoE model, its report), as `moee.extract` gives them."""
         ex = replace(config, work_dir=str(self.work / f"tokens{config.record.n_tokens}"),
                      progress=False, seed=self.seed)
-        key = digest(settings_dict(replace(  # what fitting reads: all but p and the targets
-            ex, select=replace(ex.select, p=1.0),
-            budget=replace(ex.budget, target_macs=None, target_latency=None))))
+        key = digest(settings_dict(fitting_settings(ex)))
         fitted = self._fits.pop(key, None)
         if fitted is None:
             fitted = fit(self.dense, calibration_batches(self.train_x, self.seed), ex)
         self._fits[key] = fitted
         while len(self._fits) > FITS_KEPT:
             self._fits.popitem(last=False)[1].close()
-        b = ex.budget
-        if b.target_latency is not None:
-            plans = fitted.plan(target_latency=b.target_latency)
-        elif b.target_macs is not None:
-            plans = fitted.plan(target_macs=b.target_macs)
-        else:
-            plans = fitted.plan(p=ex.select.p)
+        plans = fitted.plan(**plan_arguments(ex))
         return fitted.build(plans)
 
 
