@@ -77,6 +77,7 @@ def test_cli_refuses_min_samples_above_tokens_before_loading_anything(tmp_path, 
     assert "--min-samples" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 18 s on 2 cores: CI runs it (-m "")
 def test_sigterm_stops_a_long_clustering_and_removes_the_store(tmp_path):
     """HDBSCAN with min_samples 8000 over 20000 tokens runs for a minute in native code;
     SIGTERM a few seconds into it ends `moee extract` within seconds, store and child gone."""
