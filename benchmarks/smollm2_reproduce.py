@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 from smollm2_study import bible_text, default_gguf, load
-from sweep import Sweep
+from moee import Sweep
 
 import moee
 from moee.activation_threshold import ThresholdMLP, sparsify_activations

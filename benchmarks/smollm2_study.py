@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from sweep import Sweep
+from moee import Sweep
 
 import moee
 from moee.evaluate import dense_mlp_macs

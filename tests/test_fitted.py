@@ -169,3 +169,33 @@ def test_plan_arguments_and_fitting_settings_follow_the_config():
     # what a plan chooses is left out of the fitting settings; what fitting reads is not
     assert fitting_settings(at_p) == fitting_settings(macs) == fitting_settings(latency)
     assert fitting_settings(replace(base, seed=1)) != fitting_settings(base)
+
+
+def test_a_sweep_fits_once_per_fitting_setting_and_gives_extracts_models(vit, images, tmp_path,
+                                                                        monkeypatch):
+    from moee import sweep as sweep_module
+
+    fits, data_made = [], []
+    real_fit = sweep_module.fit
+    monkeypatch.setattr(sweep_module, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+
+    def data():  # a generator each time: one fit uses it up
+        data_made.append(1)
+        return iter(_batches(images))
+
+    other = _config(None)
+    other = replace(other, cluster=replace(other.cluster, min_samples=4))
+    with moee.Sweep(vit, data, keep=1) as sweep:
+        for config in (_config(None, 0.8), _config(None, 0.6), other, _config(None, 0.8)):
+            before = len(fits)
+            moe_model, _, seconds = sweep.extract(config)
+            expected, _ = moee.extract(vit, _batches(images), config)
+            _assert_same_model(moe_model, expected, images[:8])
+            assert ("fit_seconds" in seconds) == (len(fits) > before)
+        # p 0.8 and 0.6 share one fit; min_samples 4 needs another, which pushed the first
+        # out (keep=1), so p 0.8 fits again
+        assert len(fits) == len(data_made) == 3
+        assert len(sweep.fits) == 1
+        kept = next(iter(sweep.fits.values()))
+    with pytest.raises(moee.MoeeError):
+        kept.plan(p=0.8)  # closed with the sweep

@@ -3,6 +3,7 @@
     moe_model, report = moee.extract(model, calibration_batches, moee.ExtractConfig())
     fitted = moee.fit(model, calibration_batches)   # or: fit once, plan any p or budget
     moe_model, report = fitted.build(fitted.plan(p=0.8))
+    with moee.Sweep(model, calibration_batches) as sweep: ...  # many points, one fit each
     moee.distill(moe_model, model, training_batches)
     moee.calibrate(moe_model, example_batch)
     moe_model.save_pretrained("my-moe"); moee.MoEModel.from_pretrained("my-moe")
@@ -50,6 +51,7 @@ from moee.evaluate import count_macs, count_params, evaluate, top1_accuracy
 from moee.fidelity import fidelity
 from moee.moe import MoEMLP
 from moee.moe_model import MoEModel, load
+from moee.sweep import Sweep
 from moee.training.distill import distill
 from moee.util.image_folder import image_batches
 from moee.util.text import read_texts, token_batches
@@ -62,7 +64,7 @@ __all__ = [
     "MLPWeights",
     "MoEMLP", "MoEModel", "MoeeError", "NoClustersError", "NoMLPBlocksError", "NonFiniteError",
     "RecordConfig",
-    "ResourceError", "RouterConfig", "SelectConfig", "TooFewTokensError", "WriteError",
+    "ResourceError", "RouterConfig", "SelectConfig", "Sweep", "TooFewTokensError", "WriteError",
     "__version__",
     "calibrate", "count_macs", "count_params", "distill", "evaluate", "extract", "fidelity",
     "fit",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moee.api import FittedExtraction, fit
 from moee.config import DistillConfig, ExtractConfig
 from moee.evaluate import count_macs, evaluate
-from moee.plans import fitting_settings, plan_arguments
+from moee.sweep import Sweep
 from moee.training.distill import distill
 from moee.util.atomic import write_json
-from moee.util.cache_key import digest, settings_dict, stage_key
+from moee.util.cache_key import settings_dict, stage_key
 from moee_lab.demo import TrainingBatches, image_batches, load_default_model, load_fashion_mnist
 from moee_lab.demo.pipeline import calibration_batches, demo_extract_config
 from moee_lab.study.matching import matched_points
@@ -68,25 +66,18 @@ class Extractor:
     """Extractions on the study's calibration images with the study's seed (every random draw
     of the extraction). Points of one calibration size share a work dir (one recording, one
     clustering per clustering setting and seed); points whose settings differ only in
-    `select.p` or a budget's target plan from one fitted extraction in memory."""
+    `select.p` or a budget's target plan from one fitted extraction in memory (`moee.Sweep`)."""
 
     def __init__(self, dense, train_x, seed: int, work: Path) -> None:
-        self.dense, self.train_x, self.seed, self.work = dense, train_x, seed, work
-        self._fits: OrderedDict[str, FittedExtraction] = OrderedDict()
+        self.dense, self.seed, self.work = dense, seed, work
+        self.sweep = Sweep(dense, lambda: calibration_batches(train_x, seed), keep=FITS_KEPT)
 
     def __call__(self, config: ExtractConfig):
         """(the MoE model, its report), as `moee.extract` gives them."""
         ex = replace(config, work_dir=str(self.work / f"tokens{config.record.n_tokens}"),
                      progress=False, seed=self.seed)
-        key = digest(settings_dict(fitting_settings(ex)))
-        fitted = self._fits.pop(key, None)
-        if fitted is None:
-            fitted = fit(self.dense, calibration_batches(self.train_x, self.seed), ex)
-        self._fits[key] = fitted
-        while len(self._fits) > FITS_KEPT:
-            self._fits.popitem(last=False)[1].close()
-        plans = fitted.plan(**plan_arguments(ex))
-        return fitted.build(plans)
+        moe_model, report, _ = self.sweep.extract(ex)
+        return moe_model, report
 
 
 def _executed_fraction(config: ExtractConfig, extract: Extractor, x64: torch.Tensor,
@@ -153,6 +144,7 @@ def run_study(config: StudyConfig | None = None, say=print) -> dict[str, Any]:
         row = _run_point(point, extract, (train_x, test_x, test_y), config, kd_epochs, limit)
         write_json(path, row)  # a finished point survives an interruption of the study
         rows.append(row)
+    extract.sweep.close()
     results = {"dense": dense_row, "rows": rows, "kd_epochs": kd_epochs, "test_images": limit,
                "quick": config.quick, "threads": torch.get_num_threads(),
                "seconds": time.perf_counter() - t0, "points_reused": reused,
