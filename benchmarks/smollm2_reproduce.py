@@ -47,7 +47,6 @@ from pathlib import Path
 
 import torch
 from smollm2_study import bible_text, default_gguf, load
-from moee import Sweep
 
 import moee
 from moee.activation_threshold import ThresholdMLP, sparsify_activations
@@ -217,7 +216,7 @@ def main() -> None:
              "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0},
             indent=1))
 
-    with Sweep(dense, calib) as sweep:  # every variant's fit stays open for the next p
+    with moee.Sweep(dense, calib) as sweep:  # every variant's fit stays open for the next p
         for p in [float(v) for v in args.p.split(",") if v]:
             for variant in args.variants.split(","):
                 moe_model, report, seconds = sweep.extract(

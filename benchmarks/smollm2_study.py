@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from moee import Sweep
 
 import moee
 from moee.evaluate import dense_mlp_macs
@@ -221,7 +220,7 @@ def main() -> None:
                                 p_grid=tuple(float(v) for v in args.budget_grid.split(",")),
                                 probe_batches=args.probe_batches)
               if targets else moee.BudgetConfig())
-    with Sweep(dense, calib, keep=1) as sweep:  # runs of one fitting setting come together
+    with moee.Sweep(dense, calib, keep=1) as sweep:  # runs of one fitting setting come together
         for p in runs:
             budget, carve = shared, None
             if isinstance(p, str) and p.startswith("cmoe"):
