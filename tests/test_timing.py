@@ -37,3 +37,7 @@ def test_slow_callables_alternate_call_by_call():
                            torch.device("cpu"), repeats=3, min_seconds=0)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert all(v >= slow for v in out.values())
+
+
+def test_nothing_to_time_gives_nothing():
+    assert time_interleaved({}, torch.device("cpu")) == {}

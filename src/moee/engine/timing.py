@@ -22,7 +22,7 @@ def first_error(fn: Callable[[], object]) -> str | None:
 
 
 # Calls faster than this run in blocks: a call that follows another model's starts with cold
-# caches, which a served model does not (ViT-Tiny in OpenVINO at batch 1: +40% per call).
+# caches, which a served model does not (measured in docs/engine.md).
 BLOCK_SECONDS = 0.02
 
 
@@ -44,6 +44,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     faster than `BLOCK_SECONDS` runs a block of consecutive calls per turn, the first
     untimed, so each timed call follows one of its own (warm caches, as when one model is
     served)."""
+    if not fns:
+        return {}
     blocks = {}
     for name, fn in fns.items():
         fn()
